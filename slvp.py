@@ -1,0 +1,706 @@
+"""
+SLVP: Self-supervised Language-Video Pre-training for Referring Video Object Segmentation.
+
+The whole model in one file, in the paper's order:
+  1. config
+  2. text encoder (T5) and its Hugging Face loader            (Sec. 4.1, "T5-pretrained text encoder")
+  3. vision encoder (ViT) and its open_clip / timm loader      (Sec. 4.1, "CoCa-pretrained visual encoder")
+  4. decoder and the two fusion modes                          (Eq. (2) vision as query, Eq. (8) language as query)
+  5. pre-training: flow head and photometric loss              (Eq. (3), Eq. (1))
+  6. transfer: box and mask heads and their losses             (Eq. (4), Eqs. (5)-(7))
+  7. tokenizer and checkpoint io
+
+Conventions the paper leaves open are fixed in ../shared/SPEC.md section 3 and repeated where they apply.
+"""
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import flow_warp_triton
+
+# CoCa / OpenAI CLIP pixel statistics: frames enter as RGB in [0, 1] and are normalized inside the model.
+PIXEL_MEAN = (0.48145466, 0.4578275, 0.40821073)
+PIXEL_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. Config
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclass
+class SLVPConfig:
+    frame_size: tuple = (360, 648)   # (H, W) of every frame
+    patch_size: int = 18             # p
+    num_frames: int = 4              # T
+    max_text_len: int = 64           # L
+    # text encoder (T5)
+    vocab_size: int = 32128
+    t5_dim: int = 768
+    t5_layers: int = 12
+    t5_heads: int = 12
+    t5_d_kv: int = 64
+    t5_d_ff: int = 3072
+    t5_gated: bool = False           # False: t5 (relu FFN); True: t5-v1_1 / flan-t5 (gated tanh-GELU FFN)
+    t5_num_buckets: int = 32
+    t5_max_distance: int = 128
+    t5_eps: float = 1e-6
+    # vision encoder (ViT)
+    vit_dim: int = 768
+    vit_layers: int = 12
+    vit_heads: int = 12
+    vit_mlp: int = 3072
+    vit_eps: float = 1e-5            # CoCa / open_clip LayerNorm; timm ViTs use 1e-6
+    vit_norm_pre: bool = True        # LayerNorm after adding the position embedding (open_clip ln_pre)
+    vit_norm_final: bool = False     # LayerNorm after the last block (timm norm, CLIP ln_post; CoCa has none)
+    # decoder
+    dec_dim: int = 768               # d
+    dec_layers: int = 8
+    dec_heads: int = 12
+    dec_mlp: int = 2048
+
+    def __post_init__(self):
+        self.frame_size = tuple(self.frame_size)
+        H, W = self.frame_size
+        if H % self.patch_size or W % self.patch_size:
+            raise ValueError(f"frame_size {self.frame_size} is not divisible by patch_size {self.patch_size}")
+
+    @property
+    def grid(self):
+        return self.frame_size[0] // self.patch_size, self.frame_size[1] // self.patch_size
+
+    @property
+    def num_patches(self):  # N, tokens per frame
+        return self.grid[0] * self.grid[1]
+
+    @classmethod
+    def paper(cls):
+        """Sec. 4.1: T5-base text encoder, CoCa ViT-B vision encoder, 8-layer decoder, 360x648 frames, p=18, T=4, L=64."""
+        return cls()
+
+    @classmethod
+    def tiny(cls):
+        """A CPU-sized model for the default run and the tests. The text width differs from the decoder width
+        so that the projection path is exercised."""
+        return cls(frame_size=(64, 96), patch_size=8, num_frames=4, max_text_len=24,
+                   vocab_size=1000, t5_dim=48, t5_layers=2, t5_heads=4, t5_d_kv=12, t5_d_ff=96,
+                   vit_dim=64, vit_layers=2, vit_heads=4, vit_mlp=128,
+                   dec_dim=64, dec_layers=2, dec_heads=4, dec_mlp=128)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shared pieces: multi-head attention through F.scaled_dot_product_attention, and strict state-dict checks
+# ----------------------------------------------------------------------------------------------------------
+
+class Attention(nn.Module):
+    """Multi-head attention with biased projections (ViT blocks and the decoder). `key_mask` is Bool[B, S],
+    True where a key may be attended to."""
+
+    def __init__(self, dim, heads, kv_dim=None):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(kv_dim or dim, dim)
+        self.v = nn.Linear(kv_dim or dim, dim)
+        self.o = nn.Linear(dim, dim)
+
+    def forward(self, x, context=None, key_mask=None):
+        context = x if context is None else context
+        B, Lq, D = x.shape
+        h = self.heads
+        q = self.q(x).view(B, Lq, h, D // h).transpose(1, 2)             # [B, h, Lq, D/h]
+        k = self.k(context).view(B, -1, h, D // h).transpose(1, 2)       # [B, h, S, D/h]
+        v = self.v(context).view(B, -1, h, D // h).transpose(1, 2)
+        mask = None if key_mask is None else key_mask[:, None, None, :]  # [B, 1, 1, S]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o(y.transpose(1, 2).reshape(B, Lq, D))
+
+
+def check_state_dict(module, state, what):
+    """Strict load: every missing, unexpected or mis-shaped tensor is named in one error."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    misshaped = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                       for k in set(own) & set(state) if state[k].shape != own[k].shape)
+    if missing or unexpected or misshaped:
+        lines = [f"{what} does not match the model:"]
+        lines += [f"  missing: {k}" for k in missing]
+        lines += [f"  unexpected: {k}" for k in unexpected]
+        lines += [f"  mis-shaped: {k}" for k in misshaped]
+        raise ValueError("\n".join(lines))
+    module.load_state_dict(state)
+
+
+def read_tensors(path):
+    """A .safetensors file, a torch pickle (.bin/.pt/.pth, loaded with weights_only), or a Hugging Face sharded
+    index (*.index.json). Unwraps {"state_dict": ...} and {"model": ...} and DDP's "module." prefix."""
+    path = Path(path)
+    if path.name.endswith(".index.json"):
+        shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+        state = {}
+        for shard in shards:
+            state.update(read_tensors(path.parent / shard))
+        return state
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        state = load_file(str(path))
+    else:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. Text encoder: T5 (Raffel et al.), encoder stack only
+# ----------------------------------------------------------------------------------------------------------
+
+class T5RMSNorm(nn.Module):
+    """T5's LayerNorm: scale only, no mean subtraction, statistics in float32."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        var = x.float().pow(2).mean(-1, keepdim=True)
+        return self.weight * (x.float() * torch.rsqrt(var + self.eps)).to(self.weight.dtype)
+
+
+def t5_relative_buckets(L, num_buckets, max_distance, device):
+    """Bidirectional relative position buckets: half the buckets for keys after the query, half for before;
+    within each half, exact offsets below num_buckets/4, then logarithmic bins up to max_distance."""
+    pos = torch.arange(L, device=device)
+    rel = pos[None, :] - pos[:, None]                                    # [Lq, Lk]: key - query
+    half = num_buckets // 2
+    bucket = (rel > 0).long() * half
+    n = rel.abs()
+    exact = half // 2
+    log_bin = exact + (torch.log(n.float().clamp(min=1) / exact) / math.log(max_distance / exact)
+                       * (half - exact)).long()
+    bucket += torch.where(n < exact, n, log_bin.clamp(max=half - 1))
+    return bucket
+
+
+class T5Layer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        inner = cfg.t5_heads * cfg.t5_d_kv
+        self.heads, self.d_kv = cfg.t5_heads, cfg.t5_d_kv
+        self.norm1 = T5RMSNorm(cfg.t5_dim, cfg.t5_eps)
+        self.q = nn.Linear(cfg.t5_dim, inner, bias=False)
+        self.k = nn.Linear(cfg.t5_dim, inner, bias=False)
+        self.v = nn.Linear(cfg.t5_dim, inner, bias=False)
+        self.o = nn.Linear(inner, cfg.t5_dim, bias=False)
+        self.norm2 = T5RMSNorm(cfg.t5_dim, cfg.t5_eps)
+        self.gated = cfg.t5_gated
+        if cfg.t5_gated:  # t5-v1_1 / flan-t5: wo(gelu_tanh(wi_0 x) * wi_1 x)
+            self.wi_0 = nn.Linear(cfg.t5_dim, cfg.t5_d_ff, bias=False)
+            self.wi_1 = nn.Linear(cfg.t5_dim, cfg.t5_d_ff, bias=False)
+        else:             # original t5: wo(relu(wi x))
+            self.wi = nn.Linear(cfg.t5_dim, cfg.t5_d_ff, bias=False)
+        self.wo = nn.Linear(cfg.t5_d_ff, cfg.t5_dim, bias=False)
+
+    def forward(self, x, bias):
+        B, L, _ = x.shape
+        h = self.norm1(x)
+        q, k, v = (proj(h).view(B, L, self.heads, self.d_kv).transpose(1, 2) for proj in (self.q, self.k, self.v))
+        # T5 folds the 1/sqrt(d) scaling into its weights: attention is unscaled, position bias added to scores
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=1.0)  # [B, h, L, d_kv]
+        x = x + self.o(y.transpose(1, 2).reshape(B, L, -1))
+        h = self.norm2(x)
+        h = F.gelu(self.wi_0(h), approximate="tanh") * self.wi_1(h) if self.gated else F.relu(self.wi(h))
+        return x + self.wo(h)
+
+
+class T5Encoder(nn.Module):
+    """ids Long[B, L], mask Bool[B, L] -> f_r Float[B, L, t5_dim]. Padded query rows are computed, not zeroed."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.t5_dim)
+        # one relative position bias table, computed once per forward and shared by all layers
+        self.rel_bias = nn.Embedding(cfg.t5_num_buckets, cfg.t5_heads)
+        self.layers = nn.ModuleList(T5Layer(cfg) for _ in range(cfg.t5_layers))
+        self.norm = T5RMSNorm(cfg.t5_dim, cfg.t5_eps)
+
+    def forward(self, ids, mask):
+        L = ids.shape[1]
+        buckets = t5_relative_buckets(L, self.cfg.t5_num_buckets, self.cfg.t5_max_distance, ids.device)
+        bias = self.rel_bias(buckets).permute(2, 0, 1)[None]                 # [1, h, L, L]
+        neg = torch.finfo(bias.dtype).min
+        bias = bias + torch.where(mask, 0.0, neg)[:, None, None, :]          # [B, h, L, L]: padded keys off
+        x = self.embed(ids)
+        for layer in self.layers:
+            x = layer(x, bias)
+        return self.norm(x)
+
+
+def load_t5(path):
+    """A Hugging Face T5 folder (config.json + model.safetensors, pytorch_model.bin or a sharded index) of
+    t5, t5-v1_1 or flan-t5, saved as T5EncoderModel or as the full seq2seq model. The decoder is ignored."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: expected a Hugging Face T5 folder with config.json")
+    hf = json.loads((path / "config.json").read_text())
+    for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json"):
+        if (path / name).is_file():
+            state = read_tensors(path / name)
+            break
+    else:
+        raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin (or their .index.json)")
+    gated = any(".wi_0." in k for k in state)   # the FFN type, read off the weights, not the config string
+    if gated and not hf.get("feed_forward_proj", "gated-gelu").endswith("gelu"):
+        raise ValueError(f"{path}: gated FFN with activation {hf['feed_forward_proj']!r}; only gated-gelu is supported")
+    cfg = SLVPConfig(vocab_size=hf["vocab_size"], t5_dim=hf["d_model"], t5_layers=hf["num_layers"],
+                     t5_heads=hf["num_heads"], t5_d_kv=hf["d_kv"], t5_d_ff=hf["d_ff"], t5_gated=gated,
+                     t5_num_buckets=hf.get("relative_attention_num_buckets", 32),
+                     t5_max_distance=hf.get("relative_attention_max_distance", 128),
+                     t5_eps=hf.get("layer_norm_epsilon", 1e-6))
+    embed = state.get("shared.weight", state.get("encoder.embed_tokens.weight"))
+    if embed is None:
+        raise ValueError(f"{path}: neither shared.weight nor encoder.embed_tokens.weight in the checkpoint")
+    ours = {"embed.weight": embed}
+    for k, v in state.items():
+        if not k.startswith("encoder.") or k == "encoder.embed_tokens.weight":
+            continue  # decoder, lm_head, shared: not part of the encoder
+        name = k[len("encoder."):]
+        if name == "final_layer_norm.weight":
+            ours["norm.weight"] = v
+            continue
+        if name == "block.0.layer.0.SelfAttention.relative_attention_bias.weight":
+            ours["rel_bias.weight"] = v
+            continue
+        parts = name.split(".")  # block.{i}.layer.{j}.{SelfAttention|DenseReluDense|layer_norm}...
+        if len(parts) >= 5 and parts[0] == "block" and parts[2] == "layer":
+            i, j, rest = parts[1], parts[3], ".".join(parts[4:])
+            table = {("0", "layer_norm.weight"): "norm1.weight", ("1", "layer_norm.weight"): "norm2.weight",
+                     **{("0", f"SelfAttention.{p}.weight"): f"{p}.weight" for p in "qkvo"},
+                     **{("1", f"DenseReluDense.{p}.weight"): f"{p}.weight" for p in ("wi", "wi_0", "wi_1", "wo")}}
+            if (j, rest) in table:
+                ours[f"layers.{i}.{table[j, rest]}"] = v
+                continue
+        ours["(unconverted) encoder." + name] = v
+    model = T5Encoder(cfg)
+    check_state_dict(model, ours, f"T5 checkpoint {path}")
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. Vision encoder: ViT, applied to each frame on its own
+# ----------------------------------------------------------------------------------------------------------
+
+class ViTBlock(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.vit_dim, eps=cfg.vit_eps)
+        self.attn = Attention(cfg.vit_dim, cfg.vit_heads)
+        self.norm2 = nn.LayerNorm(cfg.vit_dim, eps=cfg.vit_eps)
+        self.fc1 = nn.Linear(cfg.vit_dim, cfg.vit_mlp)
+        self.fc2 = nn.Linear(cfg.vit_mlp, cfg.vit_dim)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))  # exact GELU, as CoCa
+
+
+class ViTEncoder(nn.Module):
+    """images Float[B, 3, H, W] (normalized) -> patch tokens Float[B, N, vit_dim] (no class token)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        p, D = cfg.patch_size, cfg.vit_dim
+        self.patch_embed = nn.Conv2d(3, D, kernel_size=p, stride=p)
+        self.cls_token = nn.Parameter(torch.zeros(D))
+        self.pos_embed = nn.Parameter(torch.zeros(1 + cfg.num_patches, D))   # class token first, then the grid
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        self.norm_pre = nn.LayerNorm(D, eps=cfg.vit_eps) if cfg.vit_norm_pre else nn.Identity()
+        self.blocks = nn.ModuleList(ViTBlock(cfg) for _ in range(cfg.vit_layers))
+        self.norm = nn.LayerNorm(D, eps=cfg.vit_eps) if cfg.vit_norm_final else nn.Identity()
+
+    def forward(self, images):
+        x = self.patch_embed(images).flatten(2).transpose(1, 2)              # [B, N, D]
+        x = torch.cat([self.cls_token.expand(x.shape[0], 1, -1), x], dim=1)  # [B, 1+N, D]
+        x = self.norm_pre(x + self.pos_embed)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)[:, 1:]                                           # [B, N, D]
+
+
+def resample_patch_embed(weight, new_size):
+    """FlexiViT resize of a patch-embedding kernel [D, C, h, w] -> [D, C, *new_size]: the kernel w' that
+    minimizes |<x, w> - <resize(x), w'>| for all x, i.e. w' = pinv(R^T) w with R the bicubic antialiased resize
+    matrix. Same tensors as timm's resample_patch_embed (float32 matrix, float32 pseudo-inverse)."""
+    old_size = tuple(weight.shape[-2:])
+    if old_size == tuple(new_size):
+        return weight
+    n_old = old_size[0] * old_size[1]
+    basis = torch.eye(n_old).reshape(n_old, 1, *old_size)
+    R = F.interpolate(basis, size=tuple(new_size), mode="bicubic", antialias=True, align_corners=False)
+    R = R.reshape(n_old, -1).T                                               # [new_h*new_w, old_h*old_w]
+    w = weight.float().flatten(2) @ torch.linalg.pinv(R)                     # [D, C, new_h*new_w]
+    return w.reshape(*weight.shape[:2], *new_size).to(weight.dtype)
+
+
+def resample_pos_embed(pos, new_grid):
+    """Position embedding [1+n, D] (class token first, square old grid) -> [1+N, D] on new_grid: bicubic,
+    antialiased, align_corners=False, in float32 (timm's resample_abs_pos_embed)."""
+    n = pos.shape[0] - 1
+    side = math.isqrt(n)
+    if side * side != n:
+        raise ValueError(f"position embedding of {n} grid tokens is not a square grid")
+    if (side, side) == tuple(new_grid):
+        return pos
+    grid = pos[1:].float().reshape(1, side, side, -1).permute(0, 3, 1, 2)   # [1, D, side, side]
+    grid = F.interpolate(grid, size=tuple(new_grid), mode="bicubic", antialias=True, align_corners=False)
+    return torch.cat([pos[:1], grid.permute(0, 2, 3, 1).reshape(-1, pos.shape[1]).to(pos.dtype)])
+
+
+def load_vit(path, cfg):
+    """An open_clip CLIP/CoCa checkpoint (keys visual.* or bare; conv1 without bias, stacked in_proj) or a timm
+    ViT checkpoint. Width, depth and MLP size are read off the weights, heads = width / 64; patch size and grid
+    come from cfg (patch embedding and position embedding resampled). Returns a ViTEncoder whose .cfg is cfg with
+    the vision fields of the checkpoint."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
+        if len(files) != 1:
+            raise FileNotFoundError(f"{path}: expected exactly one .safetensors/.bin/.pt/.pth file, found {len(files)}")
+        path = files[0]
+    state = read_tensors(path)
+    if any(k.startswith("visual.") for k in state):      # a whole open_clip model: keep the vision tower
+        state = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
+    ours, ignored = {}, ("proj", "head.", "fc_norm.")
+    if "conv1.weight" in state:                          # ---- open_clip
+        has_pool = any(k.startswith("attn_pool") for k in state)
+        if has_pool:  # CoCa: ln_post normalizes the attentional pooler's output, which we drop with it
+            ignored += ("attn_pool", "ln_post.")
+        D = state["conv1.weight"].shape[0]
+        eps, norm_pre, norm_final = 1e-5, "ln_pre.weight" in state, "ln_post.weight" in state and not has_pool
+        ours["patch_embed.weight"] = state.pop("conv1.weight")
+        ours["patch_embed.bias"] = torch.zeros(D)        # conv1 has no bias in open_clip
+        ours["cls_token"] = state.pop("class_embedding")
+        ours["pos_embed"] = state.pop("positional_embedding")
+        rename = {"ln_pre.": "norm_pre.", "ln_1.": "norm1.", "ln_2.": "norm2.", "attn.out_proj.": "attn.o.",
+                  "mlp.c_fc.": "fc1.", "mlp.c_proj.": "fc2.", "transformer.resblocks.": "blocks."}
+        if norm_final:
+            rename["ln_post."] = "norm."
+        qkv = "attn.in_proj_"
+    elif "patch_embed.proj.weight" in state:             # ---- timm
+        D = state["patch_embed.proj.weight"].shape[0]
+        eps, norm_pre, norm_final = 1e-6, "norm_pre.weight" in state, "norm.weight" in state
+        ours["patch_embed.weight"] = state.pop("patch_embed.proj.weight")
+        ours["patch_embed.bias"] = state.pop("patch_embed.proj.bias")
+        if "cls_token" not in state:
+            raise ValueError(f"{path}: timm ViT without a class token is not supported")
+        ours["cls_token"] = state.pop("cls_token").reshape(D)
+        ours["pos_embed"] = state.pop("pos_embed")[0]
+        rename = {"attn.proj.": "attn.o.", "mlp.fc1.": "fc1.", "mlp.fc2.": "fc2."}
+        qkv = "attn.qkv."
+    else:
+        raise ValueError(f"{path}: neither an open_clip (conv1.weight) nor a timm (patch_embed.proj.weight) ViT")
+    for k, v in state.items():
+        if k.startswith(ignored):
+            continue
+        for old, new in rename.items():
+            k = k.replace(old, new)
+        if qkv in k:  # stacked [3D, D] / [3D] -> q, k, v
+            kind = "weight" if k.endswith("weight") else "bias"
+            prefix = k[:k.index(qkv)]
+            for name, part in zip("qkv", v.chunk(3)):
+                ours[f"{prefix}attn.{name}.{kind}"] = part
+        else:
+            ours[k] = v
+    layers = 1 + max(int(k.split(".")[1]) for k in ours if k.startswith("blocks."))
+    vcfg = dataclasses.replace(cfg, vit_dim=D, vit_layers=layers, vit_heads=D // 64,
+                               vit_mlp=ours["blocks.0.fc1.weight"].shape[0], vit_eps=eps,
+                               vit_norm_pre=norm_pre, vit_norm_final=norm_final)
+    ours["patch_embed.weight"] = resample_patch_embed(ours["patch_embed.weight"], (cfg.patch_size, cfg.patch_size))
+    ours["pos_embed"] = resample_pos_embed(ours["pos_embed"], cfg.grid)
+    model = ViTEncoder(vcfg)
+    check_state_dict(model, ours, f"ViT checkpoint {path}")
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4. Decoder T of Eqs. (2) and (8): pre-norm self-attention, cross-attention, feed-forward
+# ----------------------------------------------------------------------------------------------------------
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        d = cfg.dec_dim
+        self.norm1 = nn.LayerNorm(d)
+        self.self_attn = Attention(d, cfg.dec_heads)
+        self.norm2 = nn.LayerNorm(d)
+        self.cross_attn = Attention(d, cfg.dec_heads)
+        self.norm3 = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, cfg.dec_mlp)
+        self.fc2 = nn.Linear(cfg.dec_mlp, d)
+
+    def forward(self, x, memory, self_mask=None, memory_mask=None):
+        x = x + self.self_attn(self.norm1(x), key_mask=self_mask)
+        x = x + self.cross_attn(self.norm2(x), memory, key_mask=memory_mask)
+        return x + self.fc2(F.gelu(self.fc1(self.norm3(x))))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.dec_layers))
+        self.norm = nn.LayerNorm(cfg.dec_dim)
+
+    def forward(self, query, memory, self_mask=None, memory_mask=None):
+        for layer in self.layers:
+            query = layer(query, memory, self_mask, memory_mask)
+        return self.norm(query)
+
+
+def patchify_dims(cfg):
+    return cfg.num_frames, cfg.grid[0], cfg.grid[1], cfg.patch_size
+
+
+def unpatchify(x, cfg, channels):
+    """[B, T*N, p*p*C] -> [B, T, C, H, W], each token's p*p*C values laid out (p, p, C) as in MAE."""
+    T, gh, gw, p = patchify_dims(cfg)
+    B = x.shape[0]
+    x = x.reshape(B, T, gh, gw, p, p, channels)
+    x = torch.einsum("bthwpqc->btchpwq", x)
+    return x.reshape(B, T, channels, gh * p, gw * p)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 5.-6. The SLVP model: pre-training (flow) and transfer (boxes and masks)
+# ----------------------------------------------------------------------------------------------------------
+
+class SLVP(nn.Module):
+    """fusion: "vision" (vision as query, Eq. (2)) or "language" (language as query, Eq. (8)).
+    task: "pretrain" (flow head, Eq. (3)) or "rvos" (box and mask heads, Eq. (4)).
+    freeze_text / freeze_vision: None takes the paper's choice: pre-training freezes both encoders (Sec. 4.1);
+    transfer freezes the text encoder only (Table 1 and Table 2's best row)."""
+
+    def __init__(self, cfg, fusion="vision", task="pretrain", freeze_text=None, freeze_vision=None):
+        super().__init__()
+        if fusion not in ("vision", "language"):
+            raise ValueError(f"fusion must be 'vision' or 'language', got {fusion!r}")
+        if task not in ("pretrain", "rvos"):
+            raise ValueError(f"task must be 'pretrain' or 'rvos', got {task!r}")
+        self.cfg, self.fusion, self.task = cfg, fusion, task
+        d, p = cfg.dec_dim, cfg.patch_size
+        self.text = T5Encoder(cfg)
+        self.vision = ViTEncoder(cfg)
+        self.text_proj = nn.Linear(cfg.t5_dim, d) if cfg.t5_dim != d else nn.Identity()
+        self.vision_proj = nn.Linear(cfg.vit_dim, d) if cfg.vit_dim != d else nn.Identity()
+        self.E_pos = nn.Parameter(torch.zeros(cfg.num_patches, d))          # N x d
+        self.E_tem = nn.Parameter(torch.zeros(cfg.num_frames, d))           # T x d
+        nn.init.trunc_normal_(self.E_pos, std=0.02)
+        nn.init.trunc_normal_(self.E_tem, std=0.02)
+        if fusion == "language":
+            self.q = nn.Parameter(torch.zeros(d))                           # shared learnable query token
+            nn.init.trunc_normal_(self.q, std=0.02)
+        self.decoder = Decoder(cfg)
+        if task == "pretrain":
+            self.flow_head = nn.Linear(d, p * p * 2)                        # Eq. (3)
+            nn.init.zeros_(self.flow_head.weight)                           # start from the zero flow (identity warp)
+            nn.init.zeros_(self.flow_head.bias)
+        else:
+            self.box_head = nn.Linear(d, 4)                                 # Eq. (4)
+            self.mask_head = nn.Linear(d + 4, p * p)                        # token ++ its frame's box (Sec. 4.1)
+        self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1), persistent=False)
+        self.freeze_text = True if freeze_text is None else freeze_text
+        self.freeze_vision = (task == "pretrain") if freeze_vision is None else freeze_vision
+        self.text.requires_grad_(not self.freeze_text)
+        self.vision.requires_grad_(not self.freeze_vision)
+
+    # -- encoders: f_v [B, T*N, d] and f_r [B, L, d] ---------------------------------------------------------
+    def encode(self, frames, ids, mask):
+        B, T = frames.shape[:2]
+        if T != self.cfg.num_frames or tuple(frames.shape[-2:]) != self.cfg.frame_size:
+            raise ValueError(f"frames {tuple(frames.shape)} do not match the config "
+                             f"(T={self.cfg.num_frames}, frame_size={self.cfg.frame_size})")
+        x = (frames.flatten(0, 1) - self.pixel_mean) / self.pixel_std      # [B*T, 3, H, W]
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_vision):
+            f_v = self.vision(x)                                            # [B*T, N, vit_dim], each frame alone
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_text):
+            f_r = self.text(ids, mask)                                      # [B, L, t5_dim]
+        f_v = self.vision_proj(f_v).reshape(B, T * self.cfg.num_patches, -1)  # [B, T*N, d]
+        return f_v, self.text_proj(f_r)
+
+    def fuse(self, frames, ids, mask):
+        """f_fused [B, T*N, d]."""
+        f_v, f_r = self.encode(frames, ids, mask)
+        B, TN, d = f_v.shape
+        # E_pos repeated T times, E_tem repeated N times (Eq. (2))
+        pos = (self.E_tem[:, None, :] + self.E_pos[None, :, :]).reshape(1, TN, d)
+        if self.fusion == "vision":
+            # Eq. (2): f_fused = T(f_v + E_pos + E_tem, f_r); padded text keys masked in cross-attention
+            return self.decoder(f_v + pos, f_r, memory_mask=mask)
+        # Eq. (8): f_fused = T(cat(f_r, q^ + E_pos + E_tem), f_v + E_pos + E_tem); padded text keys masked in
+        # self-attention; only the last T*N outputs are kept
+        q_hat = self.q.expand(B, TN, d) + pos
+        self_mask = torch.cat([mask, mask.new_ones(B, TN)], dim=1)          # [B, L + T*N]
+        out = self.decoder(torch.cat([f_r, q_hat], dim=1), f_v + pos, self_mask=self_mask)
+        return out[:, -TN:]
+
+    # -- pre-training ----------------------------------------------------------------------------------------
+    def flow(self, frames, ids, mask):
+        """o_(i,1) for every frame i: Float[B, T, 2, H, W] in pixels, channel 0 = x, 1 = y; frame i's pixel p
+        takes its colour from frame 1 at p + o_(i,1)(p)."""
+        if self.task != "pretrain":
+            raise RuntimeError("flow() needs task='pretrain'; the transfer model has no flow head")
+        return unpatchify(self.flow_head(self.fuse(frames, ids, mask)), self.cfg, 2)   # Eq. (3)
+
+    def pretrain_loss(self, frames, ids, mask):
+        """Eq. (1): I_i = Flow(o_(i,1), V_1); L = mean over i = 2..T, channels and pixels of (I_i - V_i)^2.
+        Frames are data: only the flow gets a gradient."""
+        flow = self.flow(frames, ids, mask)
+        B, T, C, H, W = frames.shape
+        frames = frames.detach()
+        V_1 = frames[:, :1].expand(B, T - 1, C, H, W).reshape(-1, C, H, W)  # [B*(T-1), C, H, W]
+        V_i = frames[:, 1:].reshape(-1, C, H, W)
+        loss = flow_warp_triton.photometric_loss(V_1, flow[:, 1:].reshape(-1, 2, H, W), V_i)
+        return loss, flow
+
+    # -- transfer --------------------------------------------------------------------------------------------
+    def forward(self, frames, ids, mask):
+        """Eq. (4). boxes Float[B, T, 4] normalized (x1, y1, x2, y2); masks Float[B, T, H, W] logits."""
+        if self.task != "rvos":
+            raise RuntimeError("forward() is the transfer model's; build SLVP(cfg, task='rvos') or use flow()")
+        f_fused = self.fuse(frames, ids, mask)                              # [B, T*N, d]
+        B, TN, d = f_fused.shape
+        T, N = self.cfg.num_frames, self.cfg.num_patches
+        f_max = f_fused.view(B, T, N, d).amax(dim=2)                        # [B, T, d]: MaxPooling per frame
+        cx, cy, w, h = torch.sigmoid(self.box_head(f_max)).unbind(-1)      # normalized centre and size
+        boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1).clamp(0, 1)  # [B, T, 4]
+        box_per_token = boxes[:, :, None, :].expand(B, T, N, 4).reshape(B, TN, 4)
+        logits = self.mask_head(torch.cat([f_fused, box_per_token], dim=-1))  # [B, T*N, p*p]
+        return {"boxes": boxes, "masks": unpatchify(logits, self.cfg, 1)[:, :, 0]}
+
+    def rvos_loss(self, out, boxes, masks, valid):
+        """Eqs. (5)-(7): 5 L1 + 1 GIoU on the boxes of frames where the object is present (valid), 5 Dice + 1 BCE
+        on the masks of all frames."""
+        v = valid.bool()
+        pb, gb = out["boxes"][v], boxes[v].to(out["boxes"].dtype)           # [n_valid, 4]
+        n = max(int(v.sum()), 1)
+        l1 = (pb - gb).abs().sum() / n                                      # Eq. (6), mean over present frames
+        giou = (1 - generalized_box_iou(pb, gb)).sum() / n                  # Eq. (5)
+        logits, g = out["masks"].float(), masks.float()
+        dice = dice_loss(logits.sigmoid(), g)                               # Eq. (7)
+        bce = F.binary_cross_entropy_with_logits(logits, g)                 # Eq. (7), mean over pixels
+        loss = 5 * l1 + 1 * giou + 5 * dice + 1 * bce
+        return loss, {"l1": l1.detach(), "giou": giou.detach(), "dice": dice.detach(), "bce": bce.detach()}
+
+
+def generalized_box_iou(a, b):
+    """Eq. (5) for matching rows of a and b, boxes (x1, y1, x2, y2): IoU - |C \\ (A u B)| / |C|."""
+    area_a = (a[:, 2] - a[:, 0]).clamp(min=0) * (a[:, 3] - a[:, 1]).clamp(min=0)
+    area_b = (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)
+    iw = (torch.minimum(a[:, 2], b[:, 2]) - torch.maximum(a[:, 0], b[:, 0])).clamp(min=0)
+    ih = (torch.minimum(a[:, 3], b[:, 3]) - torch.maximum(a[:, 1], b[:, 1])).clamp(min=0)
+    inter = iw * ih
+    union = area_a + area_b - inter
+    cw = torch.maximum(a[:, 2], b[:, 2]) - torch.minimum(a[:, 0], b[:, 0])
+    ch = torch.maximum(a[:, 3], b[:, 3]) - torch.minimum(a[:, 1], b[:, 1])
+    enclosing = cw * ch
+    eps = 1e-7
+    return inter / (union + eps) - (enclosing - union) / (enclosing + eps)
+
+
+def dice_loss(m, g, smooth=1.0):
+    """Eq. (7): 1 - 2 sum(m g) / (sum m^2 + sum g^2), summed over all pixels of a clip's T frames, averaged over
+    clips; `smooth` (added above and below) makes a clip with an empty target and an empty prediction cost 0."""
+    m, g = m.flatten(1), g.flatten(1)                                       # [B, T*H*W]
+    return (1 - (2 * (m * g).sum(1) + smooth) / ((m * m).sum(1) + (g * g).sum(1) + smooth)).mean()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 7. Tokenizer and checkpoints
+# ----------------------------------------------------------------------------------------------------------
+
+class Tokenizer:
+    """T5 conventions on a sentencepiece model: pieces + </s>, padded with <pad> = 0, no BOS; texts longer than
+    max_len are cut to max_len - 1 pieces followed by </s>."""
+
+    def __init__(self, spiece_model_path):
+        import sentencepiece
+        self.path = str(spiece_model_path)
+        self.sp = sentencepiece.SentencePieceProcessor(model_file=self.path)
+        self.pad_id, self.eos_id = self.sp.pad_id(), self.sp.eos_id()
+        if self.pad_id < 0 or self.eos_id < 0:
+            raise ValueError(f"{self.path}: the sentencepiece model needs <pad> and </s> ids (T5 uses 0 and 1)")
+
+    def __len__(self):
+        return self.sp.get_piece_size()
+
+    def __call__(self, texts, max_len=64):
+        rows = []
+        for text in texts:
+            if not text or not text.strip():
+                raise ValueError(f"empty text in the batch (position {len(rows)}); every clip needs a caption or expression")
+            rows.append(self.sp.encode(text)[:max_len - 1] + [self.eos_id])
+        L = max(len(r) for r in rows)
+        ids = torch.full((len(rows), L), self.pad_id, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)] = torch.tensor(r)
+        return ids, ids != self.pad_id
+
+
+def save_checkpoint(path, model, **extra):
+    """safetensors with the config, fusion and task in the metadata, plus any `extra` JSON-able fields. Written
+    to a temporary file and renamed, so a kill during the save never loses the previous checkpoint."""
+    from safetensors.torch import save_file
+    meta = {"config": json.dumps(dataclasses.asdict(model.cfg)), "fusion": model.fusion, "task": model.task,
+            "freeze_text": json.dumps(model.freeze_text), "freeze_vision": json.dumps(model.freeze_vision),
+            "extra": json.dumps(extra)}
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def read_checkpoint_metadata(path):
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if "config" not in meta:
+        raise ValueError(f"{path}: not an SLVP checkpoint (no config in the safetensors metadata)")
+    return meta
+
+
+def load_checkpoint(path, task=None, **overrides):
+    """The model saved at `path`. With task="rvos" on a pre-training checkpoint: the transfer model, with
+    everything it shares with the pre-training model loaded, the flow head dropped and fresh box and mask heads.
+    `overrides` (fusion is fixed by the checkpoint) go to SLVP(), e.g. freeze_text=False."""
+    from safetensors.torch import load_file
+    meta = read_checkpoint_metadata(path)
+    cfg = SLVPConfig(**json.loads(meta["config"]))
+    saved_task = meta["task"]
+    task = task or saved_task
+    if saved_task == "rvos" and task == "pretrain":
+        raise ValueError(f"{path} is a transfer (rvos) checkpoint; it has no flow head to pre-train with")
+    kw = {} if task != saved_task else {"freeze_text": json.loads(meta["freeze_text"]),
+                                          "freeze_vision": json.loads(meta["freeze_vision"])}
+    model = SLVP(cfg, fusion=meta["fusion"], task=task, **{**kw, **overrides})
+    state = load_file(str(path))
+    if task != saved_task:  # pre-training -> transfer: drop the flow head, keep the fresh box and mask heads
+        state = {k: v for k, v in state.items() if not k.startswith("flow_head.")}
+        state.update({k: v for k, v in model.state_dict().items() if k.startswith(("box_head.", "mask_head."))})
+    check_state_dict(model, state, f"checkpoint {path}")
+    return model

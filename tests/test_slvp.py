@@ -1,0 +1,368 @@
+"""slvp.py against the libraries it replaces (transformers, timm, open_clip, sentencepiece) and against hand-worked
+values. Every reference model is random-init and built here; nothing is downloaded."""
+import dataclasses
+import shutil
+
+import pytest
+import torch
+
+import slvp
+
+TOL = 1e-4
+
+
+def rescale_(model, gen):
+    """Random weights of a size that makes a parity check meaningful: every activation O(1), so a wrong
+    scaling, bias, norm or mask shows up far above the tolerance."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                fan_in = p.shape[1] if "embed" not in name and "shared" not in name else 1
+                p.copy_(torch.randn(p.shape, generator=gen) / fan_in ** 0.5)
+            else:
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=gen) if "norm" in name or "ln" in name
+                        else 0.2 * torch.randn(p.shape, generator=gen))
+
+
+# ---------------------------------------------------------------------------------------------- T5 parity
+
+@pytest.mark.parametrize("ffn", ["relu", "gated-gelu"])
+@pytest.mark.parametrize("full_model", [False, True])
+def test_t5_matches_transformers(tmp_path, ffn, full_model):
+    from transformers import T5Config, T5EncoderModel, T5ForConditionalGeneration
+    hf_cfg = T5Config(vocab_size=120, d_model=48, d_kv=16, d_ff=80, num_layers=3, num_decoder_layers=1,
+                      num_heads=4, feed_forward_proj=ffn, relative_attention_num_buckets=32,
+                      relative_attention_max_distance=128, dropout_rate=0.0)
+    torch.manual_seed(0)
+    hf = (T5ForConditionalGeneration if full_model else T5EncoderModel)(hf_cfg).eval()
+    rescale_(hf, torch.Generator().manual_seed(1))
+    hf.save_pretrained(tmp_path)
+    ours = slvp.load_t5(tmp_path).eval()
+    assert ours.cfg.t5_gated == (ffn == "gated-gelu")
+
+    # a padded batch, long enough (L=40) that relative distances reach the logarithmic buckets
+    ids = torch.randint(3, 120, (3, 40), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(3, 40, dtype=torch.bool)
+    mask[1, 25:] = False
+    mask[2, 7:] = False
+    ids[~mask] = 0
+    with torch.no_grad():
+        encoder = hf.encoder if full_model else hf
+        ref = encoder(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        out = ours(ids, mask)
+    assert ref.std() > 0.1
+    err = (out - ref).abs().max().item()
+    print(f"T5 {ffn} full={full_model}: max abs diff {err:.2e}")
+    assert err < TOL
+
+
+def test_t5_conversion_is_strict(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from transformers import T5Config, T5EncoderModel
+    T5EncoderModel(T5Config(vocab_size=50, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=4)).save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    state.pop("encoder.block.1.layer.1.DenseReluDense.wo.weight")
+    state["encoder.block.0.layer.0.SelfAttention.q.weight"] = torch.zeros(16, 8)
+    state["encoder.block.0.layer.0.SelfAttention.q.bias"] = torch.zeros(16)
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError) as e:
+        slvp.load_t5(tmp_path)
+    msg = str(e.value)
+    assert "missing: layers.1.wo.weight" in msg
+    assert "mis-shaped: layers.0.q.weight" in msg
+    assert "unexpected: (unconverted) encoder.block.0.layer.0.SelfAttention.q.bias" in msg
+
+
+# ---------------------------------------------------------------------------------------------- ViT parity
+
+def timm_vit(img_size, patch):
+    from timm.models.vision_transformer import VisionTransformer
+    return VisionTransformer(img_size=img_size, patch_size=patch, embed_dim=128, depth=2, num_heads=2,
+                             mlp_ratio=2.0, num_classes=10).eval()
+
+
+def open_clip_tower(img_size, patch, coca):
+    import open_clip
+    vcfg = open_clip.CLIPVisionCfg(layers=2, width=128, head_width=64, mlp_ratio=2.0, patch_size=patch,
+                                   image_size=img_size, attentional_pool=coca, attn_pooler_heads=2,
+                                   attn_pooler_queries=4, output_tokens=True)
+    return open_clip.model._build_vision_tower(embed_dim=96, vision_cfg=vcfg).eval()
+
+
+def open_clip_tokens(tower, x):
+    """CLIP: the tower's own token output (ln_post applied, class token dropped). CoCa: its tokens are the
+    attentional pooler's, so take the patch tokens after the last block from the transformer's output."""
+    if tower.attn_pool is None:
+        return tower(x)[1]
+    got = {}
+    handle = tower.transformer.register_forward_hook(lambda m, i, o: got.setdefault("x", o))
+    tower(x)
+    handle.remove()
+    return got["x"][:, 1:]
+
+
+def resampled_with_timm(state, key_patch, key_pos, patch, grid, pos_batch):
+    from timm.layers import resample_abs_pos_embed, resample_patch_embed
+    state = dict(state)
+    state[key_patch] = resample_patch_embed(state[key_patch], [patch, patch])
+    pos = state[key_pos] if pos_batch else state[key_pos][None]
+    pos = resample_abs_pos_embed(pos, new_size=list(grid), num_prefix_tokens=1)
+    state[key_pos] = pos if pos_batch else pos[0]
+    return state
+
+
+def frame_cfg(H, W, patch):
+    return dataclasses.replace(slvp.SLVPConfig.tiny(), frame_size=(H, W), patch_size=patch)
+
+
+@pytest.mark.parametrize("kind", ["timm", "coca", "clip"])
+def test_vit_matches_reference_native_and_resampled(tmp_path, kind):
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(3)
+    native = timm_vit(32, 8) if kind == "timm" else open_clip_tower(32, 8, coca=(kind == "coca"))
+    rescale_(native, gen)
+    state = {k: v.contiguous() for k, v in native.state_dict().items()}
+    if kind == "clip":  # a whole open_clip model: vision keys under visual.*, plus a text tower to ignore
+        state = {**{"visual." + k: v for k, v in state.items()}, "token_embedding.weight": torch.zeros(10, 8)}
+    ckpt = tmp_path / "vit.safetensors"
+    save_file(state, ckpt)
+
+    # native size: 32x32 frames, patch 8
+    ours = slvp.load_vit(ckpt, frame_cfg(32, 32, 8)).eval()
+    assert (ours.cfg.vit_dim, ours.cfg.vit_layers, ours.cfg.vit_heads, ours.cfg.vit_mlp) == (128, 2, 2, 256)
+    assert ours.cfg.vit_norm_final == (kind != "coca")
+    x = torch.randn(2, 3, 32, 32, generator=gen)
+    with torch.no_grad():
+        ref = native.forward_features(x)[:, 1:] if kind == "timm" else open_clip_tokens(native, x)
+        err = (ours(x) - ref).abs().max().item()
+    print(f"ViT {kind} native: max abs diff {err:.2e}")
+    assert ref.std() > 0.1 and err < TOL
+
+    # paper geometry: patch 18 on a 360x648 frame; reference = the library's model built at that size with
+    # the weights resampled by timm's own functions
+    big = timm_vit((360, 648), 18) if kind == "timm" else open_clip_tower((360, 648), 18, coca=(kind == "coca"))
+    src = native.state_dict()
+    if kind == "timm":
+        from timm.models.vision_transformer import checkpoint_filter_fn
+        big.load_state_dict(checkpoint_filter_fn(src, big))
+    else:
+        big.load_state_dict(resampled_with_timm(src, "conv1.weight", "positional_embedding", 18, (20, 36), False))
+    ours = slvp.load_vit(ckpt, frame_cfg(360, 648, 18)).eval()
+    x = torch.randn(1, 3, 360, 648, generator=gen)
+    with torch.no_grad():
+        ref = big.forward_features(x)[:, 1:] if kind == "timm" else open_clip_tokens(big, x)
+        out = ours(x)
+    assert out.shape == (1, 720, 128)
+    err = (out - ref).abs().max().item()
+    print(f"ViT {kind} patch 18 @ 360x648: max abs diff {err:.2e}")
+    assert err < TOL
+
+
+def test_vit_conversion_is_strict(tmp_path):
+    from safetensors.torch import save_file
+    state = dict(timm_vit(32, 8).state_dict())
+    state.pop("blocks.1.norm2.bias")
+    state["blocks.0.mlp.fc2.weight"] = torch.zeros(128, 7)
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "v.safetensors")
+    with pytest.raises(ValueError) as e:
+        slvp.load_vit(tmp_path / "v.safetensors", frame_cfg(32, 32, 8))
+    assert "missing: blocks.1.norm2.bias" in str(e.value)
+    assert "mis-shaped: blocks.0.fc2.weight" in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer
+
+@pytest.fixture(scope="module")
+def spm_model(tmp_path_factory):
+    import sentencepiece as spm
+    d = tmp_path_factory.mktemp("spm")
+    sentences = [f"the {c} {k} moves {m} while a {s} shape falls" for c in ("red", "blue", "green", "yellow")
+                 for k in ("circle", "square", "triangle") for m in ("left", "right", "up", "down")
+                 for s in ("small", "large")]
+    (d / "text.txt").write_text("\n".join(sentences))
+    spm.SentencePieceTrainer.train(input=str(d / "text.txt"), model_prefix=str(d / "sp"), vocab_size=40, hard_vocab_limit=False,
+                                   pad_id=0, eos_id=1, unk_id=2, bos_id=-1, model_type="unigram",
+                                   character_coverage=1.0, minloglevel=2)
+    return d / "sp.model"
+
+
+def test_tokenizer_matches_transformers(spm_model):
+    from transformers import T5Tokenizer
+    texts = ["the red circle moves left", "a large blue square falls while a small green triangle moves up",
+             "  the   shape moving down  ", "zebra!"]
+    # loaded the way a T5 checkpoint folder is (transformers 5 mis-reads a bare vocab_file= argument)
+    folder = spm_model.parent / "hf"
+    folder.mkdir(exist_ok=True)
+    shutil.copy(spm_model, folder / "spiece.model")
+    ref = T5Tokenizer.from_pretrained(folder, extra_ids=0)
+    ids, mask = slvp.Tokenizer(spm_model)(texts, max_len=64)
+    enc = ref(texts, padding=True, return_tensors="pt")
+    assert torch.equal(ids, enc["input_ids"]) and torch.equal(mask, enc["attention_mask"].bool())
+    # truncation keeps </s> last
+    ids, mask = slvp.Tokenizer(spm_model)(texts, max_len=6)
+    enc = ref(texts, padding=True, truncation=True, max_length=6, return_tensors="pt")
+    assert torch.equal(ids, enc["input_ids"]) and (ids[:, -1][mask[:, -1]] == 1).all()
+
+
+def test_tokenizer_rejects_empty_text(spm_model):
+    with pytest.raises(ValueError, match="empty text"):
+        slvp.Tokenizer(spm_model)(["a red circle", "  "])
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+def test_paper_parameter_count():
+    """Table 1: 258M parameters; Table 4: the same for both fusion modes (they differ by the one query token q)."""
+    with torch.device("meta"):
+        counts = {f: sum(p.numel() for p in slvp.SLVP(slvp.SLVPConfig.paper(), f).parameters())
+                  for f in ("vision", "language")}
+    print("paper config parameters:", counts)
+    for n in counts.values():
+        assert abs(n - 258e6) / 258e6 < 0.02
+    assert counts["language"] - counts["vision"] == 768
+    # the transfer model swaps the flow head (d*p*p*2 + p*p*2) for box (d*4+4) and mask ((d+4)*p*p + p*p) heads
+    with torch.device("meta"):
+        rvos = sum(p.numel() for p in slvp.SLVP(slvp.SLVPConfig.paper(), "vision", task="rvos").parameters())
+    assert rvos - counts["vision"] == (768 * 4 + 4) + (772 * 324 + 324) - (768 * 648 + 648)
+
+
+def tiny_batch(B=2, L=9, seed=0):
+    cfg = slvp.SLVPConfig.tiny()
+    g = torch.Generator().manual_seed(seed)
+    frames = torch.rand(B, cfg.num_frames, 3, *cfg.frame_size, generator=g)
+    ids = torch.randint(3, cfg.vocab_size, (B, L), generator=g)
+    mask = torch.ones(B, L, dtype=torch.bool)
+    mask[1, 5:] = False
+    ids[~mask] = 0
+    ids[0, -1] = ids[1, 4] = 1
+    return cfg, frames, ids, mask
+
+
+@pytest.mark.parametrize("fusion", ["vision", "language"])
+def test_fusion_shapes_gradients_and_padding(fusion):
+    cfg, frames, ids, mask = tiny_batch()
+    torch.manual_seed(0)
+    model = slvp.SLVP(cfg, fusion)
+    torch.nn.init.normal_(model.flow_head.weight, std=0.02)  # the zero init would hide the decoder's gradient
+    loss, flow = model.pretrain_loss(frames, ids, mask)
+    assert flow.shape == (2, 4, 2, 64, 96) and loss.ndim == 0
+    loss.backward()
+    assert model.decoder.layers[0].self_attn.q.weight.grad.abs().sum() > 0
+    assert model.E_pos.grad.abs().sum() > 0 and model.text_proj.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.text.parameters())      # frozen in pre-training (Sec. 4.1)
+    assert all(p.grad is None for p in model.vision.parameters())
+
+    # padded text tokens change nothing: append more padding, and change the ids under the padding
+    model.eval()
+    with torch.no_grad():
+        ref = model.flow(frames, ids, mask)
+        ids2 = torch.cat([ids, torch.zeros(2, 4, dtype=torch.long)], 1)
+        mask2 = torch.cat([mask, torch.zeros(2, 4, dtype=torch.bool)], 1)
+        ids2[1, 6] = 77
+        out = model.flow(frames, ids2, mask2)
+        assert (out - ref).abs().max() < 1e-5
+        ids2[1, 3] = 78  # a real token does change the output
+        assert (model.flow(frames, ids2, mask2)[1] - ref[1]).abs().max() > 1e-4
+
+    rvos = slvp.SLVP(cfg, fusion, task="rvos")
+    out = rvos(frames, ids, mask)
+    assert out["boxes"].shape == (2, 4, 4) and out["masks"].shape == (2, 4, 64, 96)
+    b = out["boxes"]
+    assert ((b >= 0) & (b <= 1)).all() and (b[..., 2] >= b[..., 0]).all() and (b[..., 3] >= b[..., 1]).all()
+    gt_boxes = torch.tensor([0.1, 0.2, 0.5, 0.6]).expand(2, 4, 4)
+    loss, parts = rvos.rvos_loss(out, gt_boxes, torch.rand(2, 4, 64, 96) > 0.5, torch.ones(2, 4, dtype=torch.bool))
+    loss.backward()
+    assert rvos.box_head.weight.grad.abs().sum() > 0 and rvos.mask_head.weight.grad.abs().sum() > 0
+    assert rvos.vision.patch_embed.weight.grad.abs().sum() > 0       # transfer trains the vision encoder
+    assert all(p.grad is None for p in rvos.text.parameters())       # and freezes the text encoder (Table 2)
+
+
+# ---------------------------------------------------------------------------------------------- losses
+
+def test_giou_hand_worked():
+    a = torch.tensor([[0.0, 0.0, 2.0, 2.0], [0.0, 0.0, 1.0, 1.0], [0.1, 0.2, 0.3, 0.5]])
+    b = torch.tensor([[1.0, 1.0, 3.0, 3.0], [2.0, 0.0, 3.0, 1.0], [0.1, 0.2, 0.3, 0.5]])
+    # overlapping: inter 1, union 7, hull 9 -> 1/7 - 2/9; disjoint: inter 0, union 2, hull 3 -> -1/3; identical: 1
+    expected = torch.tensor([1 / 7 - 2 / 9, -1 / 3, 1.0])
+    assert torch.allclose(slvp.generalized_box_iou(a, b), expected, atol=1e-6)
+
+
+def test_rvos_loss_hand_worked():
+    cfg = slvp.SLVPConfig.tiny()
+    model = slvp.SLVP(cfg, task="rvos")
+    H, W = cfg.frame_size
+    pred_boxes = torch.tensor([[[0.0, 0.0, 0.5, 0.5], [0.2, 0.2, 0.4, 0.4]]])    # B=1, T=2
+    gt_boxes = torch.tensor([[[0.0, 0.0, 0.5, 0.25], [0.9, 0.9, 1.0, 1.0]]])
+    valid = torch.tensor([[True, False]])                                      # frame 2: object absent
+    logits = torch.zeros(1, 2, H, W)                                           # m = 0.5 everywhere
+    gt = torch.zeros(1, 2, H, W)
+    gt[0, 0, :8, :8] = 1                                                       # 64 target pixels
+    loss, parts = model.rvos_loss({"boxes": pred_boxes, "masks": logits}, gt_boxes, gt.bool(), valid)
+    # L1 on frame 1 only: |0.5 - 0.25| = 0.25; GIoU: IoU = 0.125 / 0.25 = 0.5, hull = union -> loss 0.5
+    assert abs(parts["l1"].item() - 0.25) < 1e-6
+    assert abs(parts["giou"].item() - 0.5) < 1e-6
+    # Dice: 1 - (2 * 0.5 * 64 + 1) / (0.25 * 2HW + 64 + 1); BCE: log 2 at every pixel
+    dice = 1 - (64 + 1) / (0.25 * 2 * H * W + 64 + 1)
+    assert abs(parts["dice"].item() - dice) < 1e-6
+    assert abs(parts["bce"].item() - 0.6931471805599453) < 1e-6
+    assert abs(loss.item() - (5 * 0.25 + 0.5 + 5 * dice + 0.6931471805599453)) < 1e-5
+    # no frame with the object: the box terms vanish and stay finite
+    _, parts = model.rvos_loss({"boxes": pred_boxes, "masks": logits}, gt_boxes, gt.bool(), valid & False)
+    assert parts["l1"].item() == 0 and parts["giou"].item() == 0
+
+
+def test_photometric_loss_known_shift():
+    """Frame 2 is frame 1 moved 3 px right and 2 px down, so o_(2,1)(p) = (-3, -2): zero loss in the interior
+    with the true flow, clearly positive with the zero flow."""
+    g = torch.Generator().manual_seed(0)
+    V1 = torch.rand(1, 3, 30, 40, generator=g)
+    V2 = torch.zeros_like(V1)
+    V2[:, :, 2:, 3:] = V1[:, :, :-2, :-3]
+    flow = torch.zeros(1, 2, 30, 40)
+    flow[:, 0], flow[:, 1] = -3.0, -2.0
+    interior = torch.zeros(1, 1, 30, 40)
+    interior[:, :, 2:, 3:] = 1
+    import flow_warp_triton as fw
+    assert fw.photometric_loss(V1, flow, V2, interior).item() < 1e-10
+    assert fw.photometric_loss(V1, torch.zeros_like(flow), V2, interior).item() > 0.05
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+def test_checkpoint_round_trip_and_transfer(tmp_path):
+    cfg, frames, ids, mask = tiny_batch()
+    torch.manual_seed(0)
+    model = slvp.SLVP(cfg, "language").eval()
+    torch.nn.init.normal_(model.flow_head.weight, std=0.02)
+    slvp.save_checkpoint(tmp_path / "pre.safetensors", model, step=7)
+    assert not (tmp_path / "pre.safetensors.tmp").exists()
+    back = slvp.load_checkpoint(tmp_path / "pre.safetensors").eval()
+    assert back.fusion == "language" and back.cfg == cfg
+    with torch.no_grad():
+        assert torch.equal(back.flow(frames, ids, mask), model.flow(frames, ids, mask))
+
+    rvos = slvp.load_checkpoint(tmp_path / "pre.safetensors", task="rvos")
+    assert rvos.task == "rvos" and not hasattr(rvos, "flow_head")
+    shared = {k: v for k, v in model.state_dict().items() if not k.startswith("flow_head")}
+    for k, v in shared.items():
+        assert torch.equal(rvos.state_dict()[k], v), k
+    assert rvos.freeze_text and not rvos.freeze_vision   # the transfer defaults, not the pre-training ones
+
+
+def test_checkpoint_errors_name_the_tensor(tmp_path):
+    from safetensors.torch import load_file, save_file
+    cfg = slvp.SLVPConfig.tiny()
+    slvp.save_checkpoint(tmp_path / "c.safetensors", slvp.SLVP(cfg))
+    meta = slvp.read_checkpoint_metadata(tmp_path / "c.safetensors")
+    state = load_file(tmp_path / "c.safetensors")
+    state.pop("decoder.layers.1.fc1.bias")
+    state["E_tem"] = torch.zeros(5, cfg.dec_dim)
+    save_file(state, tmp_path / "bad.safetensors", metadata=meta)
+    with pytest.raises(ValueError) as e:
+        slvp.load_checkpoint(tmp_path / "bad.safetensors")
+    assert "missing: decoder.layers.1.fc1.bias" in str(e.value)
+    assert "mis-shaped: E_tem: checkpoint (5, 64) vs model (4, 64)" in str(e.value)
+    slvp.save_checkpoint(tmp_path / "r.safetensors", slvp.SLVP(cfg, task="rvos"))
+    with pytest.raises(ValueError, match="no flow head"):
+        slvp.load_checkpoint(tmp_path / "r.safetensors", task="pretrain")
