@@ -1,0 +1,695 @@
+"""
+Datasets for SLVP. One entry point:
+
+    build_dataset(name, root, split, cfg, train, **options) -> torch Dataset
+
+name: synthetic (the embedded default, no download), smit (pre-training), ytvos, davis17, refcoco, visor.
+Items are dicts: frames Float[T,3,H,W] in [0,1] at cfg.frame_size, text str, id (video, expression id, clip
+start); for R-VOS masks Bool[T,H,W], boxes Float[T,4] normalized (x1, y1, x2, y2), valid Bool[T]; synthetic
+clips also carry the true flow Float[T,2,H,W] (frame i into frame 1, zero for frame 1). Evaluation datasets
+(train=False) also give orig_size (H, W) and the T frame_names, and cover every frame of every video with clips
+of T frames, the last one padded by repeating its last frame (num_real says how many are real).
+
+All randomness (clip sampling, augmentation, synthetic scenes) is drawn from a generator seeded by
+(seed, epoch, index): items do not depend on the worker that loads them, so any number of DataLoader workers,
+a DistributedSampler, or a resumed run give the same clips. Call set_epoch(epoch) for fresh augmentations.
+"""
+import json
+import math
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading files; every failure names the file
+# ----------------------------------------------------------------------------------------------------------
+
+
+def read_rgb(path, size):
+    """A frame as Float[3, H, W] in [0, 1] resized (bilinear) to size = (H, W), and its original (H, W)."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            orig = (im.height, im.width)
+            im = im.resize((size[1], size[0]), Image.BILINEAR)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: unreadable image ({e})") from e
+    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 255, orig
+
+
+def read_index_png(path):
+    """An indexed (palette) annotation PNG as uint8 [H, W]: pixel value = object id, 0 background."""
+    if not Path(path).is_file():
+        raise ValueError(f"{path}: missing annotation")
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("P", "L"):
+                raise ValueError(f"mode {im.mode}, expected an indexed (P) or grey (L) PNG")
+            return np.asarray(im).copy()
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: unreadable annotation ({e})") from e
+
+
+def resize_mask(mask, size):
+    """Bool [h, w] (numpy) -> Bool[H, W] tensor, nearest neighbour."""
+    im = Image.fromarray(mask.astype(np.uint8) * 255).resize((size[1], size[0]), Image.NEAREST)
+    return torch.from_numpy(np.asarray(im) > 127)
+
+
+def boxes_from_masks(masks):
+    """Bool[T, H, W] -> boxes Float[T, 4] normalized (x1, y1, x2, y2) of the mask's pixels (x2, y2 exclusive),
+    zeros where empty, and valid Bool[T] = the object is visible."""
+    T, H, W = masks.shape
+    valid = masks.flatten(1).any(1)
+    boxes = torch.zeros(T, 4)
+    for t in torch.nonzero(valid).flatten().tolist():
+        ys = torch.nonzero(masks[t].any(1)).flatten()
+        xs = torch.nonzero(masks[t].any(0)).flatten()
+        boxes[t] = torch.tensor([xs[0] / W, ys[0] / H, (xs[-1] + 1) / W, (ys[-1] + 1) / H])
+    return boxes, valid
+
+
+def need(path, what):
+    """Fail fast with one line naming the missing path and what was expected there."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{path} not found: expected {what}")
+    return Path(path)
+
+
+def clean_text(text):
+    return " ".join(str(text).replace("\n", " ").split())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Transfer-learning augmentations (Sec. 4.1): the whole clip flipped, cropped and colour-jittered consistently
+# ----------------------------------------------------------------------------------------------------------
+
+_LEFT_RIGHT = re.compile(r"\b(left|right)\b", re.IGNORECASE)
+
+
+def swap_left_right(text):
+    """Whole words only: 'left' <-> 'right' keeping case; 'bright' and 'leftover' stay."""
+    def swap(m):
+        w = m.group(0)
+        new = "right" if w.lower() == "left" else "left"
+        return new.upper() if w.isupper() else new.capitalize() if w[0].isupper() else new
+    return _LEFT_RIGHT.sub(swap, text)
+
+
+def augment(item, rng, crop_scale=(0.6, 1.0), jitter=0.2):
+    """Random horizontal flip (with the words), random crop that keeps the target when it can (then resized back),
+    colour jitter (brightness, contrast, saturation). Boxes and valid flags are recomputed from the masks. The true
+    flow, if any, is dropped: it is a pre-training signal and augmented clips are for transfer learning."""
+    frames, masks, text = item["frames"], item["masks"], item["text"]
+    T, _, H, W = frames.shape
+    if rng.random() < 0.5:
+        frames, masks, text = frames.flip(-1), masks.flip(-1), swap_left_right(text)
+    s = rng.uniform(*crop_scale)
+    ch, cw = max(1, round(H * s)), max(1, round(W * s))
+    y0, x0 = _crop_origin(masks.any(0), ch, cw, rng)
+    frames = F.interpolate(frames[:, :, y0:y0 + ch, x0:x0 + cw], size=(H, W), mode="bilinear", align_corners=False)
+    masks = F.interpolate(masks[:, None, y0:y0 + ch, x0:x0 + cw].float(), size=(H, W), mode="nearest")[:, 0] > 0.5
+    b, c, sat = (rng.uniform(1 - jitter, 1 + jitter) for _ in range(3))
+    grey = frames.mean(1, keepdim=True)
+    frames = grey + sat * (frames - grey)                                   # saturation
+    frames = frames.mean((1, 2, 3), keepdim=True) + c * (frames - frames.mean((1, 2, 3), keepdim=True))  # contrast
+    frames = (b * frames).clamp(0, 1)                                       # brightness
+    boxes, valid = boxes_from_masks(masks)
+    out = {k: v for k, v in item.items() if k != "flow"}
+    out.update(frames=frames.contiguous(), masks=masks, boxes=boxes, valid=valid, text=text)
+    return out
+
+
+def _crop_origin(union, ch, cw, rng):
+    """Top-left corner of a ch x cw crop: one that contains the target's box over the whole clip if it fits."""
+    H, W = union.shape
+    ys, xs = torch.nonzero(union.any(1)).flatten(), torch.nonzero(union.any(0)).flatten()
+    if len(ys) and ys[-1] - ys[0] < ch and xs[-1] - xs[0] < cw:
+        y_lo, y_hi = max(0, int(ys[-1]) - ch + 1), min(int(ys[0]), H - ch)
+        x_lo, x_hi = max(0, int(xs[-1]) - cw + 1), min(int(xs[0]), W - cw)
+    else:
+        y_lo, y_hi, x_lo, x_hi = 0, H - ch, 0, W - cw
+    return int(rng.integers(y_lo, y_hi + 1)), int(rng.integers(x_lo, x_hi + 1))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Base class: seeded items, skip_bad, augmentation
+# ----------------------------------------------------------------------------------------------------------
+
+class ClipDataset(torch.utils.data.Dataset):
+    """Subclasses fill self.items and define load(entry, rng) -> item dict."""
+
+    rvos = True  # items carry masks/boxes/valid; augmented when train
+
+    def __init__(self, cfg, train, seed=0, skip_bad=False):
+        self.cfg, self.train, self.seed, self.skip_bad = cfg, train, seed, skip_bad
+        self.epoch, self.bad = 0, 0
+        self.items = []
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.items)
+
+    def rng(self, index):
+        return np.random.default_rng([self.seed, self.epoch, index])
+
+    def __getitem__(self, index):
+        for attempt in range(len(self)):
+            i = (index + attempt) % len(self)
+            rng = self.rng(i)  # clip sampling, then augmentation, draw from this one stream
+            try:
+                item = self.load(self.items[i], rng)
+                break
+            except ValueError as e:
+                if not self.skip_bad:
+                    raise
+                self.bad += 1
+                warnings.warn(f"skipped a bad clip ({self.bad} so far in this worker): {e}")
+        else:
+            raise RuntimeError("every clip of the dataset is bad")
+        if self.train and self.rvos:
+            item = augment(item, rng)
+        return item
+
+
+def clip_indices(n, T, train, rng, stride=1):
+    """Training: one clip of T frame indices, `stride` apart, at a random start (indices clamped to the video)."""
+    span = stride * (T - 1) + 1
+    start = int(rng.integers(0, max(n - span, 0) + 1)) if train else 0
+    return [min(start + stride * j, n - 1) for j in range(T)]
+
+
+def eval_clips(n, T):
+    """Evaluation: consecutive clips of T frames covering all n; the last padded by repeating its last frame."""
+    return [(s, [min(s + j, n - 1) for j in range(T)], min(T, n - s)) for s in range(0, n, T)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Synthetic world: textured shapes moving over a textured, optionally panning, background
+# ----------------------------------------------------------------------------------------------------------
+
+COLORS = {"red": (0.90, 0.12, 0.10), "green": (0.10, 0.72, 0.20), "blue": (0.12, 0.30, 0.95),
+          "yellow": (0.95, 0.85, 0.10), "purple": (0.60, 0.20, 0.80), "white": (0.96, 0.96, 0.96)}
+KINDS = ("circle", "square", "triangle")
+SIZES = {"small": (0.09, 0.13), "large": (0.17, 0.23)}  # half-size as a fraction of min(H, W)
+
+
+def direction(v):
+    """The word for an image-space velocity (vx, vy): the dominant axis; y grows downwards."""
+    vx, vy = v
+    if vx == 0 and vy == 0:
+        return "still"
+    if abs(vx) >= abs(vy):
+        return "left" if vx < 0 else "right"
+    return "up" if vy < 0 else "down"
+
+
+MOTION = {"left": "moves left", "right": "moves right", "up": "rises", "down": "falls", "still": "stays still"}
+MOVING = {"left": "moving left", "right": "moving right", "up": "moving up", "down": "moving down",
+          "still": "that stays still"}
+
+
+def _inside(kind, dx, dy, r):
+    if kind == "circle":
+        return dx * dx + dy * dy <= r * r
+    if kind == "square":
+        return (np.abs(dx) <= r) & (np.abs(dy) <= r)
+    return (dy >= -r) & (dy <= r) & (np.abs(dx) <= (dy + r) / 2)        # triangle, apex up
+
+
+def render_scene(scene, H, W, T):
+    """Frames Float[T,3,H,W], owner map Long[T,H,W] (0 background, k object k-1 drawn k-th), and the true flow
+    Float[T,2,H,W] from each frame into frame 1. Every position and velocity is a whole number of pixels, so the
+    flow is exact: frame_i(p) = frame_1(p + flow_i(p)) wherever the same surface is visible in both."""
+    ys, xs = np.mgrid[0:H, 0:W].astype(np.float32)
+    frames = np.zeros((T, 3, H, W), np.float32)
+    owner = np.zeros((T, H, W), np.int64)
+    flow = np.zeros((T, 2, H, W), np.float32)
+    bg, pan = scene["background"], scene["pan"]
+    for t in range(T):
+        tx, ty = xs - pan[0] * t, ys - pan[1] * t                       # background texture coordinates
+        img = np.full((3, H, W), 0.0, np.float32)
+        for (fx, fy, ph, col) in bg:
+            img += np.asarray(col, np.float32)[:, None, None] * (0.5 + 0.5 * np.sin(fx * tx + fy * ty + ph))
+        flow[t, 0], flow[t, 1] = -pan[0] * t, -pan[1] * t
+        for k, ob in enumerate(scene["objects"], start=1):
+            cx, cy = ob["pos"][0] + ob["vel"][0] * t, ob["pos"][1] + ob["vel"][1] * t
+            dx, dy = xs - cx, ys - cy
+            inside = _inside(ob["kind"], dx, dy, ob["r"])
+            fx, fy, ph = ob["texture"]
+            shade = 0.75 + 0.25 * np.sin(fx * dx + fy * dy + ph)
+            img[:, inside] = (np.asarray(COLORS[ob["color"]], np.float32)[:, None] * shade[inside])
+            owner[t][inside] = k
+            flow[t, 0][inside], flow[t, 1][inside] = -ob["vel"][0] * t, -ob["vel"][1] * t
+        frames[t] = img
+    return torch.from_numpy(frames.clip(0, 1)), torch.from_numpy(owner), torch.from_numpy(flow)
+
+
+def make_scene(rng, H, W, T):
+    """2-4 objects; the first is the referring target. Confusers make the words necessary: an object of the same
+    kind in another colour, or of the same colour and kind moving another way, or of the same colour, another
+    kind. Objects may start near an edge and leave the frame, and may pass behind one another."""
+    m = min(H, W)
+    vmax = max(1, round(0.04 * m))                                      # px per frame
+
+    def new_object(kind=None, color=None, size=None, vel=None):
+        size = size or str(rng.choice(list(SIZES)))
+        r = max(2, round(rng.uniform(*SIZES[size]) * m))
+        if rng.random() < 0.2:                                          # start near an edge, maybe leave
+            pos = (int(rng.choice([r // 2, W - 1 - r // 2])), int(rng.integers(r, max(r + 1, H - r))))
+        else:
+            pos = (int(rng.integers(r, max(r + 1, W - r))), int(rng.integers(r, max(r + 1, H - r))))
+        if vel is None:
+            vel = (int(rng.integers(-vmax, vmax + 1)), int(rng.integers(-vmax, vmax + 1)))
+        return {"kind": kind or str(rng.choice(KINDS)), "color": color or str(rng.choice(list(COLORS))),
+                "size": size, "r": r, "pos": pos, "vel": vel,
+                "texture": (float(rng.uniform(0.3, 1.2)), float(rng.uniform(0.3, 1.2)), float(rng.uniform(0, 6.3)))}
+
+    target = new_object()
+    objects = [target]
+    confuser = rng.integers(0, 4)
+    if confuser == 0:   # same kind, another colour
+        objects.append(new_object(kind=target["kind"], color=str(rng.choice([c for c in COLORS if c != target["color"]]))))
+    elif confuser == 1:  # same colour and kind, another direction
+        other = [v for v in [(-vmax, 0), (vmax, 0), (0, -vmax), (0, vmax), (0, 0)]
+                 if direction(v) != direction(target["vel"])]
+        objects.append(new_object(kind=target["kind"], color=target["color"], vel=tuple(other[rng.integers(len(other))])))
+    elif confuser == 2:  # same colour, another kind
+        objects.append(new_object(kind=str(rng.choice([k for k in KINDS if k != target["kind"]])), color=target["color"]))
+    for _ in range(rng.integers(0, 3 - (confuser < 3))):
+        objects.append(new_object())
+    order = rng.permutation(len(objects))                               # drawing order: later covers earlier
+    n_bg = 3
+    background = [(float(rng.uniform(0.05, 0.5)), float(rng.uniform(0.05, 0.5)), float(rng.uniform(0, 6.3)),
+                   tuple(float(c) for c in rng.uniform(0.05, 0.3, 3))) for _ in range(n_bg)]
+    pan = (int(rng.integers(-1, 2)), int(rng.integers(-1, 2))) if rng.random() < 0.3 else (0, 0)
+    drawn = [objects[i] for i in order]
+    return {"objects": drawn, "target": int(np.nonzero(order == 0)[0][0]), "background": background, "pan": pan}
+
+
+def caption(scene):
+    """'a small red circle moves left while a large blue square falls, as the camera pans right'."""
+    parts = [f"a {o['size']} {o['color']} {o['kind']} {MOTION[direction(o['vel'])]}" for o in scene["objects"]]
+    text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " while " + parts[-1]
+    if scene["pan"] != (0, 0):
+        # the background moves by `pan` in the image: the camera turns the other way
+        text += f", as the camera pans {direction((-scene['pan'][0], -scene['pan'][1]))}"
+    return text
+
+
+def referring_expression(scene, rng):
+    """One expression that picks out the target and no other object, chosen at random among the unique ones
+    with the fewest words."""
+    objs, t = scene["objects"], scene["target"]
+    o = objs[t]
+    d = direction(o["vel"])
+    cands = [
+        ("the {kind}", lambda x: x["kind"] == o["kind"]),
+        ("the {color} {kind}", lambda x: (x["color"], x["kind"]) == (o["color"], o["kind"])),
+        ("the {color} shape", lambda x: x["color"] == o["color"]),
+        ("the {kind} " + MOVING[d], lambda x: x["kind"] == o["kind"] and direction(x["vel"]) == d),
+        ("the shape " + MOVING[d], lambda x: direction(x["vel"]) == d),
+        ("the {size} {kind}", lambda x: (x["size"], x["kind"]) == (o["size"], o["kind"])),
+        ("the {color} {kind} " + MOVING[d], lambda x: (x["color"], x["kind"]) == (o["color"], o["kind"])
+         and direction(x["vel"]) == d),
+        ("the {size} {color} {kind} " + MOVING[d], lambda x: (x["size"], x["color"], x["kind"]) ==
+         (o["size"], o["color"], o["kind"]) and direction(x["vel"]) == d),
+    ]
+    same_colour = [x for x in objs if x["color"] == o["color"]]
+    if len(same_colour) == 2 and same_colour[0]["r"] != same_colour[1]["r"]:
+        bigger = o["r"] == max(x["r"] for x in same_colour)
+        word = "larger" if bigger else "smaller"
+        cands.append((f"the {word} {{color}} shape", lambda x: x is o))
+    unique = [fmt for fmt, match in cands if sum(match(x) for x in objs) == 1]
+    if not unique:
+        return None
+    fewest = min(len(f.split()) for f in unique)
+    fmt = str(rng.choice([f for f in unique if len(f.split()) == fewest]))
+    return fmt.format(kind=o["kind"], color=o["color"], size=o["size"])
+
+
+class SyntheticClips(ClipDataset):
+    """Procedural clips, deterministic from (seed, split, index). split: pretrain (captions; the default run),
+    pretrain_val (held-out clips for the flow EPE), train (a small labelled R-VOS set), val (held-out R-VOS).
+    Every item carries the caption-or-expression text, masks/boxes/valid of the target, and the true flow."""
+
+    SPLITS = {"pretrain": (1, 100_000), "pretrain_val": (2, 64), "train": (3, 256), "val": (4, 64)}
+
+    def __init__(self, cfg, split, train, seed=0, size=None):
+        if split not in self.SPLITS:
+            raise ValueError(f"synthetic split must be one of {sorted(self.SPLITS)}, got {split!r}")
+        super().__init__(cfg, train, seed)
+        self.split = split
+        self.code, n = self.SPLITS[split]
+        self.items = range(size or n)
+        self.rvos = split in ("train", "val")
+
+    def rng(self, index):  # the scene depends on (seed, split, index) only; augmentation also on the epoch
+        return np.random.default_rng([self.seed, self.code, index, self.epoch])
+
+    def load(self, index, rng):
+        H, W = self.cfg.frame_size
+        T = self.cfg.num_frames
+        srng = np.random.default_rng([self.seed, self.code, index])
+        while True:
+            scene = make_scene(srng, H, W, T)
+            text = caption(scene) if self.split.startswith("pretrain") else referring_expression(scene, srng)
+            if text:
+                break
+        frames, owner, flow = render_scene(scene, H, W, T)
+        masks = owner == scene["target"] + 1
+        boxes, valid = boxes_from_masks(masks)
+        item = {"frames": frames, "text": text, "id": (f"synthetic-{self.split}-{index:06d}", "0", 0),
+                "masks": masks, "boxes": boxes, "valid": valid, "flow": flow, "owner": owner}
+        if not self.train:
+            item.update(orig_size=(H, W), frame_names=[f"{t:05d}" for t in range(T)], num_real=T)
+        return item
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Real formats
+# ----------------------------------------------------------------------------------------------------------
+
+class SMiT(ClipDataset):
+    """Spoken Moments in Time: videos/<name>.mp4 (read with PyAV when installed) or frames/<name>/*.jpg; the
+    caption is the first line of transcriptions/<name>.txt; <split>.txt lists one name a line. Clips: sliding
+    windows over the video, each of T frames `stride` (6, Sec. 4.1) apart; consecutive windows share an end frame.
+    Not augmented (Sec. 4.1)."""
+
+    rvos = False
+
+    def __init__(self, root, split, cfg, train, seed=0, skip_bad=False, stride=6):
+        super().__init__(cfg, train, seed, skip_bad)
+        root = need(root, "the S-MiT root with videos/ or frames/, transcriptions/ and <split>.txt")
+        names = [n.strip() for n in need(root / f"{split}.txt", "one video name a line").read_text().splitlines() if n.strip()]
+        self.stride, self.empty = stride, 0
+        T = cfg.num_frames
+        for name in names:
+            cap_file = root / "transcriptions" / f"{name}.txt"
+            lines = cap_file.read_text(errors="replace").splitlines() if cap_file.is_file() else []
+            text = clean_text(lines[0]) if lines else ""
+            if not text:
+                self.empty += 1
+                continue
+            source = sorted((root / "frames" / name).glob("*.jpg")) or root / "videos" / f"{name}.mp4"
+            if isinstance(source, Path) and not source.is_file():
+                if skip_bad:
+                    self.bad += 1
+                    continue
+                raise FileNotFoundError(f"{source} not found (nor {root / 'frames' / name}/*.jpg)")
+            n = len(source) if isinstance(source, list) else _count_video_frames(source)
+            step = stride * (T - 1)
+            for s in range(0, max(n - step, 1), step):  # windows of T frames `stride` apart, sharing end frames
+                self.items.append((name, source, [min(s + stride * j, n - 1) for j in range(T)], text))
+        if self.empty or self.bad:
+            warnings.warn(f"S-MiT {split}: skipped {self.empty} videos with an empty or missing caption"
+                          f" and {self.bad} with no video")
+
+    def load(self, entry, rng):
+        name, source, idx, text = entry
+        size = self.cfg.frame_size
+        if isinstance(source, list):
+            frames = torch.stack([read_rgb(source[i], size)[0] for i in idx])
+        else:
+            frames = read_video_frames(source, idx, size)
+        return {"frames": frames, "text": text, "id": (name, "0", idx[0])}
+
+
+def _count_video_frames(path):
+    av = _pyav(path)
+    with av.open(str(path)) as c:
+        n = c.streams.video[0].frames
+        return n if n > 0 else sum(1 for _ in c.decode(video=0))
+
+
+def _pyav(path):
+    try:
+        import av
+    except ImportError:
+        raise ValueError(f"{path}: reading .mp4 needs PyAV (pip install av), or extract JPEG frames with "
+                         f"ffmpeg -i {path} -q:v 2 frames/<name>/%05d.jpg") from None
+    return av
+
+
+def read_video_frames(path, indices, size):
+    av = _pyav(path)
+    want, got = set(indices), {}
+    try:
+        with av.open(str(path)) as c:
+            for i, fr in enumerate(c.decode(video=0)):
+                if i in want:
+                    im = fr.to_image().convert("RGB").resize((size[1], size[0]), Image.BILINEAR)
+                    got[i] = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 255
+                if i >= max(want):
+                    break
+    except Exception as e:  # PyAV raises its own error types
+        raise ValueError(f"{path}: unreadable video ({e})") from e
+    last = max(got) if got else None
+    if last is None:
+        raise ValueError(f"{path}: no frames decoded")
+    return torch.stack([got.get(i, got[last]) for i in indices])
+
+
+class VideoExpressions(ClipDataset):
+    """Shared by Ref-YouTube-VOS, Ref-DAVIS17 and VISOR: videos of JPEG frames with indexed-PNG annotations and
+    one expression per (video, expression id) naming an object id. self.videos[vid] = (frame paths, annotation
+    paths or None); self.exprs = [(vid, exp_id, text, obj_id)]."""
+
+    def __init__(self, cfg, train, seed=0, skip_bad=False):
+        super().__init__(cfg, train, seed, skip_bad)
+        self.videos, self.exprs, self.empty = {}, [], 0
+
+    def add_expression(self, vid, exp_id, text, obj_id):
+        text = clean_text(text)
+        if not text:
+            self.empty += 1
+            return
+        self.exprs.append((vid, str(exp_id), text, int(obj_id)))
+
+    def finish(self, what):
+        if self.empty:
+            warnings.warn(f"{what}: skipped {self.empty} empty expressions")
+        T = self.cfg.num_frames
+        for e in self.exprs:
+            n = len(self.videos[e[0]][0])
+            if self.train:
+                self.items.append((e, None, T))
+            else:
+                self.items += [(e, idx, real) for _, idx, real in eval_clips(n, T)]
+
+    def load(self, entry, rng):
+        (vid, exp_id, text, obj_id), idx, real = entry
+        frames_p, annos_p = self.videos[vid]
+        if idx is None:
+            idx = clip_indices(len(frames_p), self.cfg.num_frames, True, rng)
+        size = self.cfg.frame_size
+        loaded = [read_rgb(frames_p[i], size) for i in idx]
+        item = {"frames": torch.stack([f for f, _ in loaded]), "text": text, "id": (vid, exp_id, idx[0])}
+        if annos_p is not None:
+            masks = torch.stack([resize_mask(read_index_png(annos_p[i]) == obj_id, size) for i in idx])
+            item["masks"] = masks
+            item["boxes"], item["valid"] = boxes_from_masks(masks)
+        if not self.train:
+            item.update(orig_size=loaded[0][1], frame_names=[Path(frames_p[i]).stem for i in idx], num_real=real)
+        return item
+
+
+def _video_frames(jpeg_dir, anno_dir, vid, names=None):
+    jdir = jpeg_dir / vid
+    frames = [jdir / f"{n}.jpg" for n in names] if names else sorted(jdir.glob("*.jpg"))
+    if not frames:
+        raise FileNotFoundError(f"{jdir}: no JPEG frames")
+    annos = [anno_dir / vid / f"{f.stem}.png" for f in frames] if anno_dir is not None else None
+    return frames, annos
+
+
+class RefYouTubeVOS(VideoExpressions):
+    """train/JPEGImages/<vid>/<frame>.jpg, train/Annotations/<vid>/<frame>.png, and
+    meta_expressions/{train,valid}/meta_expressions.json ({"videos": {vid: {"expressions": {exp_id: {"exp",
+    "obj_id"}}, "frames": [...]}}}). The valid split (no annotations) keeps only the 202 videos that are not in
+    meta_expressions/test."""
+
+    def __init__(self, root, split, cfg, train, seed=0, skip_bad=False):
+        super().__init__(cfg, train, seed, skip_bad)
+        root = need(root, "the Ref-YouTube-VOS root (train/, valid/, meta_expressions/)")
+        if split not in ("train", "valid"):
+            raise ValueError(f"ytvos split must be train or valid, got {split!r}")
+        meta = json.loads(need(root / "meta_expressions" / split / "meta_expressions.json",
+                               "the Ref-YouTube-VOS expression file").read_text())["videos"]
+        skip = set()
+        if split == "valid" and (root / "meta_expressions" / "test" / "meta_expressions.json").is_file():
+            skip = set(json.loads((root / "meta_expressions" / "test" / "meta_expressions.json").read_text())["videos"])
+        jpeg = need(root / split / "JPEGImages", "one folder of JPEG frames per video")
+        anno = need(root / split / "Annotations", "one folder of indexed PNGs per video") if split == "train" else None
+        for vid, v in sorted(meta.items()):
+            if vid in skip:
+                continue
+            self.videos[vid] = _video_frames(jpeg, anno, vid, v.get("frames"))
+            for exp_id, e in v["expressions"].items():
+                self.add_expression(vid, exp_id, e["exp"], e.get("obj_id", 0))
+        self.finish(f"Ref-YouTube-VOS {split}")
+
+
+class RefDAVIS17(VideoExpressions):
+    """The Ref-YouTube-VOS layout made by the common conversion of DAVIS-2017 + the Ref-DAVIS text annotations:
+    {train,valid}/JPEGImages, {train,valid}/Annotations, meta_expressions/{train,valid}/meta_expressions.json.
+    Expression id 4k + a for the video's k-th object: a = 0 first-frame annotator 1, 1 full-video annotator 1,
+    2 first-frame annotator 2, 3 full-video annotator 2. `annotation` (0-3) keeps one of the four runs."""
+
+    RUNS = ("annotator 1, first frame", "annotator 1, full video", "annotator 2, first frame", "annotator 2, full video")
+
+    def __init__(self, root, split, cfg, train, seed=0, skip_bad=False, annotation=None):
+        super().__init__(cfg, train, seed, skip_bad)
+        root = need(root, "the converted Ref-DAVIS17 root (train/, valid/, meta_expressions/)")
+        if split not in ("train", "valid"):
+            raise ValueError(f"davis17 split must be train or valid, got {split!r}")
+        meta = json.loads(need(root / "meta_expressions" / split / "meta_expressions.json",
+                               "the converted Ref-DAVIS17 expression file").read_text())["videos"]
+        jpeg = need(root / split / "JPEGImages", "one folder of JPEG frames per video")
+        anno = need(root / split / "Annotations", "one folder of indexed PNGs per video")
+        for vid, v in sorted(meta.items()):
+            self.videos[vid] = _video_frames(jpeg, anno, vid, v.get("frames"))
+            for exp_id, e in v["expressions"].items():
+                if annotation is None or int(exp_id) % 4 == annotation:
+                    self.add_expression(vid, exp_id, e["exp"], e["obj_id"])
+        self.finish(f"Ref-DAVIS17 {split}")
+
+
+class VISOR(VideoExpressions):
+    """The official VISOR-to-DAVIS conversion: JPEGImages/480p/<seq>/*.jpg, Annotations/480p/<seq>/*.png,
+    ImageSets/2022/{train,val}.txt, {train,val}_data_mapping.json ({seq: {object index: name}}). Each object's
+    name, with ':' read as a space ("board:chopping" -> "board chopping"), is its referring expression."""
+
+    def __init__(self, root, split, cfg, train, seed=0, skip_bad=False):
+        super().__init__(cfg, train, seed, skip_bad)
+        root = need(root, "the VISOR root converted to the DAVIS layout")
+        seqs = [s.strip() for s in need(root / "ImageSets" / "2022" / f"{split}.txt", "one sequence a line")
+                .read_text().splitlines() if s.strip()]
+        mapping = json.loads(need(root / f"{split}_data_mapping.json", "{seq: {object index: name}}").read_text())
+        jpeg = need(root / "JPEGImages" / "480p", "one folder of JPEG frames per sequence")
+        anno = need(root / "Annotations" / "480p", "one folder of indexed PNGs per sequence")
+        for seq in seqs:
+            if seq not in mapping:
+                raise ValueError(f"{root / f'{split}_data_mapping.json'}: no entry for sequence {seq}")
+            self.videos[seq] = _video_frames(jpeg, anno, seq)
+            for obj_id, name in sorted(mapping[seq].items(), key=lambda kv: int(kv[0])):
+                self.add_expression(seq, obj_id, name.replace(":", " "), obj_id)
+        self.finish(f"VISOR {split}")
+
+
+class RefCOCO(ClipDataset):
+    """RefCOCO / RefCOCO+ / RefCOCOg converted to <root>/<dataset>/instances_<dataset>_train.json (one image entry
+    per sentence, with `caption`; annotations with polygon `segmentation` and `bbox`), images in <root>/train2014.
+    split: one of refcoco, refcoco+, refcocog, or train for all that are present. Each sentence becomes a
+    pseudo-clip of T frames, each an independent random affine transform of the image (Sec. 4.2)."""
+
+    VARIANTS = ("refcoco", "refcoco+", "refcocog")
+
+    def __init__(self, root, split, cfg, train, seed=0, skip_bad=False):
+        super().__init__(cfg, train, seed, skip_bad)
+        root = need(root, "the COCO root with train2014/ and refcoco*/instances_refcoco*_train.json")
+        variants = self.VARIANTS if split == "train" else (split,)
+        if split != "train" and split not in self.VARIANTS:
+            raise ValueError(f"refcoco split must be train or one of {self.VARIANTS}, got {split!r}")
+        files = [root / v / f"instances_{v}_train.json" for v in variants]
+        if not any(f.is_file() for f in files):
+            need(files[0], "the converted RefCOCO annotation file")
+        self.images = need(root / "train2014", "the COCO train2014 images")
+        self.empty = 0
+        for f in files:
+            if not f.is_file():
+                continue
+            d = json.loads(f.read_text())
+            by_image = {}
+            for a in d["annotations"]:
+                by_image.setdefault(a["image_id"], []).append(a)
+            for im in d["images"]:
+                text = clean_text(im.get("caption", ""))
+                if not text:
+                    self.empty += 1
+                    continue
+                self.items.append((f.parent.name, im, by_image.get(im["id"], []), text))
+        if self.empty:
+            warnings.warn(f"RefCOCO: skipped {self.empty} empty expressions")
+
+    def load(self, entry, rng):
+        variant, im, annos, text = entry
+        path = self.images / im["file_name"]
+        try:
+            with Image.open(path) as pil:
+                pil = pil.convert("RGB")
+        except OSError as e:
+            raise ValueError(f"{path}: unreadable image ({e})") from e
+        mask = Image.new("L", pil.size, 0)
+        draw = ImageDraw.Draw(mask)
+        for a in annos:
+            for poly in a["segmentation"]:
+                draw.polygon([tuple(p) for p in np.asarray(poly).reshape(-1, 2)], fill=255)
+        T, (H, W) = self.cfg.num_frames, self.cfg.frame_size
+        frames, masks = [], []
+        for _ in range(T):
+            angle, scale = rng.uniform(-15, 15), rng.uniform(0.85, 1.15)
+            shift = (rng.uniform(-0.1, 0.1) * pil.width, rng.uniform(-0.1, 0.1) * pil.height)
+            frames.append(_affine(pil, angle, scale, shift, Image.BILINEAR).resize((W, H), Image.BILINEAR))
+            masks.append(_affine(mask, angle, scale, shift, Image.NEAREST).resize((W, H), Image.NEAREST))
+        frames = torch.stack([torch.from_numpy(np.asarray(f).copy()).permute(2, 0, 1) for f in frames]).float() / 255
+        masks = torch.stack([torch.from_numpy(np.asarray(m) > 127) for m in masks])
+        boxes, valid = boxes_from_masks(masks)
+        item = {"frames": frames, "text": text, "id": (f"{variant}/{im['file_name']}", str(im["id"]), 0),
+                "masks": masks, "boxes": boxes, "valid": valid}
+        if not self.train:
+            item.update(orig_size=(pil.height, pil.width), frame_names=[f"{t:05d}" for t in range(T)], num_real=T)
+        return item
+
+
+def _affine(img, angle, scale, shift, resample):
+    """Rotate by `angle` degrees and scale about the centre, then shift (pixels)."""
+    cx, cy = img.width / 2, img.height / 2
+    a = math.radians(angle)
+    cos, sin = math.cos(a) / scale, math.sin(a) / scale
+    # PIL maps each output pixel (x, y) to the input pixel (a x + b y + c, d x + e y + f)
+    x0, y0 = cx + shift[0], cy + shift[1]
+    coeffs = (cos, sin, cx - cos * x0 - sin * y0, -sin, cos, cy + sin * x0 - cos * y0)
+    return img.transform(img.size, Image.AFFINE, coeffs, resample=resample)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Entry point and collate
+# ----------------------------------------------------------------------------------------------------------
+
+DATASETS = {"synthetic": None, "smit": SMiT, "ytvos": RefYouTubeVOS, "davis17": RefDAVIS17,
+            "refcoco": RefCOCO, "visor": VISOR}
+
+
+def build_dataset(name, root, split, cfg, train, **options):
+    """options: seed, skip_bad (bad files skipped and counted in a warning instead of raising), and per dataset:
+    size (synthetic), stride (smit), annotation (davis17, 0-3)."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+    if name == "synthetic":
+        return SyntheticClips(cfg, split, train, **options)
+    if root is None:
+        raise ValueError(f"dataset {name!r} needs a root folder (--data-root)")
+    return DATASETS[name](Path(root), split, cfg, train, **options)
+
+
+class Collate:
+    """Stacks tensors, tokenizes the texts with a slvp.Tokenizer (ids, mask), keeps the rest as lists."""
+
+    def __init__(self, tokenizer, max_len):
+        self.tokenizer, self.max_len = tokenizer, max_len
+
+    def __call__(self, items):
+        batch = {}
+        for k in items[0]:
+            vals = [it[k] for it in items]
+            batch[k] = torch.stack(vals) if isinstance(vals[0], torch.Tensor) else vals
+        batch["ids"], batch["mask"] = self.tokenizer(batch["text"], max_len=self.max_len)
+        return batch

@@ -1,0 +1,356 @@
+"""data.py: every loader reads a tiny tree written here in its real on-disk format, and returns what was written."""
+import dataclasses
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import flow_warp_triton as fw
+import slvp
+
+H, W = 48, 64  # frames are written at the model's frame size, so nothing is resampled
+CFG = dataclasses.replace(slvp.SLVPConfig.tiny(), frame_size=(H, W))
+PALETTE = [0, 0, 0, 255, 0, 0, 0, 255, 0] + [0] * (256 * 3 - 9)
+
+
+def write_jpeg(path, value):
+    """A flat frame of grey level `value`: JPEG keeps it within a level or two."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((H, W, 3), value, np.uint8)).save(path, quality=95)
+
+
+def write_palette_png(path, boxes):
+    """An indexed PNG: object id k fills boxes[k] = (x1, y1, x2, y2) in pixels (exclusive ends), or is absent."""
+    a = np.zeros((H, W), np.uint8)
+    for k, b in boxes.items():
+        if b is not None:
+            a[b[1]:b[3], b[0]:b[2]] = k
+    im = Image.fromarray(a, mode="P")
+    im.putpalette(PALETTE)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im.save(path)
+
+
+def obj_box(k, t):
+    """Where object k is in frame t of every test video: object 2 is absent from frame 3."""
+    if k == 2 and t == 3:
+        return None
+    return (4 + 2 * t, 14 * k - 10, 20 + 2 * t, 14 * k)
+
+
+def write_video(jpeg_dir, anno_dir, vid, n, base=20):
+    for t in range(n):
+        write_jpeg(jpeg_dir / vid / f"{t:05d}.jpg", base + 20 * t)
+        if anno_dir is not None:
+            write_palette_png(anno_dir / vid / f"{t:05d}.png", {1: obj_box(1, t), 2: obj_box(2, t)})
+
+
+def check_clip(item, vid, exp_id, text, obj, idx, base=20):
+    assert item["text"] == text and item["id"] == (vid, exp_id, idx[0])
+    assert item["frames"].shape == (CFG.num_frames, 3, H, W)
+    levels = (item["frames"].mean((1, 2, 3)) * 255).tolist()
+    assert np.allclose(levels, [base + 20 * t for t in idx], atol=2), levels
+    for j, t in enumerate(idx):
+        b = obj_box(obj, t)
+        assert bool(item["valid"][j]) == (b is not None)
+        expected = torch.zeros(H, W, dtype=torch.bool)
+        if b is not None:
+            expected[b[1]:b[3], b[0]:b[2]] = True
+            assert torch.allclose(item["boxes"][j], torch.tensor([b[0] / W, b[1] / H, b[2] / W, b[3] / H]))
+        assert torch.equal(item["masks"][j], expected)
+
+
+# ---------------------------------------------------------------------------------------------- synthetic
+
+def test_synthetic_true_flow_warps_frame_1_onto_frame_i():
+    """Warping frame 1 by the true flow reproduces frame i except where content appears or is covered (the
+    surface seen at p in frame i is not the one seen at p + flow in frame 1, or p + flow leaves the frame)."""
+    ds = data.build_dataset("synthetic", None, "pretrain", CFG, train=True)
+    for index in range(6):
+        it = ds[index]
+        frames, flow, owner = it["frames"], it["flow"], it["owner"]
+        assert torch.equal(flow[0], torch.zeros(2, H, W))
+        ys, xs = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+        for t in range(1, CFG.num_frames):
+            warped = fw.flow_warp_reference(frames[:1], flow[t:t + 1])[0]
+            sx, sy = xs + flow[t, 0].long(), ys + flow[t, 1].long()   # whole-pixel flows
+            inside = (sx >= 0) & (sx < W) & (sy >= 0) & (sy < H)
+            same = inside & (owner[0][sy.clamp(0, H - 1), sx.clamp(0, W - 1)] == owner[t])
+            assert same.float().mean() > 0.7
+            assert (warped - frames[t]).abs().amax(0)[same].max() < 1e-5
+            # a wrong flow does not: zero flow fails wherever something moved
+            moved = same & (flow[t].abs().sum(0) > 0)
+            if moved.any():
+                assert (frames[0] - frames[t]).abs().amax(0)[moved].max() > 0.05
+
+
+def test_synthetic_is_deterministic_fast_and_splits_are_disjoint():
+    train = data.build_dataset("synthetic", None, "train", CFG, train=False)
+    val = data.build_dataset("synthetic", None, "val", CFG, train=False)
+    a, b = train[5], train[5]
+    assert torch.equal(a["frames"], b["frames"]) and a["text"] == b["text"]
+    t0 = time.perf_counter()
+    items = [val[i] for i in range(16)]
+    assert time.perf_counter() - t0 < 2.0            # about 2 ms a clip here
+    train_frames = [train[i]["frames"] for i in range(16)]
+    assert not any(torch.equal(x, y["frames"]) for x in train_frames for y in items)
+    texts = {it["text"] for it in items}
+    assert len(texts) > 3 and all(t.startswith("the ") for t in texts)
+
+
+def scene(*objects, pan=(0, 0)):
+    objs = [dict(kind=k, color=c, size=s, r=r, pos=p, vel=v, texture=(0.5, 0.5, 0.0))
+            for (k, c, s, r, p, v) in objects]
+    return {"objects": objs, "target": 0, "background": [(0.1, 0.2, 0.0, (0.1, 0.1, 0.1))], "pan": pan}
+
+
+def test_synthetic_words_are_needed():
+    rng = np.random.default_rng(0)
+    # same kind, another colour: the colour is needed
+    s = scene(("circle", "red", "small", 5, (20, 20), (1, 0)), ("circle", "blue", "small", 5, (40, 20), (1, 0)))
+    assert data.referring_expression(s, rng) == "the red circle" or "red" in data.referring_expression(s, rng)
+    # same colour and kind, another direction: the motion is needed
+    s = scene(("square", "green", "small", 5, (20, 20), (0, -2)), ("square", "green", "small", 5, (40, 20), (2, 0)))
+    assert data.referring_expression(s, rng) in ("the square moving up", "the shape moving up")
+    # same colour, different sizes: a comparative
+    s = scene(("circle", "blue", "large", 9, (20, 20), (1, 0)), ("square", "blue", "small", 4, (40, 20), (1, 0)))
+    assert data.referring_expression(s, np.random.default_rng(1)) in ("the circle", "the larger blue shape")
+    assert data.caption(s) == "a large blue circle moves right while a small blue square moves right"
+    assert data.caption(scene(("triangle", "red", "small", 4, (20, 20), (0, 2)), pan=(-1, 0))) == \
+        "a small red triangle falls, as the camera pans right"
+
+
+def test_synthetic_object_leaving_the_frame_is_not_valid():
+    s = scene(("square", "red", "small", 4, (W - 3, 20), (6, 0)), ("circle", "blue", "large", 8, (20, 20), (0, 0)))
+    frames, owner, _ = data.render_scene(s, H, W, 4)
+    boxes, valid = data.boxes_from_masks(owner == 1)
+    assert valid.tolist() == [True, True, False, False]
+    assert torch.allclose(boxes[0], torch.tensor([(W - 7) / W, 16 / H, 1.0, 25 / H]))
+
+
+# ---------------------------------------------------------------------------------------------- real formats
+
+@pytest.fixture
+def ytvos_root(tmp_path):
+    root = tmp_path / "ytvos"
+    write_video(root / "train/JPEGImages", root / "train/Annotations", "vid_a", 6)
+    write_video(root / "train/JPEGImages", root / "train/Annotations", "vid_b", 3)
+    meta = {"videos": {
+        "vid_a": {"expressions": {"0": {"exp": "a person  on the left", "obj_id": "1"},
+                                  "1": {"exp": "the dog", "obj_id": "2"}, "2": {"exp": "   ", "obj_id": "2"}},
+                  "frames": [f"{t:05d}" for t in range(6)]},
+        "vid_b": {"expressions": {"0": {"exp": "a dog", "obj_id": "2"}}, "frames": [f"{t:05d}" for t in range(3)]}}}
+    (root / "meta_expressions/train").mkdir(parents=True)
+    (root / "meta_expressions/train/meta_expressions.json").write_text(json.dumps(meta))
+    # valid: two videos, one of which is a test video
+    for vid in ("val_1", "test_1"):
+        write_video(root / "valid/JPEGImages", None, vid, 5)
+    valid = {"videos": {v: {"expressions": {"0": {"exp": f"thing in {v}"}}, "frames": [f"{t:05d}" for t in range(5)]}
+                        for v in ("val_1", "test_1")}}
+    for split, content in (("valid", valid), ("test", {"videos": {"test_1": valid["videos"]["test_1"]}})):
+        (root / f"meta_expressions/{split}").mkdir(parents=True)
+        (root / f"meta_expressions/{split}/meta_expressions.json").write_text(json.dumps(content))
+    return root
+
+
+def test_ytvos_train_and_eval_clips(ytvos_root):
+    with pytest.warns(UserWarning, match="skipped 1 empty"):
+        ds = data.build_dataset("ytvos", ytvos_root, "train", CFG, train=False)
+    assert len(ds) == 2 + 2 + 1   # vid_a: 2 expressions x 2 clips (6 frames, T=4); vid_b: 1 x 1
+    check_clip(ds[0], "vid_a", "0", "a person on the left", 1, [0, 1, 2, 3])
+    last = ds[1]
+    check_clip(last, "vid_a", "0", "a person on the left", 1, [4, 5, 5, 5])
+    assert last["num_real"] == 2 and last["frame_names"] == ["00004", "00005", "00005", "00005"]
+    assert last["orig_size"] == (H, W)
+    check_clip(ds[2], "vid_a", "1", "the dog", 2, [0, 1, 2, 3])   # the dog is absent from frame 3
+    check_clip(ds[4], "vid_b", "0", "a dog", 2, [0, 1, 2, 2])
+    # training: one random clip of T consecutive frames per expression, reproducible from (seed, epoch, index)
+    with pytest.warns(UserWarning):
+        tr = data.build_dataset("ytvos", ytvos_root, "train", CFG, train=True)
+    assert len(tr) == 3 and tr[0]["frames"].shape == (4, 3, H, W) and torch.equal(tr[0]["frames"], tr[0]["frames"])
+
+
+def test_ytvos_valid_drops_test_videos(ytvos_root):
+    ds = data.build_dataset("ytvos", ytvos_root, "valid", CFG, train=False)
+    assert [it["id"][0] for it in (ds[i] for i in range(len(ds)))] == ["val_1", "val_1"]
+    assert "masks" not in ds[0] and ds[0]["text"] == "thing in val_1"
+
+
+def test_davis17_expression_ids_and_annotators(tmp_path):
+    root = tmp_path / "davis"
+    write_video(root / "valid/JPEGImages", root / "valid/Annotations", "bike", 4)
+    exps = {str(4 * k + a): {"exp": f"object {k + 1} run {a}", "obj_id": str(k + 1)} for k in range(2) for a in range(4)}
+    (root / "meta_expressions/valid").mkdir(parents=True)
+    (root / "meta_expressions/valid/meta_expressions.json").write_text(json.dumps({"videos": {"bike": {"expressions": exps}}}))
+    everything = data.build_dataset("davis17", root, "valid", CFG, train=False)
+    assert len(everything) == 8
+    for a in range(4):
+        ds = data.build_dataset("davis17", root, "valid", CFG, train=False, annotation=a)
+        assert [ds[i]["id"][1] for i in range(len(ds))] == [str(a), str(4 + a)]
+        check_clip(ds[1], "bike", str(4 + a), f"object 2 run {a}", 2, [0, 1, 2, 3])
+
+
+def test_visor_names_become_expressions(tmp_path):
+    root = tmp_path / "VISOR_2022"
+    write_video(root / "JPEGImages/480p", root / "Annotations/480p", "P01_107_seq_00001", 4)
+    (root / "ImageSets/2022").mkdir(parents=True)
+    (root / "ImageSets/2022/val.txt").write_text("P01_107_seq_00001\n")
+    (root / "val_data_mapping.json").write_text(json.dumps({"P01_107_seq_00001": {"1": "hand:left", "2": "board:chopping"}}))
+    ds = data.build_dataset("visor", root, "val", CFG, train=False)
+    assert len(ds) == 2
+    check_clip(ds[0], "P01_107_seq_00001", "1", "hand left", 1, [0, 1, 2, 3])
+    check_clip(ds[1], "P01_107_seq_00001", "2", "board chopping", 2, [0, 1, 2, 3])
+
+
+def test_refcoco_pseudo_clips(tmp_path):
+    root = tmp_path / "coco"
+    (root / "train2014").mkdir(parents=True)
+    img = np.zeros((100, 120, 3), np.uint8)
+    img[30:70, 40:90] = 200
+    Image.fromarray(img).save(root / "train2014/COCO_train2014_000000000001.jpg", quality=95)
+    d = {"images": [{"id": 1, "file_name": "COCO_train2014_000000000001.jpg", "height": 100, "width": 120,
+                     "caption": "the bright box"},
+                    {"id": 2, "file_name": "COCO_train2014_000000000001.jpg", "height": 100, "width": 120, "caption": ""}],
+         "annotations": [{"id": 1, "image_id": 1, "bbox": [40, 30, 50, 40],
+                          "segmentation": [[40, 30, 90, 30, 90, 70, 40, 70]]}]}
+    (root / "refcoco+").mkdir()
+    (root / "refcoco+/instances_refcoco+_train.json").write_text(json.dumps(d))
+    with pytest.warns(UserWarning, match="skipped 1 empty"):
+        ds = data.build_dataset("refcoco", root, "train", CFG, train=False)
+    assert len(ds) == 1
+    it = ds[0]
+    assert it["text"] == "the bright box" and it["id"] == ("refcoco+/COCO_train2014_000000000001.jpg", "1", 0)
+    assert it["valid"].all() and it["frames"].shape == (4, 3, H, W)
+    area = it["masks"].float().mean((1, 2))              # the polygon covers 50 x 40 of 120 x 100 = 1/6
+    assert ((area > 0.1) & (area < 0.25)).all()
+    assert not torch.equal(it["masks"][0], it["masks"][1])  # independent affine transforms
+    # the mask sits on the bright pixels of its own frame
+    inside = it["frames"].mean(1)[it["masks"]]
+    assert inside.mean() > 0.6
+
+
+@pytest.mark.parametrize("as_mp4", [False, True])
+def test_smit_clips_stride_6(tmp_path, as_mp4):
+    root = tmp_path / "smit"
+    n = 40
+    if as_mp4:
+        av = pytest.importorskip("av")
+        (root / "videos").mkdir(parents=True)
+        with av.open(str(root / "videos/clip_a.mp4"), "w") as c:
+            s = c.add_stream("mpeg4", rate=10)
+            s.width, s.height, s.pix_fmt = W, H, "yuv420p"
+            s.options = {"qscale": "1"}
+            for t in range(n):
+                fr = av.VideoFrame.from_ndarray(np.full((H, W, 3), 5 + 6 * t, np.uint8), format="rgb24")
+                for p in s.encode(fr):
+                    c.mux(p)
+            for p in s.encode():
+                c.mux(p)
+    else:
+        for t in range(n):
+            write_jpeg(root / f"frames/clip_a/{t:05d}.jpg", 5 + 6 * t)
+    (root / "transcriptions").mkdir(parents=True)
+    (root / "transcriptions/clip_a.txt").write_text("a man throws a ball\nsecond line\n")
+    (root / "transcriptions/clip_b.txt").write_text("\n")
+    (root / "train.txt").write_text("clip_a\nclip_b\n")
+    with pytest.warns(UserWarning, match="skipped 1 videos with an empty"):
+        ds = data.build_dataset("smit", root, "train", CFG, train=True)
+    # windows of 4 frames 6 apart (frames s .. s + 18) sharing end frames: 0-18 and 18-36 fit in 40 frames
+    starts = [0, 18]
+    assert len(ds) == len(starts)
+    for item, s in zip((ds[i] for i in range(len(ds))), starts):
+        idx = [s + 6 * j for j in range(4)]
+        assert item["text"] == "a man throws a ball" and item["id"] == ("clip_a", "0", s)
+        assert "masks" not in item and "flow" not in item
+        levels = (item["frames"].mean((1, 2, 3)) * 255).tolist()
+        assert np.allclose(levels, [5 + 6 * t for t in idx], atol=4 if as_mp4 else 2), levels
+
+
+# ---------------------------------------------------------------------------------------------- transforms
+
+def test_flip_moves_pixels_boxes_and_words_together():
+    frames = torch.zeros(4, 3, H, W)
+    frames[:, 0, 10:20, 5:15] = 1.0                          # a red square on the left
+    masks = frames[:, 0] > 0.5
+    boxes, valid = data.boxes_from_masks(masks)
+    item = {"frames": frames, "masks": masks, "boxes": boxes, "valid": valid, "flow": torch.zeros(4, 2, H, W),
+            "text": "the Left square, not the bright one on the right", "id": ("v", "0", 0)}
+    seed = next(s for s in range(100) if np.random.default_rng(s).random() < 0.5)   # a first draw that flips
+    out = data.augment(item, np.random.default_rng(seed), crop_scale=(1.0, 1.0), jitter=0.0)
+    assert out["text"] == "the Right square, not the bright one on the left"
+    assert torch.allclose(out["frames"], frames.flip(-1), atol=1e-6)
+    assert torch.equal(out["masks"], masks.flip(-1))
+    assert torch.allclose(out["boxes"][0], torch.tensor([1 - 15 / W, 10 / H, 1 - 5 / W, 20 / H]))
+    assert "flow" not in out
+
+
+def test_crop_keeps_the_target_and_recomputes_boxes():
+    masks = torch.zeros(4, H, W, dtype=torch.bool)
+    for t in range(4):
+        masks[t, 20:26, 30 + t:36 + t] = True
+    frames = torch.rand(4, 3, H, W)
+    boxes, valid = data.boxes_from_masks(masks)
+    for seed in range(20):
+        out = data.augment({"frames": frames, "masks": masks, "boxes": boxes, "valid": valid, "text": "x"},
+                           np.random.default_rng(seed), crop_scale=(0.6, 0.6))
+        assert out["valid"].all()
+        assert torch.equal(out["boxes"], data.boxes_from_masks(out["masks"])[0])
+        assert out["frames"].shape == frames.shape and 0 <= out["frames"].min() and out["frames"].max() <= 1
+
+
+def test_swap_left_right_whole_words():
+    assert data.swap_left_right("LEFT of the right, leftover bright light") == "RIGHT of the left, leftover bright light"
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+def test_missing_root_and_split_file_fail_clearly(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nowhere not found: expected the Ref-YouTube-VOS root"):
+        data.build_dataset("ytvos", tmp_path / "nowhere", "train", CFG, train=True)
+    (tmp_path / "smit").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"train.txt not found: expected one video name a line"):
+        data.build_dataset("smit", tmp_path / "smit", "train", CFG, train=True)
+    with pytest.raises(ValueError, match="unknown dataset 'kinetics'"):
+        data.build_dataset("kinetics", tmp_path, "train", CFG, train=True)
+
+
+def test_bad_image_raises_or_is_skipped(ytvos_root):
+    bad = ytvos_root / "train/JPEGImages/vid_b/00001.jpg"
+    bad.write_bytes(b"not a jpeg")
+    with pytest.warns(UserWarning):
+        ds = data.build_dataset("ytvos", ytvos_root, "train", CFG, train=False)
+    with pytest.raises(ValueError, match=r"vid_b/00001.jpg: unreadable image"):
+        ds[4]
+    (ytvos_root / "train/Annotations/vid_a/00002.png").unlink()
+    with pytest.raises(ValueError, match=r"vid_a/00002.png: missing annotation"):
+        ds[0]
+    with pytest.warns(UserWarning):
+        ds = data.build_dataset("ytvos", ytvos_root, "train", CFG, train=False, skip_bad=True)
+    with pytest.warns(UserWarning, match=r"skipped a bad clip \(1 so far"):
+        item = ds[4]             # vid_b is bad, then vid_a's first clip (missing PNG): the next good clip
+    assert item["id"] == ("vid_a", "0", 4) and ds.bad == 2
+
+
+# ---------------------------------------------------------------------------------------------- batching
+
+def test_collate_workers_and_distributed_sampler(tmp_path):
+    import sentencepiece as spm
+    ds = data.build_dataset("synthetic", None, "train", CFG, train=True, size=8)
+    texts = [ds[i]["text"] for i in range(8)] + [data.caption(data.make_scene(np.random.default_rng(i), H, W, 4)) for i in range(50)]
+    (tmp_path / "t.txt").write_text("\n".join(texts))
+    spm.SentencePieceTrainer.train(input=str(tmp_path / "t.txt"), model_prefix=str(tmp_path / "sp"), vocab_size=60,
+                                   pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False, minloglevel=2)
+    collate = data.Collate(slvp.Tokenizer(tmp_path / "sp.model"), max_len=CFG.max_text_len)
+    single = list(torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=collate))
+    workers = list(torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=collate, num_workers=2))
+    for a, b in zip(single, workers):                        # items do not depend on the worker
+        assert torch.equal(a["frames"], b["frames"]) and a["text"] == b["text"]
+    b = single[0]
+    assert b["frames"].shape == (4, 4, 3, H, W) and b["masks"].shape == (4, 4, H, W)
+    assert b["ids"].shape[0] == 4 and b["mask"].dtype == torch.bool and (b["ids"][b["mask"]] > 0).all()
+    halves = [list(torch.utils.data.DistributedSampler(ds, num_replicas=2, rank=r, shuffle=False)) for r in (0, 1)]
+    assert sorted(halves[0] + halves[1]) == list(range(8))
