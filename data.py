@@ -154,6 +154,10 @@ class ClipDataset(torch.utils.data.Dataset):
     def set_epoch(self, epoch):
         self.epoch = epoch
 
+    def texts(self, n):
+        """Up to n of the dataset's captions or expressions (to fit a tokenizer), without loading any frame."""
+        return [self.text_of(entry) for entry in self.items[:n]]
+
     def __len__(self):
         return len(self.items)
 
@@ -236,15 +240,15 @@ def render_scene(scene, H, W, T):
     for t in range(T):
         tx, ty = xs - pan[0] * t, ys - pan[1] * t                       # background texture coordinates
         img = np.full((3, H, W), 0.0, np.float32)
-        for (fx, fy, ph, col) in bg:
+        for (fx, fy, ph, col) in bg:                                    # waves of several scales and directions
             img += np.asarray(col, np.float32)[:, None, None] * (0.5 + 0.5 * np.sin(fx * tx + fy * ty + ph))
         flow[t, 0], flow[t, 1] = -pan[0] * t, -pan[1] * t
         for k, ob in enumerate(scene["objects"], start=1):
             cx, cy = ob["pos"][0] + ob["vel"][0] * t, ob["pos"][1] + ob["vel"][1] * t
             dx, dy = xs - cx, ys - cy
             inside = _inside(ob["kind"], dx, dy, ob["r"])
-            fx, fy, ph = ob["texture"]
-            shade = 0.75 + 0.25 * np.sin(fx * dx + fy * dy + ph)
+            fx, fy, ph = ob["texture"]                                  # a 2-D pattern: no aperture problem
+            shade = 0.6 + 0.4 * np.sin(fx * dx + fy * dy + ph) * np.sin(fy * dx - fx * dy + 2 * ph)
             img[:, inside] = (np.asarray(COLORS[ob["color"]], np.float32)[:, None] * shade[inside])
             owner[t][inside] = k
             flow[t, 0][inside], flow[t, 1][inside] = -ob["vel"][0] * t, -ob["vel"][1] * t
@@ -270,7 +274,7 @@ def make_scene(rng, H, W, T):
             vel = (int(rng.integers(-vmax, vmax + 1)), int(rng.integers(-vmax, vmax + 1)))
         return {"kind": kind or str(rng.choice(KINDS)), "color": color or str(rng.choice(list(COLORS))),
                 "size": size, "r": r, "pos": pos, "vel": vel,
-                "texture": (float(rng.uniform(0.3, 1.2)), float(rng.uniform(0.3, 1.2)), float(rng.uniform(0, 6.3)))}
+                "texture": (float(rng.uniform(0.4, 1.0)), float(rng.uniform(0.4, 1.0)), float(rng.uniform(0, 6.3)))}
 
     target = new_object()
     objects = [target]
@@ -286,9 +290,11 @@ def make_scene(rng, H, W, T):
     for _ in range(rng.integers(0, 3 - (confuser < 3))):
         objects.append(new_object())
     order = rng.permutation(len(objects))                               # drawing order: later covers earlier
-    n_bg = 3
-    background = [(float(rng.uniform(0.05, 0.5)), float(rng.uniform(0.05, 0.5)), float(rng.uniform(0, 6.3)),
-                   tuple(float(c) for c in rng.uniform(0.05, 0.3, 3))) for _ in range(n_bg)]
+    background = []
+    for _ in range(6):  # broadband texture, so that a wrong flow costs photometric error almost everywhere
+        freq, angle = rng.uniform(0.15, 1.0), rng.uniform(0, np.pi)
+        background.append((float(freq * np.cos(angle)), float(freq * np.sin(angle)), float(rng.uniform(0, 6.3)),
+                           tuple(float(c) for c in rng.uniform(0.0, 0.3, 3))))
     pan = (int(rng.integers(-1, 2)), int(rng.integers(-1, 2))) if rng.random() < 0.3 else (0, 0)
     drawn = [objects[i] for i in order]
     return {"objects": drawn, "target": int(np.nonzero(order == 0)[0][0]), "background": background, "pan": pan}
@@ -354,15 +360,22 @@ class SyntheticClips(ClipDataset):
     def rng(self, index):  # the scene depends on (seed, split, index) only; augmentation also on the epoch
         return np.random.default_rng([self.seed, self.code, index, self.epoch])
 
+    def scene(self, index):
+        H, W = self.cfg.frame_size
+        srng = np.random.default_rng([self.seed, self.code, index])
+        while True:
+            scene = make_scene(srng, H, W, self.cfg.num_frames)
+            text = caption(scene) if self.split.startswith("pretrain") else referring_expression(scene, srng)
+            if text:
+                return scene, text
+
+    def texts(self, n):
+        return [self.scene(i)[1] for i in range(min(n, len(self)))]
+
     def load(self, index, rng):
         H, W = self.cfg.frame_size
         T = self.cfg.num_frames
-        srng = np.random.default_rng([self.seed, self.code, index])
-        while True:
-            scene = make_scene(srng, H, W, T)
-            text = caption(scene) if self.split.startswith("pretrain") else referring_expression(scene, srng)
-            if text:
-                break
+        scene, text = self.scene(index)
         frames, owner, flow = render_scene(scene, H, W, T)
         masks = owner == scene["target"] + 1
         boxes, valid = boxes_from_masks(masks)
@@ -384,6 +397,10 @@ class SMiT(ClipDataset):
     Not augmented (Sec. 4.1)."""
 
     rvos = False
+
+    @staticmethod
+    def text_of(entry):
+        return entry[3]
 
     def __init__(self, root, split, cfg, train, seed=0, skip_bad=False, stride=6):
         super().__init__(cfg, train, seed, skip_bad)
@@ -465,6 +482,10 @@ class VideoExpressions(ClipDataset):
     def __init__(self, cfg, train, seed=0, skip_bad=False):
         super().__init__(cfg, train, seed, skip_bad)
         self.videos, self.exprs, self.empty = {}, [], 0
+
+    @staticmethod
+    def text_of(entry):
+        return entry[0][2]
 
     def add_expression(self, vid, exp_id, text, obj_id):
         text = clean_text(text)
@@ -591,6 +612,10 @@ class RefCOCO(ClipDataset):
     pseudo-clip of T frames, each an independent random affine transform of the image (Sec. 4.2)."""
 
     VARIANTS = ("refcoco", "refcoco+", "refcocog")
+
+    @staticmethod
+    def text_of(entry):
+        return entry[3]
 
     def __init__(self, root, split, cfg, train, seed=0, skip_bad=False):
         super().__init__(cfg, train, seed, skip_bad)

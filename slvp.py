@@ -567,21 +567,16 @@ class SLVP(nn.Module):
         return unpatchify(self.flow_head(self.fuse(frames, ids, mask)), self.cfg, 2)   # Eq. (3)
 
     def pretrain_loss(self, frames, ids, mask):
-        """Eq. (1): I_i = Flow(o_(i,1), V_1); L = mean over i = 2..T, channels and pixels of (I_i - V_i)^2.
-        Frames are data: only the flow gets a gradient."""
+        """Eq. (1) on this model's flow: (loss, flow)."""
         flow = self.flow(frames, ids, mask)
-        B, T, C, H, W = frames.shape
-        frames = frames.detach()
-        V_1 = frames[:, :1].expand(B, T - 1, C, H, W).reshape(-1, C, H, W)  # [B*(T-1), C, H, W]
-        V_i = frames[:, 1:].reshape(-1, C, H, W)
-        loss = flow_warp_triton.photometric_loss(V_1, flow[:, 1:].reshape(-1, 2, H, W), V_i)
-        return loss, flow
+        return photometric_objective(frames, flow), flow
 
     # -- transfer --------------------------------------------------------------------------------------------
     def forward(self, frames, ids, mask):
-        """Eq. (4). boxes Float[B, T, 4] normalized (x1, y1, x2, y2); masks Float[B, T, H, W] logits."""
-        if self.task != "rvos":
-            raise RuntimeError("forward() is the transfer model's; build SLVP(cfg, task='rvos') or use flow()")
+        """Transfer model, Eq. (4): {"boxes": Float[B, T, 4] normalized (x1, y1, x2, y2), "masks": Float[B, T, H, W]
+        logits}. Pre-training model: the flow, as flow()."""
+        if self.task == "pretrain":
+            return self.flow(frames, ids, mask)
         f_fused = self.fuse(frames, ids, mask)                              # [B, T*N, d]
         B, TN, d = f_fused.shape
         T, N = self.cfg.num_frames, self.cfg.num_patches
@@ -605,6 +600,16 @@ class SLVP(nn.Module):
         bce = F.binary_cross_entropy_with_logits(logits, g)                 # Eq. (7), mean over pixels
         loss = 5 * l1 + 1 * giou + 5 * dice + 1 * bce
         return loss, {"l1": l1.detach(), "giou": giou.detach(), "dice": dice.detach(), "bce": bce.detach()}
+
+
+def photometric_objective(frames, flow):
+    """Eq. (1): I_i = Flow(o_(i,1), V_1); L = mean over i = 2..T, channels and pixels of (I_i - V_i)^2, for frames
+    Float[B, T, 3, H, W] in [0, 1] and flow Float[B, T, 2, H, W]. The frames are data: only the flow gets a gradient."""
+    B, T, C, H, W = frames.shape
+    frames = frames.detach()
+    V_1 = frames[:, :1].expand(B, T - 1, C, H, W).reshape(-1, C, H, W)      # [B*(T-1), C, H, W]
+    V_i = frames[:, 1:].reshape(-1, C, H, W)
+    return flow_warp_triton.photometric_loss(V_1, flow[:, 1:].reshape(-1, 2, H, W), V_i)
 
 
 def generalized_box_iou(a, b):

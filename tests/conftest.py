@@ -7,6 +7,7 @@ import sys
 os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
@@ -30,3 +31,18 @@ def _register_torchvision_ops():
 
 
 _register_torchvision_ops()
+
+
+@pytest.fixture(scope="session")
+def spm_model(tmp_path_factory):
+    """A small sentencepiece model with T5's conventions (<pad>=0, </s>=1, <unk>=2, no BOS), trained here."""
+    import sentencepiece as spm
+    d = tmp_path_factory.mktemp("spm")
+    sentences = [f"the {c} {k} moves {m} while a {s} shape falls" for c in ("red", "blue", "green", "yellow")
+                 for k in ("circle", "square", "triangle") for m in ("left", "right", "up", "down")
+                 for s in ("small", "large")]
+    (d / "text.txt").write_text("\n".join(sentences))
+    spm.SentencePieceTrainer.train(input=str(d / "text.txt"), model_prefix=str(d / "sp"), vocab_size=40,
+                                   hard_vocab_limit=False, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                   model_type="unigram", character_coverage=1.0, minloglevel=2)
+    return d / "sp.model"

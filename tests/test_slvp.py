@@ -173,20 +173,6 @@ def test_vit_conversion_is_strict(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- tokenizer
 
-@pytest.fixture(scope="module")
-def spm_model(tmp_path_factory):
-    import sentencepiece as spm
-    d = tmp_path_factory.mktemp("spm")
-    sentences = [f"the {c} {k} moves {m} while a {s} shape falls" for c in ("red", "blue", "green", "yellow")
-                 for k in ("circle", "square", "triangle") for m in ("left", "right", "up", "down")
-                 for s in ("small", "large")]
-    (d / "text.txt").write_text("\n".join(sentences))
-    spm.SentencePieceTrainer.train(input=str(d / "text.txt"), model_prefix=str(d / "sp"), vocab_size=40, hard_vocab_limit=False,
-                                   pad_id=0, eos_id=1, unk_id=2, bos_id=-1, model_type="unigram",
-                                   character_coverage=1.0, minloglevel=2)
-    return d / "sp.model"
-
-
 def test_tokenizer_matches_transformers(spm_model):
     from transformers import T5Tokenizer
     texts = ["the red circle moves left", "a large blue square falls while a small green triangle moves up",

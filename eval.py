@@ -1,0 +1,564 @@
+"""
+Evaluation for SLVP: the DAVIS 2017 region (J) and boundary (F) measures, the R-VOS protocols, submission files,
+pictures and a demo.
+
+    python eval.py --bench davis17 --davis-root DAVIS --predictions DIR   # score a folder of indexed PNGs, no model
+    python eval.py --bench davis17 --ckpt CKPT --data-root REF_DAVIS --davis-root DAVIS   # the four Ref-DAVIS17 runs
+    python eval.py --bench ytvos --ckpt CKPT --data-root REF_YTVOS      # the submission zip of the 202 valid videos
+    python eval.py --bench visor --ckpt CKPT --data-root VISOR_2022
+    python eval.py --bench synthetic --ckpt CKPT                        # the embedded benchmark, no data needed
+    python eval.py --ckpt CKPT --video V --text "the red circle"         # demo: overlays and an animated GIF
+
+J and F follow the DAVIS 2017 evaluator (davis2017-evaluation): J is the IoU with void pixels (255) left out and
+1 when both masks are empty; F matches the 1-pixel boundary maps of prediction and ground truth within a disk of
+radius ceil(0.008 * image diagonal). Per object: mean, recall (fraction of frames above 0.5) and decay (first
+quarter minus last quarter); global numbers are means over all objects of all sequences. numpy and Pillow only.
+"""
+import argparse
+import csv
+import json
+import math
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+# ----------------------------------------------------------------------------------------------------------
+# J and F (DAVIS 2017)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def db_eval_iou(gt, pred, void=None):
+    """J per frame: gt, pred Bool[T, H, W] (or [H, W]); void pixels are left out; 1 where both are empty."""
+    keep = ~void if void is not None else True
+    inter = np.sum(gt & pred & keep, axis=(-2, -1))
+    union = np.sum((gt | pred) & keep, axis=(-2, -1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        j = np.where(union == 0, 1.0, inter / np.maximum(union, 1))
+    return j
+
+
+def seg2bmap(seg):
+    """1-pixel boundary map of a binary mask: a pixel is boundary where it differs from its east, south or
+    south-east neighbour (the last row/column compare along the edge only), as in the DAVIS evaluator."""
+    e = np.zeros_like(seg)
+    s = np.zeros_like(seg)
+    se = np.zeros_like(seg)
+    e[:, :-1] = seg[:, 1:]
+    s[:-1, :] = seg[1:, :]
+    se[:-1, :-1] = seg[1:, 1:]
+    b = (seg ^ e) | (seg ^ s) | (seg ^ se)
+    b[-1, :] = seg[-1, :] ^ e[-1, :]
+    b[:, -1] = seg[:, -1] ^ s[:, -1]
+    b[-1, -1] = False
+    return b
+
+
+def disk_dilate(mask, r):
+    """Binary dilation by the disk {(dx, dy): dx^2 + dy^2 <= r^2}, inside the mask's bounding box grown by r:
+    for each row offset dy, a horizontal window of half-width floor(sqrt(r^2 - dy^2)) (a difference of cumulative
+    sums over a zero-padded copy), shifted by dy and OR-ed."""
+    r = int(r)
+    out = np.zeros_like(mask)
+    ys, xs = np.nonzero(mask.any(1))[0], np.nonzero(mask.any(0))[0]
+    if len(ys) == 0:
+        return out
+    y0, y1 = max(ys[0] - r, 0), min(ys[-1] + r + 1, mask.shape[0])
+    x0, x1 = max(xs[0] - r, 0), min(xs[-1] + r + 1, mask.shape[1])
+    m = mask[y0:y1, x0:x1]
+    H, W = m.shape
+    cs = np.zeros((H, W + 2 * r + 1), np.int32)                     # cs[:, k] = sum of padded[:, :k]
+    np.cumsum(m, axis=1, out=cs[:, r + 1:r + 1 + W])
+    cs[:, r + 1 + W:] = cs[:, r + W:r + 1 + W]
+    box = out[y0:y1, x0:x1]
+    rows = {}
+    for dy in range(-min(r, H - 1), min(r, H - 1) + 1):
+        w = math.isqrt(r * r - dy * dy)
+        if w not in rows:  # window [x - w, x + w] of the row
+            rows[w] = (cs[:, r + 1 + w:r + 1 + w + W] - cs[:, r - w:r - w + W]) > 0
+        h = rows[w]
+        if dy >= 0:
+            box[:H - dy] |= h[dy:]
+        else:
+            box[-dy:] |= h[:H + dy]
+    return out
+
+
+def boundary_radius(shape, bound_th=0.008):
+    return bound_th if bound_th >= 1 else math.ceil(bound_th * math.hypot(*shape))
+
+
+def boundaries(masks, void=None, bound_th=0.008):
+    """Per frame: the boundary map of the mask (void pixels removed first) and its disk dilation."""
+    r = boundary_radius(masks.shape[-2:], bound_th)
+    keep = ~void if void is not None else np.ones_like(masks)
+    b = np.stack([seg2bmap(m & k) for m, k in zip(masks, keep)])
+    return b, np.stack([disk_dilate(x, r) for x in b])
+
+
+def f_from_boundaries(pred_b, pred_dil, gt_b, gt_dil):
+    """F per frame from precomputed boundaries. The DAVIS conventions for empty boundaries follow from taking
+    P = 1 when nothing is predicted and R = 1 when nothing is true (an empty dilation matches nothing):
+    none predicted, some true: P=1, R=0, F=0; some predicted, none true: P=0, R=1, F=0; neither: F=1."""
+    n_p = pred_b.sum(axis=(-2, -1))
+    n_g = gt_b.sum(axis=(-2, -1))
+    precision = np.where(n_p > 0, (pred_b & gt_dil).sum(axis=(-2, -1)) / np.maximum(n_p, 1), 1.0)
+    recall = np.where(n_g > 0, (gt_b & pred_dil).sum(axis=(-2, -1)) / np.maximum(n_g, 1), 1.0)
+    denom = precision + recall
+    return np.where(denom > 0, 2 * precision * recall / np.where(denom > 0, denom, 1), 0.0)
+
+
+def db_eval_boundary(gt, pred, void=None, bound_th=0.008):
+    """F per frame for Bool[T, H, W] masks."""
+    return f_from_boundaries(*boundaries(pred, void, bound_th), *boundaries(gt, void, bound_th))
+
+
+def db_statistics(values):
+    """Mean, recall (fraction > 0.5) and decay (mean of the first quarter of the frames minus the last)."""
+    values = np.asarray(values, np.float64)
+    ids = (np.round(np.linspace(1, len(values), 5) + 1e-10) - 1).astype(int)
+    bins = [values[ids[i]:ids[i + 1] + 1] for i in range(4)]
+    return float(np.nanmean(values)), float(np.nanmean(values > 0.5)), float(np.nanmean(bins[0]) - np.nanmean(bins[3]))
+
+
+def linear_sum_assignment(score):
+    """Maximum-score assignment (the Hungarian method with potentials) for a [rows, cols] matrix: returns
+    (row_ind, col_ind), min(rows, cols) pairs sorted by row, like scipy.optimize.linear_sum_assignment(-score)."""
+    score = np.asarray(score, np.float64)
+    transposed = score.shape[0] > score.shape[1]
+    cost = -(score.T if transposed else score)                      # n <= m
+    n, m = cost.shape
+    u, v = np.zeros(n + 1), np.zeros(m + 1)
+    p = np.zeros(m + 1, int)                                        # p[j]: row (1-based) matched to column j
+    way = np.zeros(m + 1, int)
+    for i in range(1, n + 1):
+        p[0], j0 = i, 0
+        minv = np.full(m + 1, np.inf)
+        used = np.zeros(m + 1, bool)
+        while True:
+            used[j0] = True
+            i0 = p[j0]
+            cur = cost[i0 - 1] - u[i0] - v[1:]
+            free = ~used[1:]
+            better = free & (cur < minv[1:])
+            minv[1:][better] = cur[better]
+            way[1:][better] = j0
+            cand = np.where(free, minv[1:], np.inf)
+            j1 = int(np.argmin(cand)) + 1
+            delta = cand[j1 - 1]
+            u[p[used]] += delta
+            v[used] -= delta
+            minv[1:][free] -= delta
+            j0 = j1
+            if p[j0] == 0:
+                break
+        while j0:
+            j1 = way[j0]
+            p[j0] = p[j1]
+            j0 = j1
+    rows = np.array([p[j] - 1 for j in range(1, m + 1) if p[j]])
+    cols = np.array([j - 1 for j in range(1, m + 1) if p[j]])
+    if transposed:
+        rows, cols = cols, rows
+    order = np.argsort(rows)
+    return rows[order], cols[order]
+
+
+def evaluate_objects(gt, pred, void=None, match=True, max_proposals=20):
+    """gt Bool[n_gt, T, H, W], pred Bool[n_pred, T, H, W]. With match (the unsupervised protocol) predicted ids are
+    assigned to true ids by the Hungarian method on the mean of J and F; without it pred[k] is scored against gt[k].
+    Returns J, F as [n_gt, T] arrays, in the evaluator's order (matched pairs sorted by predicted id)."""
+    if match and len(pred) > max_proposals:
+        raise ValueError(f"{len(pred)} predicted ids: more than the {max_proposals} proposals the protocol allows")
+    if len(pred) < len(gt):
+        pred = np.concatenate([pred, np.zeros((len(gt) - len(pred), *pred.shape[1:]), bool)])
+    if not match:
+        if len(pred) > len(gt):
+            raise ValueError(f"predictions use id {len(pred)}, above the {len(gt)} objects of the sequence")
+        Jm = np.stack([db_eval_iou(g, p, void) for g, p in zip(gt, pred)])
+        bg = [boundaries(g, void) for g in gt]
+        Fm = np.stack([f_from_boundaries(*boundaries(p, void), *b) for p, b in zip(pred, bg)])
+        return Jm, Fm
+    bg = [boundaries(g, void) for g in gt]
+    bp = [boundaries(p, void) for p in pred]
+    J = np.stack([[db_eval_iou(g, p, void) for g in gt] for p in pred])              # [n_pred, n_gt, T]
+    Fm = np.stack([[f_from_boundaries(*b_p, *b_g) for b_g in bg] for b_p in bp])
+    rows, cols = linear_sum_assignment((J.mean(2) + Fm.mean(2)) / 2)
+    return J[rows, cols], Fm[rows, cols]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DAVIS-style folders: ground truth, predictions, the official tables
+# ----------------------------------------------------------------------------------------------------------
+
+def read_png_ids(path):
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("P", "L"):
+                raise ValueError(f"mode {im.mode}; expected an indexed (P) or grey (L) PNG")
+            return np.asarray(im).copy()
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable indexed PNG ({e})") from e
+
+
+def split_ids(frames, n=None):
+    """Int[T, H, W] -> Bool[n, T, H, W], one mask per id 1..n (n = the largest id)."""
+    n = int(frames.max()) if n is None else n
+    return frames[None] == np.arange(1, n + 1)[:, None, None, None]
+
+
+def evaluate_davis(gt_dir, sequences, pred_dir, match=True, progress=True):
+    """The DAVIS 2017 evaluation of pred_dir/<seq>/<frame>.png against gt_dir/<seq>/<frame>.png (255 = void).
+    Returns (global row dict, per-object rows)."""
+    J, F, rows = {"M": [], "R": [], "D": []}, {"M": [], "R": [], "D": []}, []
+    t0 = time.time()
+    for s, seq in enumerate(sequences):
+        names = sorted(p.stem for p in (Path(gt_dir) / seq).glob("*.png"))
+        if not names:
+            raise FileNotFoundError(f"{Path(gt_dir) / seq}: no ground-truth PNGs")
+        gt = np.stack([read_png_ids(Path(gt_dir) / seq / f"{n}.png") for n in names])
+        void = gt == 255
+        gt = np.where(void, 0, gt)
+        preds = []
+        for n in names:
+            p = Path(pred_dir) / seq / f"{n}.png"
+            if not p.is_file():
+                raise FileNotFoundError(f"{p}: missing prediction (the sequence has {len(names)} annotated frames)")
+            preds.append(read_png_ids(p))
+            if preds[-1].shape != gt.shape[1:]:
+                raise ValueError(f"{p}: size {preds[-1].shape[::-1]} differs from the ground truth's {gt.shape[:0:-1]}")
+        pred = np.stack(preds)
+        j, f = evaluate_objects(split_ids(gt), split_ids(pred), void, match=match)
+        for k in range(len(j)):
+            jm, jr, jd = db_statistics(j[k])
+            fm, fr, fd = db_statistics(f[k])
+            for d, v in ((J, (jm, jr, jd)), (F, (fm, fr, fd))):
+                d["M"].append(v[0]), d["R"].append(v[1]), d["D"].append(v[2])
+            rows.append((f"{seq}_{k + 1}", jm, fm))
+        if progress:
+            eta = (time.time() - t0) / (s + 1) * (len(sequences) - s - 1)
+            print(f"\r{s + 1}/{len(sequences)} sequences, ETA {eta:.0f}s", end="", file=sys.stderr, flush=True)
+    if progress:
+        print(file=sys.stderr)
+    jm, fm = np.mean(J["M"]), np.mean(F["M"])
+    g = {"J&F-Mean": (jm + fm) / 2, "J-Mean": jm, "J-Recall": np.mean(J["R"]), "J-Decay": np.mean(J["D"]),
+         "F-Mean": fm, "F-Recall": np.mean(F["R"]), "F-Decay": np.mean(F["D"])}
+    return g, rows
+
+
+def write_tables(out_dir, g, rows, subset="val"):
+    """global_results-<subset>.csv and per-sequence_results-<subset>.csv with the official columns, 3 decimals."""
+    out_dir = Path(out_dir)
+    with open(out_dir / f"global_results-{subset}.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(list(g))
+        w.writerow([f"{v:.3f}" for v in g.values()])
+    with open(out_dir / f"per-sequence_results-{subset}.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["Sequence", "J-Mean", "F-Mean"])
+        w.writerows([(name, f"{jm:.3f}", f"{fm:.3f}") for name, jm, fm in rows])
+
+
+def print_table(g, title=""):
+    if title:
+        print(title)
+    print(" ".join(f"{k:>9}" for k in g))
+    print(" ".join(f"{v:9.3f}" for v in g.values()))
+
+
+def davis_sequences(davis_root, subset="val"):
+    davis_root = Path(davis_root)
+    lst = davis_root / "ImageSets" / "2017" / f"{subset}.txt"
+    if not lst.is_file():
+        raise FileNotFoundError(f"{lst} not found: expected the DAVIS 2017 tree (ImageSets/2017/{subset}.txt)")
+    gt_dir = davis_root / "Annotations_unsupervised" / "480p"
+    if not gt_dir.is_dir():
+        raise FileNotFoundError(f"{gt_dir} not found: expected the DAVIS 2017 unsupervised annotations")
+    return gt_dir, [s.strip() for s in lst.read_text().splitlines() if s.strip()]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pictures: mask overlays and optical flow in the colour-wheel coding of Fig. 2
+# ----------------------------------------------------------------------------------------------------------
+
+def color_wheel():
+    """The Middlebury optical-flow colour wheel (Baker et al.): 55 hues, red-yellow-green-cyan-blue-magenta."""
+    segments = [(15, (255, 0, 0), (255, 255, 0)), (6, (255, 255, 0), (0, 255, 0)), (4, (0, 255, 0), (0, 255, 255)),
+                (11, (0, 255, 255), (0, 0, 255)), (13, (0, 0, 255), (255, 0, 255)), (6, (255, 0, 255), (255, 0, 0))]
+    wheel = []
+    for n, a, b in segments:
+        for i in range(n):
+            wheel.append([a[c] + (b[c] - a[c]) * i / n for c in range(3)])
+    return np.array(wheel) / 255
+
+
+def flow_to_color(flow, max_norm=None):
+    """Float[2, H, W] (x, y) -> uint8 [H, W, 3]: hue = direction, saturation = length / max_norm (white = still)."""
+    u, v = np.asarray(flow[0], np.float64), np.asarray(flow[1], np.float64)
+    rad = np.hypot(u, v)
+    max_norm = max_norm or max(rad.max(), 1e-6)
+    u, v, rad = u / max_norm, v / max_norm, np.minimum(rad / max_norm, 1)
+    wheel = color_wheel()
+    n = len(wheel)
+    a = np.arctan2(-v, -u) / np.pi                                  # [-1, 1]
+    fk = (a + 1) / 2 * (n - 1)
+    k0 = np.floor(fk).astype(int)
+    k1 = (k0 + 1) % n
+    f = (fk - k0)[..., None]
+    col = (1 - f) * wheel[k0] + f * wheel[k1]
+    col = 1 - rad[..., None] * (1 - col)
+    return (col * 255).round().astype(np.uint8)
+
+
+def overlay(frame, mask, color=(255, 40, 40), alpha=0.5):
+    """uint8 [H, W, 3] frame with the mask tinted and its boundary drawn."""
+    out = frame.astype(np.float32).copy()
+    out[mask] = (1 - alpha) * out[mask] + alpha * np.asarray(color, np.float32)
+    out[seg2bmap(mask)] = color
+    return out.clip(0, 255).astype(np.uint8)
+
+
+def to_uint8(frames):
+    """Float[..., 3, H, W] in [0, 1] -> uint8 [..., H, W, 3]."""
+    return (frames.clamp(0, 1) * 255).round().byte().movedim(-3, -1).cpu().numpy()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Inference: clips of T frames over every frame, masks at the original size, no post-processing (Sec. 4.1)
+# ----------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def predict(model, dataset, tokenizer, batch_size=4, device="cpu", progress=True):
+    """Runs the model over an evaluation dataset (clips covering every frame). Returns
+    {(video, exp_id): {frame name: Bool[H0, W0] numpy}} with masks resized (bilinear on the logits) back to the
+    original frame size."""
+    import data as data_lib
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size,
+                                         collate_fn=data_lib.Collate(tokenizer, model.cfg.max_text_len))
+    model.eval()
+    out, t0, done = {}, time.time(), 0
+    for batch in loader:
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=str(device).startswith("cuda")):
+            logits = model(batch["frames"].to(device), batch["ids"].to(device), batch["mask"].to(device))["masks"]
+        for b in range(len(logits)):
+            vid, exp_id, _ = batch["id"][b]
+            H0, W0 = batch["orig_size"][b]
+            n = batch["num_real"][b]
+            up = F.interpolate(logits[b, :n, None].float(), size=(H0, W0), mode="bilinear", align_corners=False)
+            masks = (up[:, 0] > 0).cpu().numpy()
+            per = out.setdefault((vid, exp_id), {})
+            for name, m in zip(batch["frame_names"][b][:n], masks):
+                per[name] = m
+        done += len(logits)
+        if progress:
+            eta = (time.time() - t0) / done * (len(dataset) - done)
+            print(f"\r{done}/{len(dataset)} clips, ETA {eta:.0f}s", end="", file=sys.stderr, flush=True)
+    if progress:
+        print(file=sys.stderr)
+    return out
+
+
+def write_indexed(path, ids):
+    im = Image.fromarray(ids.astype(np.uint8), mode="P")
+    palette = [0, 0, 0] + [c for k in range(1, 256) for c in ((k * 97) % 256, (k * 59) % 256, (k * 163) % 256)]
+    im.putpalette(palette)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im.save(path)
+
+
+def write_object_pngs(preds, out_dir, obj_of):
+    """One indexed PNG per frame: each expression's mask painted with its object id obj_of(exp_id), in id order."""
+    videos = {}
+    for (vid, exp_id), frames in preds.items():
+        videos.setdefault(vid, []).append((obj_of(exp_id), frames))
+    for vid, objs in videos.items():
+        for name in objs[0][1]:
+            ids = np.zeros(objs[0][1][name].shape, np.uint8)
+            for obj, frames in sorted(objs, key=lambda o: o[0]):
+                ids[frames[name]] = obj
+            write_indexed(Path(out_dir) / vid / f"{name}.png", ids)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Benchmarks
+# ----------------------------------------------------------------------------------------------------------
+
+def synthetic_scores(model, tokenizer, n=64, batch_size=8, device="cpu", seed=0):
+    """The embedded benchmark: a fixed held-out set of synthetic R-VOS clips; J, F, J&F means over clips."""
+    import data as data_lib
+    ds = data_lib.build_dataset("synthetic", None, "val", model.cfg, train=False, size=n, seed=seed)
+    preds = predict(model, ds, tokenizer, batch_size, device, progress=False)
+    js, fs = [], []
+    for i in range(len(ds)):
+        it = ds[i]
+        pred = np.stack([preds[(it["id"][0], it["id"][1])][name] for name in it["frame_names"]])
+        gt = it["masks"].numpy()
+        j, f = evaluate_objects(gt[None], pred[None], match=False)
+        js.append(j.mean()), fs.append(f.mean())
+    J, Fm = float(np.mean(js)), float(np.mean(fs))
+    return {"J": J, "F": Fm, "J&F": (J + Fm) / 2}
+
+
+def bench_davis17(args, model, tokenizer, device):
+    """Ref-DAVIS17: four runs (annotator 1/2 x first-frame/full-video), each written as indexed PNGs and scored
+    with the DAVIS 2017 unsupervised protocol, then averaged."""
+    import data as data_lib
+    gt_dir, seqs = davis_sequences(args.davis_root)
+    results = []
+    for a, run in enumerate(data_lib.RefDAVIS17.RUNS):
+        ds = data_lib.build_dataset("davis17", args.data_root, "valid", model.cfg, train=False, annotation=a)
+        print(f"run {a}: {run}, {len(ds)} clips")
+        preds = predict(model, ds, tokenizer, args.batch_size, device)
+        out = Path(args.out) / f"run{a}"
+        write_object_pngs(preds, out, lambda exp_id: int(exp_id) // 4 + 1)
+        g, rows = evaluate_davis(gt_dir, [s for s in seqs if (out / s).is_dir()] or seqs, out)
+        write_tables(out, g, rows)
+        print_table(g, f"run {a} ({run})")
+        results.append(g)
+    mean = {k: float(np.mean([g[k] for g in results])) for k in results[0]}
+    print_table(mean, "Ref-DAVIS17, mean of the four runs")
+    return mean
+
+
+def bench_ytvos(args, model, tokenizer, device):
+    """Ref-YouTube-VOS valid: Annotations/<vid>/<exp_id>/<frame>.png (0/255, original size), zipped."""
+    import data as data_lib
+    ds = data_lib.build_dataset("ytvos", args.data_root, "valid", model.cfg, train=False)
+    preds = predict(model, ds, tokenizer, args.batch_size, device)
+    out = Path(args.out)
+    zpath = out / "submission.zip"
+    out.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(zpath, "w", zipfile.ZIP_DEFLATED) as z:
+        for (vid, exp_id), frames in sorted(preds.items()):
+            for name, m in frames.items():
+                path = out / "Annotations" / vid / exp_id / f"{name}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(m.astype(np.uint8) * 255, mode="L").save(path)
+                z.write(path, f"Annotations/{vid}/{exp_id}/{name}.png")
+    print(f"wrote {zpath} ({len(preds)} expressions of {len({v for v, _ in preds})} videos)")
+    return zpath
+
+
+def bench_visor(args, model, tokenizer, device):
+    """VISOR val: each object's name is its expression; masks are scored against the object's own ground truth
+    (ids known, no matching), on every annotated frame."""
+    import data as data_lib
+    ds = data_lib.build_dataset("visor", args.data_root, "val", model.cfg, train=False)
+    preds = predict(model, ds, tokenizer, args.batch_size, device)
+    out = Path(args.out) / "visor"
+    write_object_pngs(preds, out, int)
+    seqs = sorted({v for v, _ in preds})
+    g, rows = evaluate_davis(Path(args.data_root) / "Annotations" / "480p", seqs, out, match=False)
+    write_tables(out, g, rows)
+    print_table(g, "VISOR val")
+    return g
+
+
+def demo(args, model, tokenizer, device):
+    """Overlays of the predicted mask on every frame of a video (a folder of frames or an .mp4), and a GIF."""
+    import data as data_lib
+    video = Path(args.video)
+    cfg = model.cfg
+    if video.is_dir():
+        paths = sorted(p for p in video.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+        if not paths:
+            raise FileNotFoundError(f"{video}: no .jpg/.png frames")
+        originals = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+    elif video.is_file():
+        av = data_lib._pyav(video)
+        with av.open(str(video)) as c:
+            originals = [np.asarray(f.to_image().convert("RGB")) for f in c.decode(video=0)]
+    else:
+        raise FileNotFoundError(f"{video}: no such video file or folder")
+    H0, W0 = originals[0].shape[:2]
+    small = torch.stack([torch.from_numpy(np.array(Image.fromarray(o).resize(cfg.frame_size[::-1], Image.BILINEAR)))
+                         .permute(2, 0, 1).float() / 255 for o in originals])
+    ids, mask = tokenizer([args.text], max_len=cfg.max_text_len)
+    model.eval()
+    out = Path(args.out) / "demo"
+    out.mkdir(parents=True, exist_ok=True)
+    pictures = []
+    with torch.no_grad():
+        for s, idx, n in data_lib.eval_clips(len(originals), cfg.num_frames):
+            logits = model(small[idx][None].to(device), ids.to(device), mask.to(device))["masks"][0, :n]
+            up = F.interpolate(logits[:, None].float(), size=(H0, W0), mode="bilinear", align_corners=False)[:, 0] > 0
+            for t, m in zip(range(s, s + n), up.cpu().numpy()):
+                pic = Image.fromarray(overlay(originals[t], m))
+                pic.save(out / f"{t:05d}.png")
+                pictures.append(pic)
+    pictures[0].save(out / "demo.gif", save_all=True, append_images=pictures[1:], duration=100, loop=0)
+    print(f"wrote {len(pictures)} overlays and {out / 'demo.gif'}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------
+
+def load_model_and_tokenizer(ckpt, spm, device):
+    import slvp
+    if not Path(ckpt).is_file():
+        raise FileNotFoundError(f"{ckpt}: no such checkpoint")
+    model = slvp.load_checkpoint(ckpt).to(device)
+    if model.task != "rvos":
+        raise ValueError(f"{ckpt} is a pre-training checkpoint; evaluation needs a fine-tuned (rvos) one")
+    spm = Path(spm) if spm else Path(ckpt).parent / "spm.model"
+    if not spm.is_file():
+        raise FileNotFoundError(f"{spm}: no tokenizer (pass --spm, or keep spm.model next to the checkpoint)")
+    return model, slvp.Tokenizer(spm)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bench", choices=["davis17", "ytvos", "visor", "synthetic"],
+                   help="the benchmark to run; leave out with --video for the demo")
+    p.add_argument("--ckpt", help="a fine-tuned (rvos) checkpoint from train.py --mode finetune")
+    p.add_argument("--spm", help="sentencepiece model (default: spm.model next to the checkpoint)")
+    p.add_argument("--predictions", help="davis17 only: score this folder of indexed PNGs (<seq>/<frame>.png), no model")
+    p.add_argument("--davis-root", help="the DAVIS 2017 tree (ImageSets/2017/val.txt, Annotations_unsupervised/480p)")
+    p.add_argument("--data-root", help="the dataset root: converted Ref-DAVIS17, Ref-YouTube-VOS or VISOR")
+    p.add_argument("--video", help="demo: a folder of frames or an .mp4")
+    p.add_argument("--text", help="demo: the referring expression")
+    p.add_argument("--out", default="out/eval", help="where predictions, tables and pictures go")
+    p.add_argument("--batch-size", type=int, default=4, help="clips per forward pass")
+    p.add_argument("--num-clips", type=int, default=64, help="synthetic: the number of held-out clips")
+    args = p.parse_args(argv)
+    try:
+        if args.bench == "davis17" and args.predictions:
+            if not args.davis_root:
+                p.error("--predictions needs --davis-root")
+            gt_dir, seqs = davis_sequences(args.davis_root)
+            if not Path(args.predictions).is_dir():
+                raise FileNotFoundError(f"{args.predictions}: no such predictions folder")
+            g, rows = evaluate_davis(gt_dir, seqs, args.predictions)
+            write_tables(args.predictions, g, rows)
+            print_table(g)
+            return g
+        if not args.ckpt:
+            p.error("a model run needs --ckpt (or --bench davis17 --predictions DIR to score existing masks)")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model, tokenizer = load_model_and_tokenizer(args.ckpt, args.spm, device)
+        if args.bench is None:
+            if not (args.video and args.text):
+                p.error("the demo needs --video and --text (or choose a --bench)")
+            return demo(args, model, tokenizer, device)
+        if args.bench == "synthetic":
+            s = synthetic_scores(model, tokenizer, n=args.num_clips, batch_size=args.batch_size, device=device)
+            print(f"synthetic ({args.num_clips} held-out clips): J {s['J']:.3f}  F {s['F']:.3f}  J&F {s['J&F']:.3f}")
+            return s
+        if not args.data_root:
+            p.error(f"--bench {args.bench} needs --data-root")
+        if args.bench == "davis17" and not args.davis_root:
+            p.error("--bench davis17 needs --davis-root (the DAVIS 2017 tree with Annotations_unsupervised)")
+        return {"davis17": bench_davis17, "ytvos": bench_ytvos, "visor": bench_visor}[args.bench](args, model, tokenizer, device)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

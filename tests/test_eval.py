@@ -1,0 +1,192 @@
+"""eval.py: J and F on hand-worked cases, the dilation and the Hungarian method against brute force, the
+--predictions path on a generated DAVIS tree, the submission zip, the synthetic bench and the demo."""
+import csv
+import itertools
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import eval as ev
+import slvp
+
+
+def square(shape=(100, 100), y=20, x=20, size=20):
+    m = np.zeros(shape, bool)
+    m[y:y + size, x:x + size] = True
+    return m
+
+
+# ---------------------------------------------------------------------------------------------- J and F
+
+def test_j_and_f_hand_worked():
+    empty = np.zeros((100, 100), bool)
+    one = empty.copy()
+    one[50, 50] = True
+    gt, shifted = square(), square(x=25)
+    J = lambda g, p, void=None: float(ev.db_eval_iou(g[None], p[None], None if void is None else void[None])[0])
+    F = lambda g, p: float(ev.db_eval_boundary(g[None], p[None])[0])
+    assert J(empty, empty) == 1 and F(empty, empty) == 1              # both empty
+    assert J(gt, empty) == 0 and F(gt, empty) == 0                    # nothing predicted: P = 1, R = 0
+    assert J(empty, gt) == 0 and F(empty, gt) == 0                    # nothing to find: P = 0, R = 1
+    assert J(one, one) == 1 and F(one, one) == 1                      # a one-pixel object
+    # a 20x20 square shifted 5 px right: J = 300 / 500. F: radius ceil(0.008 * 141.4) = 2; each boundary is the
+    # 80-pixel ring of a 21x21 square, of which 18 + 18 top/bottom pixels and 4 near-corner pixels lie within 2 px
+    # of the other ring: P = R = 40 / 80, F = 0.5
+    assert J(gt, shifted) == pytest.approx(0.6)
+    assert F(gt, shifted) == pytest.approx(0.5)
+    # void pixels (the 5 columns only the prediction covers) are left out: J = 300 / 400
+    void = np.zeros((100, 100), bool)
+    void[:, 40:45] = True
+    assert J(gt, shifted, void) == pytest.approx(0.75)
+
+
+def test_disk_dilation_matches_brute_force():
+    rng = np.random.default_rng(0)
+    for shape in [(40, 50), (7, 90), (1, 20), (3, 3)]:
+        m = rng.random(shape) > 0.93
+        for r in (1, 2, 5, 8):
+            expected = np.zeros_like(m)
+            for y, x in zip(*np.nonzero(m)):
+                for dy in range(-r, r + 1):
+                    for dx in range(-r, r + 1):
+                        if dx * dx + dy * dy <= r * r and 0 <= y + dy < shape[0] and 0 <= x + dx < shape[1]:
+                            expected[y + dy, x + dx] = True
+            assert np.array_equal(ev.disk_dilate(m, r), expected), (shape, r)
+
+
+def test_hungarian_matches_brute_force():
+    rng = np.random.default_rng(1)
+    for _ in range(150):
+        n, k = int(rng.integers(1, 6)), int(rng.integers(1, 6))
+        S = rng.random((n, k)).round(1)                              # ties included
+        rows, cols = ev.linear_sum_assignment(S)
+        if n <= k:
+            best = max(sum(S[i, p[i]] for i in range(n)) for p in itertools.permutations(range(k), n))
+        else:
+            best = max(sum(S[p[j], j] for j in range(k)) for p in itertools.permutations(range(n), k))
+        assert len(rows) == min(n, k) and len(set(cols)) == len(cols) and list(rows) == sorted(rows)
+        assert S[rows, cols].sum() == pytest.approx(best)
+
+
+def test_statistics_hand_worked():
+    m, recall, decay = ev.db_statistics([0.9] * 4 + [0.1] * 4)
+    # quarters of 8 frames by the evaluator's rounding: [0:3] and [5:8]
+    assert m == pytest.approx(0.5) and recall == pytest.approx(0.5) and decay == pytest.approx(0.8)
+
+
+# ---------------------------------------------------------------------------------------------- DAVIS folders
+
+def write_ids(path, ids):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im = Image.fromarray(ids.astype(np.uint8), mode="P")
+    im.putpalette([0, 0, 0, 200, 0, 0, 0, 200, 0] + [255] * (253 * 3))
+    im.save(path)
+
+
+def test_predictions_path_on_a_generated_davis_tree(tmp_path):
+    """Sequence a: objects 1 and 2; the prediction uses swapped ids, object 1 exact and object 2 shifted 5 px
+    (J 0.6, F 0.5), and a void band the evaluator must ignore. Sequence b: one object, nothing predicted."""
+    davis, pred = tmp_path / "DAVIS", tmp_path / "pred"
+    for t in range(4):
+        gt = np.zeros((100, 100), np.uint8)
+        gt[square(y=20, x=20)] = 1
+        gt[square(y=60, x=60)] = 2
+        gt[90:, :] = 255                                             # void, away from both objects
+        write_ids(davis / f"Annotations_unsupervised/480p/a/{t:05d}.png", gt)
+        p = np.zeros((100, 100), np.uint8)
+        p[square(y=20, x=20)] = 2
+        p[square(y=60, x=65)] = 1
+        p[92:, :50] = 3                                              # a false object inside the void only
+        write_ids(pred / f"a/{t:05d}.png", p)
+        write_ids(davis / f"Annotations_unsupervised/480p/b/{t:05d}.png", square().astype(np.uint8))
+        write_ids(pred / f"b/{t:05d}.png", np.zeros((100, 100), np.uint8))
+    (davis / "ImageSets/2017").mkdir(parents=True)
+    (davis / "ImageSets/2017/val.txt").write_text("a\nb\n")
+    g = ev.main(["--bench", "davis17", "--davis-root", str(davis), "--predictions", str(pred)])
+    J, F = (0.6 + 1 + 0) / 3, (0.5 + 1 + 0) / 3
+    assert g["J-Mean"] == pytest.approx(J) and g["F-Mean"] == pytest.approx(F)
+    assert g["J&F-Mean"] == pytest.approx((J + F) / 2)
+    assert g["J-Recall"] == pytest.approx(2 / 3) and g["J-Decay"] == pytest.approx(0)
+    rows = list(csv.reader(open(pred / "global_results-val.csv")))
+    assert rows[0] == ["J&F-Mean", "J-Mean", "J-Recall", "J-Decay", "F-Mean", "F-Recall", "F-Decay"]
+    assert rows[1][:3] == [f"{(J + F) / 2:.3f}", f"{J:.3f}", "0.667"]
+    # per object, in the evaluator's order: matched pairs sorted by predicted id (1 -> object 2, 2 -> object 1)
+    per = list(csv.reader(open(pred / "per-sequence_results-val.csv")))
+    assert per == [["Sequence", "J-Mean", "F-Mean"], ["a_1", "0.600", "0.500"], ["a_2", "1.000", "1.000"],
+                   ["b_1", "0.000", "0.000"]]
+
+
+def test_predictions_errors_name_the_file(tmp_path):
+    davis, pred = tmp_path / "DAVIS", tmp_path / "pred"
+    write_ids(davis / "Annotations_unsupervised/480p/a/00000.png", square().astype(np.uint8))
+    (davis / "ImageSets/2017").mkdir(parents=True)
+    (davis / "ImageSets/2017/val.txt").write_text("a\n")
+    write_ids(pred / "a/00000.png", np.zeros((50, 100), np.uint8))
+    with pytest.raises(SystemExit, match=r"a/00000.png: size \(100, 50\) differs"):
+        ev.main(["--bench", "davis17", "--davis-root", str(davis), "--predictions", str(pred)])
+    (pred / "a/00000.png").unlink()
+    with pytest.raises(SystemExit, match=r"a/00000.png: missing prediction"):
+        ev.main(["--bench", "davis17", "--davis-root", str(davis), "--predictions", str(pred)])
+    with pytest.raises(SystemExit, match=r"ImageSets/2017/val.txt not found"):
+        ev.main(["--bench", "davis17", "--davis-root", str(tmp_path / "nowhere"), "--predictions", str(pred)])
+
+
+# ---------------------------------------------------------------------------------------------- with a model
+
+@pytest.fixture
+def tiny_ckpt(tmp_path, spm_model):
+    import dataclasses
+    import shutil
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(slvp.SLVPConfig.tiny(), frame_size=(48, 64), vocab_size=64)
+    path = tmp_path / "model" / "ckpt.safetensors"
+    path.parent.mkdir()
+    slvp.save_checkpoint(path, slvp.SLVP(cfg, task="rvos"))
+    shutil.copy(spm_model, path.parent / "spm.model")
+    return path
+
+
+def test_ytvos_submission_zip(tmp_path, tiny_ckpt):
+    from test_data import write_video
+    root = tmp_path / "ytvos"
+    for vid in ("val_1", "test_1"):
+        write_video(root / "valid/JPEGImages", None, vid, 5)
+    import json
+    meta = {"videos": {v: {"expressions": {"0": {"exp": "the red circle"}, "1": {"exp": "a square"}},
+                           "frames": [f"{t:05d}" for t in range(5)]} for v in ("val_1", "test_1")}}
+    for split, content in (("valid", meta), ("test", {"videos": {"test_1": meta["videos"]["test_1"]}})):
+        (root / f"meta_expressions/{split}").mkdir(parents=True)
+        (root / f"meta_expressions/{split}/meta_expressions.json").write_text(json.dumps(content))
+    zpath = ev.main(["--bench", "ytvos", "--ckpt", str(tiny_ckpt), "--data-root", str(root), "--out", str(tmp_path / "o")])
+    names = sorted(zipfile.ZipFile(zpath).namelist())
+    assert names == sorted(f"Annotations/val_1/{e}/{t:05d}.png" for e in ("0", "1") for t in range(5))
+    with zipfile.ZipFile(zpath) as z, z.open("Annotations/val_1/1/00004.png") as fh:
+        a = np.asarray(Image.open(fh))
+    assert a.shape == (48, 64) and set(np.unique(a)) <= {0, 255}
+
+
+def test_synthetic_bench_and_demo(tmp_path, tiny_ckpt):
+    s = ev.main(["--bench", "synthetic", "--ckpt", str(tiny_ckpt), "--num-clips", "4"])
+    assert set(s) == {"J", "F", "J&F"} and all(0 <= v <= 1 for v in s.values())
+    video = tmp_path / "video"
+    video.mkdir()
+    for t in range(6):  # 6 frames of 30x40: two clips of T=4, the second padded
+        Image.fromarray(np.full((30, 40, 3), 40 * t, np.uint8)).save(video / f"{t:03d}.jpg")
+    out = ev.main(["--ckpt", str(tiny_ckpt), "--video", str(video), "--text", "the red circle", "--out", str(tmp_path / "d")])
+    pngs = sorted(out.glob("*.png"))
+    assert len(pngs) == 6 and Image.open(pngs[0]).size == (40, 30)
+    gif = Image.open(out / "demo.gif")
+    assert gif.n_frames == 6
+
+
+def test_flow_colour_wheel():
+    flow = np.zeros((2, 1, 4), np.float32)
+    flow[0, 0] = [1, -1, 0, 0]                                       # right, left, down, still
+    flow[1, 0] = [0, 0, 1, 0]
+    c = ev.flow_to_color(flow).astype(int)[0]
+    assert tuple(c[3]) == (255, 255, 255)                            # no motion is white
+    assert len({tuple(x) for x in c[:3]}) == 3                       # directions get different hues
+    assert (c[0] - c[1]).__abs__().sum() > 200                       # opposite directions far apart

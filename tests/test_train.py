@@ -1,0 +1,114 @@
+"""train.py: FLOP count against torch's counter, exact resume after SIGKILL, a NaN stops the run and keeps the
+last checkpoint, two gloo processes equal one process with the same global batch, clear errors."""
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import slvp
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+# a short CPU run: 1 thread (bitwise-repeatable reductions), no workers, a small evaluation
+FAST = ["--batch-size", "4", "--workers", "0", "--eval-clips", "4", "--log-every", "2", "--eval-every", "1000"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+ENV.pop("TRITON_INTERPRET", None)  # subprocesses take the torch path of the warp (the kernels have their own tests)
+
+
+@pytest.mark.parametrize("fusion", ["vision", "language"])
+@pytest.mark.parametrize("task", ["pretrain", "rvos"])
+def test_flop_count_matches_torch_flop_counter(fusion, task):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    cfg = dataclasses.replace(slvp.SLVPConfig.tiny(), t5_gated=(task == "rvos"))
+    model = slvp.SLVP(cfg, fusion, task=task).eval()
+    frames, ids, mask = torch.rand(2, 4, 3, 64, 96), torch.randint(3, 100, (2, 9)), torch.ones(2, 9, dtype=torch.bool)
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH), torch.no_grad():
+        model(frames, ids, mask)                            # the math backend makes attention visible as bmm
+    ours = sum(train.forward_flops(cfg, fusion, task, 2, 9).values())
+    assert abs(ours - counter.get_total_flops()) / counter.get_total_flops() < 0.01
+    # training: frozen encoders forward only, the rest forward + backward
+    f = train.forward_flops(cfg, fusion, task, 2, 9)
+    assert train.train_flops(model, 2, 9) == f["vision"] * (3 - 2 * model.freeze_vision) + f["text"] + 3 * f["decoder"]
+
+
+def run(args, **kw):
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], env=ENV, cwd=ROOT, capture_output=True,
+                          text=True, **kw)
+
+
+def weights(out):
+    return load_file(Path(out) / "ckpt.safetensors")
+
+
+def test_resume_after_sigkill_equals_uninterrupted(tmp_path):
+    args = ["--mode", "pretrain", "--steps", "30", "--ckpt-every", "3", *FAST]
+    full = run([*args, "--out", str(tmp_path / "full")])
+    assert full.returncode == 0, full.stderr
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args, "--out", str(out)], env=ENV, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (out / "resume.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)                         # after a checkpoint, mid-run
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    state = torch.load(out / "resume.pt", weights_only=True)
+    assert 3 <= state["step"] < 30
+    resumed = run([*args, "--out", str(out), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed {out / 'resume.pt'} at step {state['step']}" in resumed.stdout
+    a, b = weights(tmp_path / "full"), weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = slvp.photometric_objective
+
+    def poisoned(frames, flow):
+        calls["n"] += 1
+        loss = real(frames, flow)
+        return loss * float("nan") if calls["n"] == 5 else loss   # the 5th step (step index 4) goes NaN
+    monkeypatch.setattr(slvp, "photometric_objective", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        train.main(["--mode", "pretrain", "--steps", "8", "--ckpt-every", "2", *FAST, "--out", str(out)])
+    assert "non-finite loss (nan) at step 4" in str(e.value) and "ckpt.safetensors" in str(e.value)
+    assert slvp.read_checkpoint_metadata(out / "ckpt.safetensors")["extra"] == '{"step": 4}'
+    assert torch.load(out / "resume.pt", weights_only=True)["step"] == 4
+    assert not list(out.glob("*.tmp"))
+
+
+def test_two_gloo_processes_equal_one_process(tmp_path):
+    args = ["--mode", "pretrain", "--steps", "4", "--ckpt-every", "4", *FAST]
+    one = run([*args, "--out", str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29517", str(ROOT / "train.py"), *args, "--out", str(tmp_path / "two")],
+                         env=ENV, cwd=ROOT, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "on 2 process(es)" in two.stdout
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert diff < 1e-5, diff
+
+
+def test_clear_errors(tmp_path):
+    r = run(["--mode", "finetune", "--data", "ytvos", "--data-root", str(tmp_path / "missing"), "--out", str(tmp_path / "x")])
+    assert r.returncode != 0 and "missing not found: expected the Ref-YouTube-VOS root" in r.stderr
+    r = run(["--data", "kinetics", "--data-root", str(tmp_path)])
+    assert r.returncode != 0 and "unknown dataset 'kinetics'" in r.stderr
+    # a resume.pt of another config
+    ok = run(["--mode", "pretrain", "--steps", "1", *FAST, "--out", str(tmp_path / "r")])
+    assert ok.returncode == 0, ok.stderr
+    r = run(["--mode", "pretrain", "--steps", "2", *FAST, "--out", str(tmp_path / "r"), "--resume", "--fusion", "language"])
+    assert r.returncode != 0 and "checkpoint of another config" in r.stderr

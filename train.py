@@ -1,0 +1,424 @@
+"""
+Pre-training (Eq. (1)) and transfer learning (Eqs. (5)-(7)) of SLVP.
+
+    python train.py --mode pretrain                      # tiny model, synthetic video, a few minutes on a CPU
+    python train.py --mode finetune --init out/pretrain/ckpt.safetensors
+    torchrun --nproc_per_node 8 train.py --mode pretrain --config paper --data smit --data-root S-MiT \\
+        --t5 t5-base/ --vit coca_ViT-B-32.bin --spm t5-base/spiece.model --batch-size 64
+
+Writes to --out: ckpt.safetensors (the model), resume.pt (model, optimizer, schedule, step, data position and
+RNG state for --resume), spm.model (the tokenizer), log.jsonl (one JSON line per log and evaluation) and pictures.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+
+import data
+import slvp
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", choices=["pretrain", "finetune"], default="pretrain",
+                   help="pretrain: flow head and photometric loss; finetune: box and mask heads on R-VOS data")
+    p.add_argument("--fusion", choices=["vision", "language"], default=None,
+                   help="vision as query (Eq. (2), the default) or language as query (Eq. (8)); --init fixes it")
+    p.add_argument("--config", choices=["tiny", "paper"], default="tiny",
+                   help="tiny: CPU-sized; paper: 360x648, p=18, T=4, L=64, T5-base + ViT-B + 8-layer decoder")
+    p.add_argument("--data", nargs="+", default=["synthetic"],
+                   help="datasets (synthetic, smit, ytvos, davis17, refcoco, visor); several train jointly")
+    p.add_argument("--data-root", nargs="+", default=None, help="one root folder per --data entry except synthetic")
+    p.add_argument("--train-size", type=int, default=None,
+                   help="synthetic finetuning: number of labelled clips (default: the split's 256)")
+    p.add_argument("--t5", help="a Hugging Face T5 folder for the text encoder (needs --spm)")
+    p.add_argument("--vit", help="an open_clip CoCa/CLIP or timm ViT checkpoint for the vision encoder")
+    p.add_argument("--spm", help="sentencepiece model; default: the one next to --init/--encoders, or one fit to the data")
+    p.add_argument("--init", help="finetune from this pre-training checkpoint (shared weights; fresh heads); "
+                                  "without it the decoder starts random (the 'no Decoder*' rows of Table 2)")
+    p.add_argument("--encoders", help="finetune: take only the text and vision encoders from this checkpoint "
+                                      "(the decoder starts random): the control for --init with the same encoders")
+    p.add_argument("--freeze-text", action=argparse.BooleanOptionalAction, default=None,
+                   help="freeze the text encoder (default: yes, as the paper in both stages)")
+    p.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=None,
+                   help="freeze the vision encoder (default: yes in pre-training, no in finetuning)")
+    p.add_argument("--steps", type=int, default=1000, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=8, help="global batch size (clips), split over processes")
+    p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (AdamW)")
+    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay on matrices")
+    p.add_argument("--warmup", type=int, default=None, help="linear warm-up steps (default: 5%% of --steps)")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clipping")
+    p.add_argument("--seed", type=int, default=0, help="seed for initialization, data order and augmentation")
+    p.add_argument("--out", default=None, help="output folder (default: out/<mode>)")
+    p.add_argument("--ckpt-every", type=int, default=250, help="write the checkpoint every N steps (and at the end)")
+    p.add_argument("--eval-every", type=int, default=250, help="evaluate every N steps (and at the end)")
+    p.add_argument("--eval-clips", type=int, default=32, help="held-out synthetic clips per evaluation")
+    p.add_argument("--log-every", type=int, default=25, help="print a log line every N steps")
+    p.add_argument("--workers", type=int, default=1, help="DataLoader worker processes")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its resume.pt")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    args = p.parse_args(argv)
+    args.out = Path(args.out or f"out/{args.mode}")
+    if args.data_root is not None and len(args.data_root) != len([d for d in args.data if d != "synthetic"]):
+        p.error("give one --data-root per non-synthetic --data entry, in the same order")
+    if any(d != "synthetic" for d in args.data) and args.data_root is None:
+        p.error(f"--data {' '.join(args.data)} needs --data-root")
+    if args.mode == "pretrain" and (args.init or args.encoders):
+        p.error("--init and --encoders are for --mode finetune")
+    if args.t5 and not args.spm:
+        p.error("--t5 needs --spm (the T5 checkpoint's spiece.model)")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------
+# FLOPs and MFU
+# ----------------------------------------------------------------------------------------------------------
+
+def forward_flops(cfg, fusion, task, batch, text_len):
+    """Matmul FLOPs of one forward pass on `batch` clips with `text_len` tokens, by part (multiply-add = 2)."""
+    T, N, d, p = cfg.num_frames, cfg.num_patches, cfg.dec_dim, cfg.patch_size
+
+    def layer(q, kv, dim, mlp, kdim=None, inner=None, ffn_mats=2):
+        inner = inner or dim
+        proj = 2 * q * dim * inner * 2 + 2 * kv * (kdim or dim) * inner * 2      # q, o and k, v projections
+        return proj + 2 * 2 * q * kv * inner + ffn_mats * 2 * q * dim * mlp     # scores, values; FFN
+
+    n = N + 1
+    vision = batch * T * (2 * n * 3 * cfg.patch_size ** 2 * cfg.vit_dim
+                          + cfg.vit_layers * layer(n, n, cfg.vit_dim, cfg.vit_mlp))
+    text = batch * cfg.t5_layers * layer(text_len, text_len, cfg.t5_dim, cfg.t5_d_ff,
+                                         inner=cfg.t5_heads * cfg.t5_d_kv, ffn_mats=3 if cfg.t5_gated else 2)
+    TN = T * N
+    if fusion == "vision":
+        dec = layer(TN, TN, d, 0, ffn_mats=0) + layer(TN, text_len, d, cfg.dec_mlp)
+    else:
+        dec = layer(text_len + TN, text_len + TN, d, 0, ffn_mats=0) + layer(text_len + TN, TN, d, cfg.dec_mlp)
+    proj = 2 * batch * (T * N * cfg.vit_dim * d * (cfg.vit_dim != d) + text_len * cfg.t5_dim * d * (cfg.t5_dim != d))
+    heads = 2 * batch * (T * N * d * p * p * 2 if task == "pretrain" else T * d * 4 + T * N * (d + 4) * p * p)
+    return {"vision": vision, "text": text, "decoder": batch * cfg.dec_layers * dec + proj + heads}
+
+
+def train_flops(model, batch, text_len):
+    """FLOPs of one training step: forward + backward (3x forward) for trained parts, forward only for frozen
+    encoders (run under no_grad). Element-wise work is left out."""
+    f = forward_flops(model.cfg, model.fusion, model.task, batch, text_len)
+    return (f["vision"] * (1 if model.freeze_vision else 3) + f["text"] * (1 if model.freeze_text else 3)
+            + 3 * f["decoder"])
+
+
+def peak_flops():
+    """Dense bf16 peak of the GPU, for MFU; None when unknown."""
+    name = torch.cuda.get_device_name()
+    for key, flops in (("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("L40", 362e12)):
+        if key in name:
+            return flops
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data: a fixed permutation per epoch, split into global batches, each split over the processes
+# ----------------------------------------------------------------------------------------------------------
+
+def epoch_batches(n, global_batch, seed, epoch, rank, world):
+    """The batches of one epoch for this process: global batch i is perm[i*B:(i+1)*B] and process r takes its r-th
+    share, so W processes see together exactly what one process sees with the same global batch."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    perm = torch.randperm(n, generator=g).tolist()
+    per = global_batch // world
+    return [perm[i * global_batch + rank * per:i * global_batch + (rank + 1) * per] for i in range(n // global_batch)]
+
+
+def build_training_data(args, cfg):
+    split = "pretrain" if args.mode == "pretrain" else "train"
+    roots = iter(args.data_root or [])
+    sets = []
+    for name in args.data:
+        opts = {"seed": args.seed}
+        if name == "synthetic" and args.mode == "finetune" and args.train_size:
+            opts["size"] = args.train_size
+        sets.append(data.build_dataset(name, None if name == "synthetic" else next(roots),
+                                       split if name == "synthetic" else "train", cfg, train=True, **opts))
+    return sets
+
+
+def fit_tokenizer(sets, out):
+    """A small sentencepiece model (T5 conventions: <pad>=0, </s>=1, <unk>=2, no BOS) fit to the training texts."""
+    import sentencepiece as spm
+    texts = [t for s in sets for t in s.texts(5000)]
+    corpus = out / "spm_corpus.txt"
+    corpus.write_text("\n".join(texts))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(out / "spm"), vocab_size=256,
+                                   hard_vocab_limit=False, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                   character_coverage=1.0, minloglevel=2)
+    corpus.unlink()
+    return slvp.Tokenizer(out / "spm.model")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation during training
+# ----------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate_flow(model, tokenizer, n, device, out=None, pictures=3):
+    """End-point error of the predicted flow against the true synthetic flow on a fixed held-out set, frames
+    2..T, and the same for the zero flow. With `out`, writes pictures: frames, predicted flow, true flow."""
+    ds = data.build_dataset("synthetic", None, "pretrain_val", model.cfg, train=False, size=n)
+    collate = data.Collate(tokenizer, model.cfg.max_text_len)
+    model.eval()
+    epe, zero, count = 0.0, 0.0, 0
+    for start in range(0, n, 8):
+        batch = collate([ds[i] for i in range(start, min(start + 8, n))])
+        pred = model.flow(batch["frames"].to(device), batch["ids"].to(device), batch["mask"].to(device)).float().cpu()
+        true = batch["flow"]
+        epe += (pred[:, 1:] - true[:, 1:]).norm(dim=2).mean((1, 2, 3)).sum().item()
+        zero += true[:, 1:].norm(dim=2).mean((1, 2, 3)).sum().item()
+        count += len(true)
+        if out is not None and start == 0:
+            save_flow_pictures(batch, pred, out, pictures)
+    model.train()
+    return {"epe": epe / count, "epe_zero_flow": zero / count}
+
+
+def save_flow_pictures(batch, pred, out, k):
+    """One PNG per clip: row 1 the frames, row 2 the predicted flow o_(i,1), row 3 the true flow, i = 2..T (the
+    colour-wheel coding of Fig. 2, one scale per clip; white = no motion)."""
+    from eval import flow_to_color, to_uint8
+    for b in range(min(k, len(pred))):
+        frames = to_uint8(batch["frames"][b])                              # [T, H, W, 3]
+        T, H, W, _ = frames.shape
+        scale = max(batch["flow"][b].norm(dim=0).max().item(), 1.0)
+        rows = [np.concatenate(list(frames), 1)]
+        for flow in (pred[b], batch["flow"][b]):
+            blank = np.full((H, W, 3), 255, np.uint8)
+            rows.append(np.concatenate([blank] + [flow_to_color(flow[t].numpy(), scale) for t in range(1, T)], 1))
+        Image.fromarray(np.concatenate(rows, 0)).save(out / f"flow_{b}.png")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------------------
+
+def atomic_save(obj, path):
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_all(args, raw, opt, sched, step, epoch, batch_idx):
+    slvp.save_checkpoint(args.out / "ckpt.safetensors", raw, step=step)
+    atomic_save({"model": raw.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                 "step": step, "epoch": epoch, "batch": batch_idx, "rng": torch.get_rng_state(),
+                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                 "config": dataclasses.asdict(raw.cfg), "fusion": raw.fusion, "task": raw.task}, args.out / "resume.pt")
+
+
+def build_model(args, tokenizer, main_proc):
+    cfg = slvp.SLVPConfig.tiny() if args.config == "tiny" else slvp.SLVPConfig.paper()
+    text = vision = None
+    if args.t5:
+        text = slvp.load_t5(args.t5)
+        cfg = dataclasses.replace(cfg, **{f.name: getattr(text.cfg, f.name) for f in dataclasses.fields(cfg)
+                                          if f.name.startswith("t5_") or f.name == "vocab_size"})
+    else:
+        cfg = dataclasses.replace(cfg, vocab_size=len(tokenizer))
+    if args.vit:
+        vision = slvp.load_vit(args.vit, cfg)
+        cfg = dataclasses.replace(cfg, **{f.name: getattr(vision.cfg, f.name) for f in dataclasses.fields(cfg)
+                                          if f.name.startswith("vit_")})
+    task = "pretrain" if args.mode == "pretrain" else "rvos"
+    freeze = {"freeze_text": args.freeze_text, "freeze_vision": args.freeze_vision}
+    if args.init:
+        model = slvp.load_checkpoint(args.init, task="rvos", **freeze)
+        if args.fusion and args.fusion != model.fusion:
+            raise ValueError(f"--fusion {args.fusion} but {args.init} was pre-trained with fusion {model.fusion}")
+        return model
+    model = slvp.SLVP(cfg, args.fusion or "vision", task, **freeze)
+    if args.encoders:
+        src = slvp.load_checkpoint(args.encoders)
+        for part in ("text", "vision"):
+            slvp.check_state_dict(getattr(model, part), getattr(src, part).state_dict(), f"{part} encoder of {args.encoders}")
+    if text is not None:
+        model.text.load_state_dict(text.state_dict())
+    if vision is not None:
+        model.vision.load_state_dict(vision.state_dict())
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    args = parse_args(argv)
+    ddp = int(os.environ.get("RANK", -1)) != -1                           # launched by torchrun
+    if ddp:
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}" if torch.cuda.is_available() else "cpu"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(device)
+    else:
+        rank, world, device = 0, 1, "cuda" if torch.cuda.is_available() else "cpu"
+    main_proc = rank == 0
+    if args.batch_size % world:
+        raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by the {world} processes")
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    cuda = device.startswith("cuda")
+
+    try:
+        probe_cfg = slvp.SLVPConfig.tiny() if args.config == "tiny" else slvp.SLVPConfig.paper()
+        sets = build_training_data(args, probe_cfg)
+        spm = Path(args.spm) if args.spm else next((Path(c).parent / "spm.model" for c in (args.init, args.encoders)
+                                                    if c and (Path(c).parent / "spm.model").is_file()), None)
+        if spm is None and (args.out / "spm.model").is_file() and args.resume:
+            spm = args.out / "spm.model"
+        if spm is not None:
+            tokenizer = slvp.Tokenizer(spm)
+            if spm.resolve() != (args.out / "spm.model").resolve() and main_proc:
+                shutil.copy(spm, args.out / "spm.model")
+        else:
+            if main_proc:
+                fit_tokenizer(sets, args.out)
+            if ddp:
+                dist.barrier()
+            tokenizer = slvp.Tokenizer(args.out / "spm.model")
+        model = build_model(args, tokenizer, main_proc)
+        if model.cfg != probe_cfg:  # a checkpoint or real encoders changed the geometry: rebuild the data
+            sets = build_training_data(args, model.cfg)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    cfg = model.cfg
+    model.to(device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.dim() >= 2]
+    no_decay = [p for p in trainable if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.999))
+    warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
+
+    def lr_factor(step):  # linear warm-up, then cosine to 10% of the peak
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, args.steps - warmup)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+
+    step, epoch, batch_idx = 0, 0, 0
+    if args.resume:
+        path = args.out / "resume.pt"
+        if not path.is_file():
+            raise SystemExit(f"error: --resume but {path} does not exist")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state["config"] != dataclasses.asdict(cfg) or state["task"] != model.task or state["fusion"] != model.fusion:
+            raise SystemExit(f"error: {path} is a {state['task']}/{state['fusion']} checkpoint of another config "
+                             f"than this run's {model.task}/{model.fusion} {args.config}")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        step, epoch, batch_idx = state["step"], state["epoch"], state["batch"]
+        torch.set_rng_state(state["rng"])
+        if cuda and state["cuda_rng"]:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        if main_proc:
+            print(f"resumed {path} at step {step} (epoch {epoch}, batch {batch_idx})")
+
+    raw = model
+    if args.compile:
+        model = torch.compile(model)
+    if ddp:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[int(os.environ["LOCAL_RANK"])] if cuda else None)
+    train_set = sets[0] if len(sets) == 1 else torch.utils.data.ConcatDataset(sets)
+    collate = data.Collate(tokenizer, cfg.max_text_len)
+    n_batches = len(train_set) // args.batch_size
+    if n_batches == 0:
+        raise SystemExit(f"error: {len(train_set)} training clips are fewer than one batch of {args.batch_size}")
+    log = open(args.out / "log.jsonl", "a") if main_proc else None
+    n_params = sum(p.numel() for p in raw.parameters())
+    if main_proc:
+        print(f"{args.mode} {raw.fusion}-as-query, {n_params / 1e6:.2f}M parameters ({sum(p.numel() for p in trainable) / 1e6:.2f}M "
+              f"trained), {len(train_set)} clips, batch {args.batch_size} on {world} process(es), device {device}")
+    peak = peak_flops() if cuda else None
+    autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=cuda)
+
+    def evaluate():
+        if args.mode == "pretrain":
+            return evaluate_flow(raw, tokenizer, args.eval_clips, device, out=args.out)
+        from eval import synthetic_scores
+        s = synthetic_scores(raw, tokenizer, n=args.eval_clips, device=device)
+        raw.train()
+        return s
+
+    model.train()
+    t_last, steps_since = time.time(), 0
+    while step < args.steps:
+        for s in sets:
+            s.set_epoch(epoch)
+        batches = epoch_batches(len(train_set), args.batch_size, args.seed, epoch, rank, world)[batch_idx:]
+        loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches, collate_fn=collate,
+                                             num_workers=args.workers, pin_memory=cuda)
+        for batch in loader:
+            frames, ids, mask = batch["frames"].to(device), batch["ids"].to(device), batch["mask"].to(device)
+            with autocast:
+                if args.mode == "pretrain":
+                    loss, parts = slvp.photometric_objective(frames, model(frames, ids, mask)), {}
+                else:
+                    out = model(frames, ids, mask)
+                    loss, parts = raw.rvos_loss(out, batch["boxes"].to(device), batch["masks"].to(device),
+                                                batch["valid"].to(device))
+            if not torch.isfinite(loss):
+                last = args.out / "ckpt.safetensors"
+                raise SystemExit(f"error: non-finite loss ({loss.item()}) at step {step}; stopping. The last good "
+                                 f"checkpoint, {last if last.is_file() else 'none yet'}, is left as it was.")
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step, batch_idx, steps_since = step + 1, batch_idx + 1, steps_since + 1
+
+            if main_proc and (step % args.log_every == 0 or step == args.steps):
+                dt = (time.time() - t_last) / steps_since
+                line = {"kind": "train", "step": step, "loss": loss.item(), **{k: v.item() for k, v in parts.items()},
+                        "lr": sched.get_last_lr()[0], "it_per_s": 1 / dt}
+                msg = f"step {step:5d} | loss {loss.item():.4f}" + "".join(f" | {k} {v.item():.3f}" for k, v in parts.items())
+                msg += f" | lr {line['lr']:.2e} | {1 / dt:.2f} it/s"
+                if peak:
+                    line["mfu"] = train_flops(raw, args.batch_size // world, ids.shape[1]) / dt / peak
+                    msg += f" | mfu {100 * line['mfu']:.1f}% | mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+                print(msg, flush=True)
+                log.write(json.dumps(line) + "\n")
+                log.flush()
+                t_last, steps_since = time.time(), 0
+            if main_proc and (step % args.eval_every == 0 or step == args.steps):
+                scores = evaluate()
+                print("eval " + " | ".join(f"{k} {v:.4f}" for k, v in scores.items()), flush=True)
+                log.write(json.dumps({"kind": "eval", "step": step, **scores}) + "\n")
+                log.flush()
+                t_last = time.time()
+            if main_proc and (step % args.ckpt_every == 0 or step == args.steps):
+                save_all(args, raw, opt, sched, step, epoch if batch_idx < n_batches else epoch + 1,
+                         batch_idx if batch_idx < n_batches else 0)
+            if step >= args.steps:
+                break
+        else:
+            epoch, batch_idx = epoch + 1, 0
+    if main_proc:
+        print(f"done: {args.out / 'ckpt.safetensors'}")
+        log.close()
+    if ddp:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
