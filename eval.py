@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import data
+
 # ----------------------------------------------------------------------------------------------------------
 # J and F (DAVIS 2017)
 # ----------------------------------------------------------------------------------------------------------
@@ -196,16 +198,6 @@ def evaluate_objects(gt, pred, void=None, match=True, max_proposals=20):
 # DAVIS-style folders: ground truth, predictions, the official tables
 # ----------------------------------------------------------------------------------------------------------
 
-def read_png_ids(path):
-    try:
-        with Image.open(path) as im:
-            if im.mode not in ("P", "L"):
-                raise ValueError(f"mode {im.mode}; expected an indexed (P) or grey (L) PNG")
-            return np.asarray(im).copy()
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable indexed PNG ({e})") from e
-
-
 def split_ids(frames, n=None):
     """Int[T, H, W] -> Bool[n, T, H, W], one mask per id 1..n (n = the largest id)."""
     n = int(frames.max()) if n is None else n
@@ -221,7 +213,7 @@ def evaluate_davis(gt_dir, sequences, pred_dir, match=True, progress=True):
         names = sorted(p.stem for p in (Path(gt_dir) / seq).glob("*.png"))
         if not names:
             raise FileNotFoundError(f"{Path(gt_dir) / seq}: no ground-truth PNGs")
-        gt = np.stack([read_png_ids(Path(gt_dir) / seq / f"{n}.png") for n in names])
+        gt = np.stack([data.read_index_png(Path(gt_dir) / seq / f"{n}.png") for n in names])
         void = gt == 255
         gt = np.where(void, 0, gt)
         preds = []
@@ -229,7 +221,7 @@ def evaluate_davis(gt_dir, sequences, pred_dir, match=True, progress=True):
             p = Path(pred_dir) / seq / f"{n}.png"
             if not p.is_file():
                 raise FileNotFoundError(f"{p}: missing prediction (the sequence has {len(names)} annotated frames)")
-            preds.append(read_png_ids(p))
+            preds.append(data.read_index_png(p))
             if preds[-1].shape != gt.shape[1:]:
                 raise ValueError(f"{p}: size {preds[-1].shape[::-1]} differs from the ground truth's {gt.shape[:0:-1]}")
         pred = np.stack(preds)
@@ -255,11 +247,11 @@ def write_tables(out_dir, g, rows, subset="val"):
     """global_results-<subset>.csv and per-sequence_results-<subset>.csv with the official columns, 3 decimals."""
     out_dir = Path(out_dir)
     with open(out_dir / f"global_results-{subset}.csv", "w", newline="") as fh:
-        w = csv.writer(fh)
+        w = csv.writer(fh, lineterminator="\n")
         w.writerow(list(g))
         w.writerow([f"{v:.3f}" for v in g.values()])
     with open(out_dir / f"per-sequence_results-{subset}.csv", "w", newline="") as fh:
-        w = csv.writer(fh)
+        w = csv.writer(fh, lineterminator="\n")
         w.writerow(["Sequence", "J-Mean", "F-Mean"])
         w.writerows([(name, f"{jm:.3f}", f"{fm:.3f}") for name, jm, fm in rows])
 
@@ -337,9 +329,8 @@ def predict(model, dataset, tokenizer, batch_size=4, device="cpu", progress=True
     """Runs the model over an evaluation dataset (clips covering every frame). Returns
     {(video, exp_id): {frame name: Bool[H0, W0] numpy}} with masks resized (bilinear on the logits) back to the
     original frame size."""
-    import data as data_lib
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size,
-                                         collate_fn=data_lib.Collate(tokenizer, model.cfg.max_text_len))
+                                         collate_fn=data.Collate(tokenizer, model.cfg.max_text_len))
     model.eval()
     out, t0, done = {}, time.time(), 0
     for batch in loader:
@@ -390,8 +381,7 @@ def write_object_pngs(preds, out_dir, obj_of):
 
 def synthetic_scores(model, tokenizer, n=64, batch_size=8, device="cpu", seed=0):
     """The embedded benchmark: a fixed held-out set of synthetic R-VOS clips; J, F, J&F means over clips."""
-    import data as data_lib
-    ds = data_lib.build_dataset("synthetic", None, "val", model.cfg, train=False, size=n, seed=seed)
+    ds = data.build_dataset("synthetic", None, "val", model.cfg, train=False, size=n, seed=seed)
     preds = predict(model, ds, tokenizer, batch_size, device, progress=False)
     js, fs = [], []
     for i in range(len(ds)):
@@ -407,11 +397,10 @@ def synthetic_scores(model, tokenizer, n=64, batch_size=8, device="cpu", seed=0)
 def bench_davis17(args, model, tokenizer, device):
     """Ref-DAVIS17: four runs (annotator 1/2 x first-frame/full-video), each written as indexed PNGs and scored
     with the DAVIS 2017 unsupervised protocol, then averaged."""
-    import data as data_lib
     gt_dir, seqs = davis_sequences(args.davis_root)
     results = []
-    for a, run in enumerate(data_lib.RefDAVIS17.RUNS):
-        ds = data_lib.build_dataset("davis17", args.data_root, "valid", model.cfg, train=False, annotation=a)
+    for a, run in enumerate(data.RefDAVIS17.RUNS):
+        ds = data.build_dataset("davis17", args.data_root, "valid", model.cfg, train=False, annotation=a)
         print(f"run {a}: {run}, {len(ds)} clips")
         preds = predict(model, ds, tokenizer, args.batch_size, device)
         out = Path(args.out) / f"run{a}"
@@ -427,8 +416,7 @@ def bench_davis17(args, model, tokenizer, device):
 
 def bench_ytvos(args, model, tokenizer, device):
     """Ref-YouTube-VOS valid: Annotations/<vid>/<exp_id>/<frame>.png (0/255, original size), zipped."""
-    import data as data_lib
-    ds = data_lib.build_dataset("ytvos", args.data_root, "valid", model.cfg, train=False)
+    ds = data.build_dataset("ytvos", args.data_root, "valid", model.cfg, train=False)
     preds = predict(model, ds, tokenizer, args.batch_size, device)
     out = Path(args.out)
     zpath = out / "submission.zip"
@@ -447,8 +435,7 @@ def bench_ytvos(args, model, tokenizer, device):
 def bench_visor(args, model, tokenizer, device):
     """VISOR val: each object's name is its expression; masks are scored against the object's own ground truth
     (ids known, no matching), on every annotated frame."""
-    import data as data_lib
-    ds = data_lib.build_dataset("visor", args.data_root, "val", model.cfg, train=False)
+    ds = data.build_dataset("visor", args.data_root, "val", model.cfg, train=False)
     preds = predict(model, ds, tokenizer, args.batch_size, device)
     out = Path(args.out) / "visor"
     write_object_pngs(preds, out, int)
@@ -461,7 +448,6 @@ def bench_visor(args, model, tokenizer, device):
 
 def demo(args, model, tokenizer, device):
     """Overlays of the predicted mask on every frame of a video (a folder of frames or an .mp4), and a GIF."""
-    import data as data_lib
     video = Path(args.video)
     cfg = model.cfg
     if video.is_dir():
@@ -470,7 +456,7 @@ def demo(args, model, tokenizer, device):
             raise FileNotFoundError(f"{video}: no .jpg/.png frames")
         originals = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
     elif video.is_file():
-        av = data_lib._pyav(video)
+        av = data._pyav(video)
         with av.open(str(video)) as c:
             originals = [np.asarray(f.to_image().convert("RGB")) for f in c.decode(video=0)]
     else:
@@ -484,7 +470,7 @@ def demo(args, model, tokenizer, device):
     out.mkdir(parents=True, exist_ok=True)
     pictures = []
     with torch.no_grad():
-        for s, idx, n in data_lib.eval_clips(len(originals), cfg.num_frames):
+        for s, idx, n in data.eval_clips(len(originals), cfg.num_frames):
             logits = model(small[idx][None].to(device), ids.to(device), mask.to(device))["masks"][0, :n]
             up = F.interpolate(logits[:, None].float(), size=(H0, W0), mode="bilinear", align_corners=False)[:, 0] > 0
             for t, m in zip(range(s, s + n), up.cpu().numpy()):

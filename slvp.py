@@ -10,7 +10,7 @@ The whole model in one file, in the paper's order:
   6. transfer: box and mask heads and their losses             (Eq. (4), Eqs. (5)-(7))
   7. tokenizer and checkpoint io
 
-Conventions the paper leaves open are fixed in ../shared/SPEC.md section 3 and repeated where they apply.
+Conventions the paper leaves open (units, layouts, masks, initialization) are stated where they apply.
 """
 import dataclasses
 import json
@@ -471,13 +471,9 @@ class Decoder(nn.Module):
         return self.norm(query)
 
 
-def patchify_dims(cfg):
-    return cfg.num_frames, cfg.grid[0], cfg.grid[1], cfg.patch_size
-
-
 def unpatchify(x, cfg, channels):
     """[B, T*N, p*p*C] -> [B, T, C, H, W], each token's p*p*C values laid out (p, p, C) as in MAE."""
-    T, gh, gw, p = patchify_dims(cfg)
+    T, (gh, gw), p = cfg.num_frames, cfg.grid, cfg.patch_size
     B = x.shape[0]
     x = x.reshape(B, T, gh, gw, p, p, channels)
     x = torch.einsum("bthwpqc->btchpwq", x)

@@ -77,6 +77,8 @@ def parse_args(argv=None):
         p.error("--init and --encoders are for --mode finetune")
     if args.t5 and not args.spm:
         p.error("--t5 needs --spm (the T5 checkpoint's spiece.model)")
+    if args.init and (args.encoders or args.t5 or args.vit):
+        p.error("--init brings its own encoders: leave out --encoders, --t5 and --vit")
     return args
 
 
@@ -222,7 +224,7 @@ def save_all(args, raw, opt, sched, step, epoch, batch_idx):
                  "config": dataclasses.asdict(raw.cfg), "fusion": raw.fusion, "task": raw.task}, args.out / "resume.pt")
 
 
-def build_model(args, tokenizer, main_proc):
+def build_model(args, tokenizer):
     cfg = slvp.SLVPConfig.tiny() if args.config == "tiny" else slvp.SLVPConfig.paper()
     text = vision = None
     if args.t5:
@@ -293,7 +295,10 @@ def main(argv=None):
             if ddp:
                 dist.barrier()
             tokenizer = slvp.Tokenizer(args.out / "spm.model")
-        model = build_model(args, tokenizer, main_proc)
+        model = build_model(args, tokenizer)
+        if len(tokenizer) > model.cfg.vocab_size:
+            raise ValueError(f"the tokenizer has {len(tokenizer)} pieces, more than the model's vocabulary of "
+                             f"{model.cfg.vocab_size}: use the sentencepiece model the checkpoint was trained with")
         if model.cfg != probe_cfg:  # a checkpoint or real encoders changed the geometry: rebuild the data
             sets = build_training_data(args, model.cfg)
     except (FileNotFoundError, ValueError) as e:
