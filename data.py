@@ -183,11 +183,10 @@ class ClipDataset(torch.utils.data.Dataset):
         return item
 
 
-def clip_indices(n, T, train, rng, stride=1):
-    """Training: one clip of T frame indices, `stride` apart, at a random start (indices clamped to the video)."""
-    span = stride * (T - 1) + 1
-    start = int(rng.integers(0, max(n - span, 0) + 1)) if train else 0
-    return [min(start + stride * j, n - 1) for j in range(T)]
+def clip_indices(n, T, rng):
+    """Training: T consecutive frame indices at a random start (clamped to the video when it is shorter)."""
+    start = int(rng.integers(0, max(n - T, 0) + 1))
+    return [min(start + j, n - 1) for j in range(T)]
 
 
 def eval_clips(n, T):
@@ -468,10 +467,9 @@ def read_video_frames(path, indices, size):
                     break
     except Exception as e:  # PyAV raises its own error types
         raise ValueError(f"{path}: unreadable video ({e})") from e
-    last = max(got) if got else None
-    if last is None:
+    if not got:
         raise ValueError(f"{path}: no frames decoded")
-    return torch.stack([got.get(i, got[last]) for i in indices])
+    return torch.stack([got.get(i, got[max(got)]) for i in indices])  # past the end: the last decoded frame
 
 
 class VideoExpressions(ClipDataset):
@@ -509,7 +507,7 @@ class VideoExpressions(ClipDataset):
         (vid, exp_id, text, obj_id), idx, real = entry
         frames_p, annos_p = self.videos[vid]
         if idx is None:
-            idx = clip_indices(len(frames_p), self.cfg.num_frames, True, rng)
+            idx = clip_indices(len(frames_p), self.cfg.num_frames, rng)
         size = self.cfg.frame_size
         loaded = [read_rgb(frames_p[i], size) for i in idx]
         item = {"frames": torch.stack([f for f, _ in loaded]), "text": text, "id": (vid, exp_id, idx[0])}
@@ -531,6 +529,19 @@ def _video_frames(jpeg_dir, anno_dir, vid, names=None):
     return frames, annos
 
 
+def _ytvos_layout(root, split, what, annotations):
+    """The Ref-YouTube-VOS layout (also the converted Ref-DAVIS17's): the split's expressions, its JPEG folder and,
+    where the split has them, its annotation folder."""
+    root = need(root, f"the {what} root (train/, valid/, meta_expressions/)")
+    if split not in ("train", "valid"):
+        raise ValueError(f"{what} split must be train or valid, got {split!r}")
+    meta = json.loads(need(root / "meta_expressions" / split / "meta_expressions.json",
+                           f"the {what} expression file").read_text())["videos"]
+    jpeg = need(root / split / "JPEGImages", "one folder of JPEG frames per video")
+    anno = need(root / split / "Annotations", "one folder of indexed PNGs per video") if annotations else None
+    return meta, jpeg, anno
+
+
 class RefYouTubeVOS(VideoExpressions):
     """train/JPEGImages/<vid>/<frame>.jpg, train/Annotations/<vid>/<frame>.png, and
     meta_expressions/{train,valid}/meta_expressions.json ({"videos": {vid: {"expressions": {exp_id: {"exp",
@@ -539,16 +550,11 @@ class RefYouTubeVOS(VideoExpressions):
 
     def __init__(self, root, split, cfg, train, seed=0, skip_bad=False):
         super().__init__(cfg, train, seed, skip_bad)
-        root = need(root, "the Ref-YouTube-VOS root (train/, valid/, meta_expressions/)")
-        if split not in ("train", "valid"):
-            raise ValueError(f"ytvos split must be train or valid, got {split!r}")
-        meta = json.loads(need(root / "meta_expressions" / split / "meta_expressions.json",
-                               "the Ref-YouTube-VOS expression file").read_text())["videos"]
+        meta, jpeg, anno = _ytvos_layout(root, split, "Ref-YouTube-VOS", annotations=(split == "train"))
         skip = set()
-        if split == "valid" and (root / "meta_expressions" / "test" / "meta_expressions.json").is_file():
-            skip = set(json.loads((root / "meta_expressions" / "test" / "meta_expressions.json").read_text())["videos"])
-        jpeg = need(root / split / "JPEGImages", "one folder of JPEG frames per video")
-        anno = need(root / split / "Annotations", "one folder of indexed PNGs per video") if split == "train" else None
+        test = Path(root) / "meta_expressions" / "test" / "meta_expressions.json"
+        if split == "valid" and test.is_file():
+            skip = set(json.loads(test.read_text())["videos"])
         for vid, v in sorted(meta.items()):
             if vid in skip:
                 continue
@@ -568,13 +574,7 @@ class RefDAVIS17(VideoExpressions):
 
     def __init__(self, root, split, cfg, train, seed=0, skip_bad=False, annotation=None):
         super().__init__(cfg, train, seed, skip_bad)
-        root = need(root, "the converted Ref-DAVIS17 root (train/, valid/, meta_expressions/)")
-        if split not in ("train", "valid"):
-            raise ValueError(f"davis17 split must be train or valid, got {split!r}")
-        meta = json.loads(need(root / "meta_expressions" / split / "meta_expressions.json",
-                               "the converted Ref-DAVIS17 expression file").read_text())["videos"]
-        jpeg = need(root / split / "JPEGImages", "one folder of JPEG frames per video")
-        anno = need(root / split / "Annotations", "one folder of indexed PNGs per video")
+        meta, jpeg, anno = _ytvos_layout(root, split, "converted Ref-DAVIS17", annotations=True)
         for vid, v in sorted(meta.items()):
             self.videos[vid] = _video_frames(jpeg, anno, vid, v.get("frames"))
             for exp_id, e in v["expressions"].items():

@@ -198,9 +198,9 @@ def evaluate_objects(gt, pred, void=None, match=True, max_proposals=20):
 # DAVIS-style folders: ground truth, predictions, the official tables
 # ----------------------------------------------------------------------------------------------------------
 
-def split_ids(frames, n=None):
+def split_ids(frames):
     """Int[T, H, W] -> Bool[n, T, H, W], one mask per id 1..n (n = the largest id)."""
-    n = int(frames.max()) if n is None else n
+    n = int(frames.max())
     return frames[None] == np.arange(1, n + 1)[:, None, None, None]
 
 

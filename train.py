@@ -187,7 +187,6 @@ def evaluate_flow(model, tokenizer, n, device, out=None, pictures=3):
         count += len(true)
         if out is not None and start == 0:
             save_flow_pictures(batch, pred, out, pictures)
-    model.train()
     return {"epe": epe / count, "epe_zero_flow": zero / count}
 
 
@@ -299,7 +298,8 @@ def main(argv=None):
         if len(tokenizer) > model.cfg.vocab_size:
             raise ValueError(f"the tokenizer has {len(tokenizer)} pieces, more than the model's vocabulary of "
                              f"{model.cfg.vocab_size}: use the sentencepiece model the checkpoint was trained with")
-        if model.cfg != probe_cfg:  # a checkpoint or real encoders changed the geometry: rebuild the data
+        geometry = lambda c: (c.frame_size, c.num_frames)                # all the datasets read of the config
+        if geometry(model.cfg) != geometry(probe_cfg):  # a checkpoint changed the geometry: rebuild the data
             sets = build_training_data(args, model.cfg)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
@@ -355,13 +355,11 @@ def main(argv=None):
     peak = peak_flops() if cuda else None
     autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=cuda)
 
-    def evaluate():
+    def evaluate():  # both leave the model in eval mode; the loop switches it back
         if args.mode == "pretrain":
             return evaluate_flow(raw, tokenizer, args.eval_clips, device, out=args.out)
         from eval import synthetic_scores
-        s = synthetic_scores(raw, tokenizer, n=args.eval_clips, device=device)
-        raw.train()
-        return s
+        return synthetic_scores(raw, tokenizer, n=args.eval_clips, device=device)
 
     model.train()
     t_last, steps_since = time.time(), 0
@@ -406,6 +404,7 @@ def main(argv=None):
                 t_last, steps_since = time.time(), 0
             if main_proc and (step % args.eval_every == 0 or step == args.steps):
                 scores = evaluate()
+                raw.train()
                 print("eval " + " | ".join(f"{k} {v:.4f}" for k, v in scores.items()), flush=True)
                 log.write(json.dumps({"kind": "eval", "step": step, **scores}) + "\n")
                 log.flush()
