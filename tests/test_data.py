@@ -94,12 +94,13 @@ def test_synthetic_motion_is_recoverable_with_the_photometric_objective(monkeypa
     64x96 on 64 held-out clips, 300 steps: EPE 1.32 -> 0.86; README, "The default run".)"""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)   # the torch path of the warp (the kernels have their own tests)
     ds = data.build_dataset("synthetic", None, "pretrain_val", CFG, train=False, size=8)
-    frames = torch.stack([ds[i]["frames"] for i in range(8)])
-    true = torch.stack([ds[i]["flow"] for i in range(8)])
-    free = torch.zeros(8, CFG.num_frames, 2, H // 8, W // 8, requires_grad=True)
+    items = [ds[i] for i in range(8)]
+    frames, true = torch.stack([it["frames"] for it in items]), torch.stack([it["flow"] for it in items])
+    p = CFG.patch_size
+    free = torch.zeros(8, CFG.num_frames, 2, H // p, W // p, requires_grad=True)
     opt = torch.optim.Adam([free], lr=0.05)
     for _ in range(200):
-        flow = free.repeat_interleave(8, 3).repeat_interleave(8, 4)    # [B, T, 2, H, W], constant on each patch
+        flow = free.repeat_interleave(p, 3).repeat_interleave(p, 4)    # [B, T, 2, H, W], constant on each patch
         loss = slvp.photometric_objective(frames, flow)
         opt.zero_grad()
         loss.backward()
