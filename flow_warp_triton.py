@@ -25,7 +25,9 @@ except ImportError:  # CPU-only installs without triton run the torch reference
     triton = None
 
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-BLOCK = 256  # pixels per program
+MASK_DTYPES = (torch.bool, torch.uint8, *TRITON_DTYPES)  # masks the kernel reads (bool as its bytes)
+BLOCK = 128     # pixels per program
+NUM_WARPS = 4   # warps per program
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -145,13 +147,15 @@ if triton is not None:
         tl.store(gf + H * W, gv, mask=inside)
 
     @triton.jit
-    def _photometric_kernel(img_ptr, flow_ptr, tgt_ptr, mask_ptr, partial_ptr, gflow_ptr, C, H, W,
-                            si_b, si_c, si_h, si_w, sf_b, sf_c, sf_h, sf_w, st_b, st_c, st_h, st_w,
+    def _photometric_kernel(img_ptr, flow_ptr, tgt_ptr, mask_ptr, count_ptr, partial_ptr, gflow_ptr, inv_count,
+                            C, H, W, si_b, si_c, si_h, si_w, sf_b, sf_c, sf_h, sf_w, st_b, st_c, st_h, st_w,
                             sm_b, sm_c, sm_h, sm_w,
                             BLOCK: tl.constexpr, WIDE: tl.constexpr, HAS_MASK: tl.constexpr,
                             FLOW_GRAD: tl.constexpr):
-        # partial[program] = sum over its pixels and all channels of (warp - target)^2 (masked);
-        # grad_flow (contiguous fp32 [B, 2, H, W]) = d(that sum)/d(flow), to be scaled by grad_output / count
+        # partial[program] = (sum over its pixels and all channels of (warp - target)^2, masked) / count, so that
+        # the loss is the sum of the partials; grad_flow (contiguous [B, 2, H, W], the flow's dtype) = d loss / d flow,
+        # to be scaled by grad_output. count: the element count (inv_count = 1 / count), or with a mask the mask's
+        # sum, read from count_ptr (a device scalar: no host synchronization)
         pid = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)
         offs = pid * BLOCK + tl.arange(0, BLOCK)
@@ -176,11 +180,12 @@ if triton is not None:
             img += si_c
             tgt += st_c
             msk += sm_c
-        tl.store(partial_ptr + tl.program_id(1) * tl.num_programs(0) + pid, tl.sum(sq, axis=0))
+        scale = 1.0 / tl.load(count_ptr) if HAS_MASK else inv_count
+        tl.store(partial_ptr + tl.program_id(1) * tl.num_programs(0) + pid, tl.sum(sq, axis=0) * scale)
         if FLOW_GRAD:
             gf = gflow_ptr + b * 2 * H * W + offs
-            tl.store(gf, gu, mask=inside)
-            tl.store(gf + H * W, gv, mask=inside)
+            tl.store(gf, (gu * scale).to(gflow_ptr.dtype.element_ty), mask=inside)
+            tl.store(gf + H * W, (gv * scale).to(gflow_ptr.dtype.element_ty), mask=inside)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -206,7 +211,7 @@ def _launch_warp_fwd(image, flow):
     out = torch.empty_like(image, memory_format=torch.contiguous_format)
     grid = (triton.cdiv(H * W, BLOCK), B)
     _warp_fwd_kernel[grid](image, flow, out, C, H, W, *image.stride(), *flow.stride(), *out.stride(),
-                           BLOCK=BLOCK, WIDE=_wide(image, flow, out))
+                           BLOCK=BLOCK, WIDE=_wide(image, flow, out), num_warps=NUM_WARPS)
     return out
 
 
@@ -217,20 +222,23 @@ def _launch_warp_bwd(image, flow, grad_out, image_grad):
     grid = (triton.cdiv(H * W, BLOCK), B)
     _warp_bwd_kernel[grid](image, flow, grad_out, grad_flow, grad_image, C, H, W,
                            *image.stride(), *flow.stride(), *grad_out.stride(),
-                           BLOCK=BLOCK, WIDE=_wide(image, flow, grad_out), IMAGE_GRAD=image_grad)
+                           BLOCK=BLOCK, WIDE=_wide(image, flow, grad_out), IMAGE_GRAD=image_grad,
+                           num_warps=NUM_WARPS)
     return grad_flow, (grad_image if image_grad else None)
 
 
 def _launch_photometric(image, flow, target, mask, flow_grad):
+    """(loss, d loss / d flow or None): the loss a float32 scalar, the gradient in the flow's dtype."""
     B, C, H, W = image.shape
     n_blocks = triton.cdiv(H * W, BLOCK)
     partial = torch.empty(B * n_blocks, device=image.device, dtype=torch.float32)
-    grad_flow = torch.empty(B, 2, H, W, device=flow.device, dtype=torch.float32) if flow_grad else partial
+    grad_flow = torch.empty(B, 2, H, W, device=flow.device, dtype=flow.dtype) if flow_grad else partial
     m = mask if mask is not None else image  # a placeholder pointer when there is no mask
-    _photometric_kernel[(n_blocks, B)](image, flow, target, m, partial, grad_flow, C, H, W,
-                                       *image.stride(), *flow.stride(), *target.stride(), *m.stride(),
+    count = mask.sum(dtype=torch.float32) if mask is not None else partial  # read by the kernel only with a mask
+    _photometric_kernel[(n_blocks, B)](image, flow, target, m, count, partial, grad_flow, 1.0 / image.numel(),
+                                       C, H, W, *image.stride(), *flow.stride(), *target.stride(), *m.stride(),
                                        BLOCK=BLOCK, WIDE=_wide(image, flow, target, m),
-                                       HAS_MASK=mask is not None, FLOW_GRAD=flow_grad)
+                                       HAS_MASK=mask is not None, FLOW_GRAD=flow_grad, num_warps=NUM_WARPS)
     return partial.sum(), (grad_flow if flow_grad else None)  # fixed-order sum of per-program partials
 
 
@@ -254,16 +262,14 @@ class FlowWarpFunction(torch.autograd.Function):
 class PhotometricLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, image, flow, target, mask):
-        total, grad_flow = _launch_photometric(image, flow, target, mask, flow_grad=ctx.needs_input_grad[1])
-        count = torch.tensor(float(image.numel()), device=image.device) if mask is None else mask.sum(dtype=torch.float32)
-        ctx.save_for_backward(grad_flow, count)
-        ctx.flow_dtype = flow.dtype
-        return total / count
+        loss, grad_flow = _launch_photometric(image, flow, target, mask, flow_grad=ctx.needs_input_grad[1])
+        ctx.save_for_backward(grad_flow)
+        return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_flow, count = ctx.saved_tensors
-        return None, (grad_flow * (grad_loss / count)).to(ctx.flow_dtype), None, None
+        (grad_flow,) = ctx.saved_tensors
+        return None, grad_flow * grad_loss.to(grad_flow.dtype), None, None
 
 
 def use_triton(*tensors):
@@ -289,7 +295,7 @@ def photometric_loss(image, flow, target, mask=None):
         raise ValueError(f"target {tuple(target.shape)} must have the image's shape {tuple(image.shape)}")
     if mask is not None:
         mask = mask.expand(image.shape)  # a view: a [B,1,H,W] mask is read with channel stride 0
-    if use_triton(image, flow, target):
+    if use_triton(image, flow, target) and (mask is None or mask.dtype in MASK_DTYPES):
         if mask is not None and mask.dtype == torch.bool:
             mask = mask.view(torch.uint8)  # any mask dtype is read as a number; bool as its bytes
         return PhotometricLossFunction.apply(image.detach(), flow, target.detach(), mask)
@@ -301,26 +307,25 @@ def photometric_loss(image, flow, target, mask=None):
 # ----------------------------------------------------------------------------------------------------------
 
 def bytes_moved(B, C, H, W, dtype, backward):
-    """What the fused kernel must move: read image, target (C channels) and flow (2), and with backward write
-    the fp32 flow gradient once and read it back to scale it into the flow's dtype (2 + 2 channels)."""
+    """What the fused loss must move: read image, target (C channels) and flow (2); with backward, write the flow
+    gradient once, then read it and write it times grad_output (2 channels each, all in the inputs' dtype)."""
     e = torch.empty(0, dtype=dtype).element_size()
     n = B * H * W
-    fwd = n * (2 * C * e + 2 * e)
-    return fwd + (n * 2 * (4 + 4 + e) if backward else 0)
+    return n * (2 * C + 2) * e + (n * 2 * 3 * e if backward else 0)
 
 
 def benchmark(clips=8, frames=3, H=360, W=648):
+    """Eager grid_sample + mse_loss, the same under torch.compile, and the fused kernel, forward and forward +
+    backward, fp32 and bf16, on clips x frames random images and flows of std 8 px. Returns (copy GB/s, rows)."""
     from triton.testing import do_bench
     dev = "cuda"
     big = torch.empty(2 ** 30, dtype=torch.uint8, device=dev)
-    copy_ms = do_bench(lambda: big.clone())
-    copy_gbs = 2 * big.numel() / copy_ms / 1e6
-    print(f"device: {torch.cuda.get_device_name()}, device-to-device copy: {copy_gbs:.0f} GB/s (1 GiB clone)")
+    copy_gbs = 2 * big.numel() / do_bench(lambda: big.clone(), return_mode="median") / 1e6
+    del big
     B = clips * frames
-    print(f"{B} frames of {H}x{W} (B x (T-1) = {clips} x {frames}), C=3; median of triton.testing.do_bench")
-    print(f"{'dtype':9} {'pass':8} {'method':14} {'ms':>8} {'GB/s':>7} {'% copy':>7} {'speed-up':>9}")
     eager = lambda i, f, t: F.mse_loss(flow_warp_reference(i, f).float(), t.float())
     compiled = torch.compile(eager)
+    rows = []
     for dtype in (torch.float32, torch.bfloat16):
         g = torch.Generator(device=dev).manual_seed(0)
         image = torch.rand(B, 3, H, W, device=dev, generator=g).to(dtype)
@@ -337,15 +342,22 @@ def benchmark(clips=8, frames=3, H=360, W=648):
                         fl.grad = None
                 return run
             nbytes = bytes_moved(B, 3, H, W, dtype, backward)
-            times = {name: do_bench(step(fn)) for name, fn in
+            times = {name: do_bench(step(fn), return_mode="median") for name, fn in
                      (("eager torch", eager), ("torch.compile", compiled), ("fused triton", photometric_loss))}
             for name, ms in times.items():
                 gbs = nbytes / ms / 1e6
-                print(f"{str(dtype)[6:]:9} {'fwd+bwd' if backward else 'fwd':8} {name:14} {ms:8.3f} {gbs:7.0f} "
-                      f"{100 * gbs / copy_gbs:6.0f}% {times['eager torch'] / ms:8.2f}x")
+                rows.append({"dtype": str(dtype)[6:], "pass": "fwd+bwd" if backward else "fwd", "method": name,
+                             "ms": ms, "GB/s": gbs, "% copy": 100 * gbs / copy_gbs, "speed-up": times["eager torch"] / ms})
+    return copy_gbs, rows
 
 
 if __name__ == "__main__":
     if not torch.cuda.is_available() or triton is None:
         raise SystemExit("the benchmark needs a CUDA GPU and triton (the tests cover the CPU, through the interpreter)")
-    benchmark()
+    copy_gbs, rows = benchmark()
+    print(f"device: {torch.cuda.get_device_name()}, device-to-device copy: {copy_gbs:.0f} GB/s (1 GiB clone)")
+    print("8 x 3 frames of 360x648, C=3; median of triton.testing.do_bench")
+    print(f"{'dtype':9} {'pass':8} {'method':14} {'ms':>8} {'GB/s':>7} {'% copy':>7} {'speed-up':>9}")
+    for r in rows:
+        print(f"{r['dtype']:9} {r['pass']:8} {r['method']:14} {r['ms']:8.3f} {r['GB/s']:7.0f} {r['% copy']:6.0f}% "
+              f"{r['speed-up']:8.2f}x")

@@ -560,7 +560,9 @@ class SLVP(nn.Module):
         takes its colour from frame 1 at p + o_(i,1)(p)."""
         if self.task != "pretrain":
             raise RuntimeError("flow() needs task='pretrain'; the transfer model has no flow head")
-        return unpatchify(self.flow_head(self.fuse(frames, ids, mask)), self.cfg, 2)   # Eq. (3)
+        f_fused = self.fuse(frames, ids, mask)
+        with torch.autocast(frames.device.type, enabled=False):  # flow in float32: bf16 rounds 8 px to 1/16 px
+            return unpatchify(self.flow_head(f_fused.float()), self.cfg, 2)            # Eq. (3)
 
     def pretrain_loss(self, frames, ids, mask):
         """Eq. (1) on this model's flow: (loss, flow)."""
@@ -583,14 +585,16 @@ class SLVP(nn.Module):
         logits = self.mask_head(torch.cat([f_fused, box_per_token], dim=-1))  # [B, T*N, p*p]
         return {"boxes": boxes, "masks": unpatchify(logits, self.cfg, 1)[:, :, 0]}
 
-    def rvos_loss(self, out, boxes, masks, valid):
+    def rvos_loss(self, out, boxes, masks, valid, num_valid=None):
         """Eqs. (5)-(7): 5 L1 + 1 GIoU on the boxes of frames where the object is present (valid), 5 Dice + 1 BCE
-        on the masks of all frames."""
-        v = valid.bool()
-        pb, gb = out["boxes"][v], boxes[v].to(out["boxes"].dtype)           # [n_valid, 4]
-        n = max(int(v.sum()), 1)
-        l1 = (pb - gb).abs().sum() / n                                      # Eq. (6), mean over present frames
-        giou = (1 - generalized_box_iou(pb, gb)).sum() / n                  # Eq. (5)
+        on the masks of all frames. The box terms are averaged over num_valid frames: by default those present in
+        this batch; under DDP train.py passes the mean count over the processes, so that the averaged gradient
+        equals that of one process with the whole batch. Losses in float32, without host synchronization."""
+        v = valid.float().flatten()                                         # [B*T]
+        n = v.sum().clamp(min=1) if num_valid is None else num_valid
+        pb, gb = out["boxes"].float().flatten(0, 1), boxes.float().flatten(0, 1)   # [B*T, 4]
+        l1 = ((pb - gb).abs().sum(-1) * v).sum() / n                        # Eq. (6), mean over present frames
+        giou = ((1 - generalized_box_iou(pb, gb)) * v).sum() / n            # Eq. (5)
         logits, g = out["masks"].float(), masks.float()
         dice = dice_loss(logits.sigmoid(), g)                               # Eq. (7)
         bce = F.binary_cross_entropy_with_logits(logits, g)                 # Eq. (7), mean over pixels

@@ -255,6 +255,53 @@ def build_model(args, tokenizer):
     return model
 
 
+
+# ----------------------------------------------------------------------------------------------------------
+# One training step's parts (also used by tests/gpu_check.py)
+# ----------------------------------------------------------------------------------------------------------
+
+def build_optimizer(model, args):
+    """AdamW (weight decay on matrices only) with linear warm-up, then cosine to 10% of the peak, over args.steps.
+    Returns (trained parameters, optimizer, scheduler)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.dim() >= 2]
+    no_decay = [p for p in trainable if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.999),
+                            fused=next(model.parameters()).is_cuda)
+    warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
+
+    def lr_factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, args.steps - warmup)))
+    return trainable, opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+
+
+def stage_loss(model, raw, batch, device):
+    """The forward pass and the loss of the stage, in bf16 autocast on CUDA: Eq. (1) in pre-training, Eqs. (5)-(7)
+    in fine-tuning. `model` may be compiled or DDP-wrapped; `raw` is the SLVP inside. Returns (loss, parts)."""
+    frames, ids, mask = (batch[k].to(device, non_blocking=True) for k in ("frames", "ids", "mask"))
+    with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=frames.is_cuda):
+        out = model(frames, ids, mask)
+    if raw.task == "pretrain":
+        return slvp.photometric_objective(frames, out), {}
+    boxes, masks, valid = (batch[k].to(device, non_blocking=True) for k in ("boxes", "masks", "valid"))
+    num_valid = None
+    if dist.is_initialized():  # average the box terms over the present frames of all processes (as DETR does)
+        num_valid = valid.sum(dtype=torch.float32)
+        dist.all_reduce(num_valid)
+        num_valid = (num_valid / dist.get_world_size()).clamp(min=1 / dist.get_world_size())
+    return raw.rvos_loss(out, boxes, masks, valid, num_valid)
+
+
+def optimizer_step(loss, params, opt, sched, grad_clip):
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+
 # ----------------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------------
@@ -305,18 +352,7 @@ def main(argv=None):
         raise SystemExit(f"error: {e}")
     cfg = model.cfg
     model.to(device)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in trainable if p.dim() >= 2]
-    no_decay = [p for p in trainable if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.999))
-    warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
-
-    def lr_factor(step):  # linear warm-up, then cosine to 10% of the peak
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, args.steps - warmup)))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    trainable, opt, sched = build_optimizer(model, args)
 
     step, epoch, batch_idx = 0, 0, 0
     if args.resume:
@@ -338,10 +374,10 @@ def main(argv=None):
             print(f"resumed {path} at step {step} (epoch {epoch}, batch {batch_idx})")
 
     raw = model
+    if ddp:  # DDP first, then compile: the compiler splits the graph at DDP's gradient buckets
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[int(os.environ["LOCAL_RANK"])] if cuda else None)
     if args.compile:
         model = torch.compile(model)
-    if ddp:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[int(os.environ["LOCAL_RANK"])] if cuda else None)
     train_set = sets[0] if len(sets) == 1 else torch.utils.data.ConcatDataset(sets)
     collate = data.Collate(tokenizer, cfg.max_text_len)
     n_batches = len(train_set) // args.batch_size
@@ -353,7 +389,6 @@ def main(argv=None):
         print(f"{args.mode} {raw.fusion}-as-query, {n_params / 1e6:.2f}M parameters ({sum(p.numel() for p in trainable) / 1e6:.2f}M "
               f"trained), {len(train_set)} clips, batch {args.batch_size} on {world} process(es), device {device}")
     peak = peak_flops() if cuda else None
-    autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=cuda)
 
     def evaluate():  # both leave the model in eval mode; the loop switches it back
         if args.mode == "pretrain":
@@ -370,23 +405,12 @@ def main(argv=None):
         loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches, collate_fn=collate,
                                              num_workers=args.workers, pin_memory=cuda)
         for batch in loader:
-            frames, ids, mask = batch["frames"].to(device), batch["ids"].to(device), batch["mask"].to(device)
-            with autocast:
-                if args.mode == "pretrain":
-                    loss, parts = slvp.photometric_objective(frames, model(frames, ids, mask)), {}
-                else:
-                    out = model(frames, ids, mask)
-                    loss, parts = raw.rvos_loss(out, batch["boxes"].to(device), batch["masks"].to(device),
-                                                batch["valid"].to(device))
+            loss, parts = stage_loss(model, raw, batch, device)
             if not torch.isfinite(loss):
                 last = args.out / "ckpt.safetensors"
                 raise SystemExit(f"error: non-finite loss ({loss.item()}) at step {step}; stopping. The last good "
                                  f"checkpoint, {last if last.is_file() else 'none yet'}, is left as it was.")
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
+            optimizer_step(loss, trainable, opt, sched, args.grad_clip)
             step, batch_idx, steps_since = step + 1, batch_idx + 1, steps_since + 1
 
             if main_proc and (step % args.log_every == 0 or step == args.steps):
@@ -396,7 +420,7 @@ def main(argv=None):
                 msg = f"step {step:5d} | loss {loss.item():.4f}" + "".join(f" | {k} {v.item():.3f}" for k, v in parts.items())
                 msg += f" | lr {line['lr']:.2e} | {1 / dt:.2f} it/s"
                 if peak:
-                    line["mfu"] = train_flops(raw, args.batch_size // world, ids.shape[1]) / dt / peak
+                    line["mfu"] = train_flops(raw, args.batch_size // world, batch["ids"].shape[1]) / dt / peak
                     msg += f" | mfu {100 * line['mfu']:.1f}% | mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
                 print(msg, flush=True)
                 log.write(json.dumps(line) + "\n")

@@ -1,15 +1,19 @@
-"""flow_warp_triton.py: the Triton kernels (run on CPU tensors through TRITON_INTERPRET=1, set in conftest.py
-before triton is imported) against grid_sample + mse_loss and their autograd.
+"""flow_warp_triton.py: the Triton kernels against grid_sample + mse_loss and their autograd. On CPU tensors through
+TRITON_INTERPRET=1 (set in conftest.py before triton is imported); compiled, on a CUDA GPU when one is present and
+TRITON_INTERPRET=0 is set (tests/gpu_check.py runs them so).
 
 Sample points are kept off exact pixel borders: at an integer sample coordinate bilinear interpolation is not
 differentiable and the two implementations may take different one-sided derivatives (the reference's coordinate
 also takes a round trip through [-1, 1]), so every flow here has its fractional part in [0.1, 0.9]."""
+import os
+
 import pytest
 import torch
 
 import flow_warp_triton as fw
 
 pytestmark = pytest.mark.skipif(fw.triton is None, reason="triton is not installed")
+DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 
 
 def make(B=2, C=3, H=37, W=53, seed=0, reach=6, dtype=torch.float32):
@@ -18,7 +22,7 @@ def make(B=2, C=3, H=37, W=53, seed=0, reach=6, dtype=torch.float32):
     target = torch.rand(B, C, H, W, generator=g)
     # integer part in [-reach, reach] (many points land outside the frame), fractional part in [0.1, 0.9]
     flow = torch.randint(-reach, reach + 1, (B, 2, H, W), generator=g) + 0.1 + 0.8 * torch.rand(B, 2, H, W, generator=g)
-    return image.to(dtype), flow.to(dtype), target.to(dtype)
+    return (x.to(DEVICE, dtype) for x in (image, flow, target))
 
 
 def rel(a, b):
@@ -35,7 +39,7 @@ def test_triton_path_runs_under_the_interpreter(monkeypatch):
     monkeypatch.setattr(fw, "photometric_loss_reference", boom)
     fw.flow_warp(image, flow)
     fw.photometric_loss(image, flow.requires_grad_(), target).backward()
-    for mask in (torch.ones(2, 1, 37, 53), torch.ones(2, 3, 37, 53, dtype=torch.bool)):
+    for mask in (torch.ones(2, 1, 37, 53, device=DEVICE), torch.ones(2, 3, 37, 53, dtype=torch.bool, device=DEVICE)):
         fw.photometric_loss(image, flow, target, mask).backward()
     with pytest.raises(AssertionError, match="reference was called"):   # float64 takes the torch path
         fw.flow_warp(image.double(), flow.detach().double())
@@ -72,6 +76,7 @@ def test_fused_loss_and_flow_gradient(mask_kind):
     mask = {None: None,
             "pixel": (torch.rand(2, 1, 37, 53, generator=g) > 0.3).float(),      # read with channel stride 0
             "element": torch.rand(2, 3, 37, 53, generator=g) > 0.5}[mask_kind]
+    mask = None if mask is None else mask.to(DEVICE)
     f1 = flow.clone().requires_grad_()
     f2 = flow.clone().requires_grad_()
     loss = fw.photometric_loss(image, f1, target, mask)
@@ -105,6 +110,7 @@ def test_known_shift_by_hand():
     flow[:, 0], flow[:, 1] = -2.0, 1.0
     inside = torch.zeros(1, 1, 20, 30)
     inside[:, :, :-1, 2:] = 1
+    V1, V2, flow, inside = (x.to(DEVICE) for x in (V1, V2, flow, inside))
     assert fw.photometric_loss(V1, flow, V2, inside).item() < 1e-12
     assert fw.photometric_loss(V1, torch.zeros_like(flow), V2, inside).item() > 0.05
     assert torch.equal(fw.flow_warp(V1, flow)[:, :, :-1, 2:], V2[:, :, :-1, 2:])

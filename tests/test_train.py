@@ -88,8 +88,9 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     assert not list(out.glob("*.tmp"))
 
 
-def test_two_gloo_processes_equal_one_process(tmp_path):
-    args = ["--mode", "pretrain", "--steps", "4", "--ckpt-every", "4", *FAST]
+@pytest.mark.parametrize("mode", ["pretrain", "finetune"])  # frozen encoders; the flow head dropped, vision trained
+def test_two_gloo_processes_equal_one_process(tmp_path, mode):
+    args = ["--mode", mode, "--steps", "4", "--ckpt-every", "4", *FAST]
     one = run([*args, "--out", str(tmp_path / "one")])
     assert one.returncode == 0, one.stderr
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",

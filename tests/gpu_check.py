@@ -1,0 +1,322 @@
+"""
+Every GPU figure of the project in one command, on a machine with a CUDA GPU:
+
+    python tests/gpu_check.py                    # writes gpu_check.md and prints it; exit 1 if any check failed
+
+1. every Triton kernel variant compiled ahead of time for sm_80 and sm_90 (registers and spills from ptxas);
+2. the kernel tests (tests/test_flow_warp.py) compiled on the GPU, without the interpreter, and the fused loss
+   against the float64 torch reference on 8 x 3 frames of 360x648 (fp32 and bf16 inputs);
+3. the kernel benchmark of flow_warp_triton.py (eager, torch.compile, fused; fwd and fwd+bwd; GB/s, % of copy);
+4. pre-training and fine-tuning of the paper config (random weights, synthetic clips, bf16 autocast), eager and
+   with torch.compile: step time, clips/s, peak memory, MFU, and the largest batch that fits.
+
+A failed check is written into the table as FAILED with its error and makes the exit status 1: nothing is skipped.
+Part 1 needs no GPU: `python tests/gpu_check.py --compile-only` runs it on any machine with triton (CI does).
+"""
+import argparse
+import gc
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+if __name__ == "__main__":  # compiled kernels, never the interpreter: triton reads this when it is imported
+    os.environ.pop("TRITON_INTERPRET", None)
+
+import torch  # noqa: E402
+
+import flow_warp_triton as fw  # noqa: E402
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. Ahead-of-time compilation: no GPU needed (triton bundles ptxas)
+# ----------------------------------------------------------------------------------------------------------
+
+TRITON_TYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.uint8: "u8"}
+
+
+def kernel_variants():
+    """Every (kernel name, signature, constexprs) the launchers of flow_warp_triton.py can request, for inputs of
+    one dtype: WIDE (64-bit in-plane offsets, with 64-bit strides), IMAGE_GRAD, HAS_MASK with each mask dtype
+    (bool is read as uint8), FLOW_GRAD. The warp's gradient buffers, the partial sums and the count are fp32; the
+    fused loss writes its flow gradient in the flow's dtype."""
+    out = []
+    for dtype in fw.TRITON_DTYPES:
+        t = "*" + TRITON_TYPE[dtype]
+        for wide in (False, True):
+            ints = "i64" if wide else "i32"
+
+            def variant(name, ptrs, **flags):
+                constexprs = {"BLOCK": fw.BLOCK, "WIDE": wide, **flags}
+                sig = {n: "constexpr" if n in constexprs else ptrs.get(n, "*fp32") if n.endswith("_ptr") else
+                       "fp32" if n == "inv_count" else "i32" if n in ("C", "H", "W") else ints
+                       for n in getattr(fw, name).arg_names}
+                out.append((name, sig, constexprs))
+            variant("_warp_fwd_kernel", {"img_ptr": t, "flow_ptr": t, "out_ptr": t})
+            for image_grad in (False, True):
+                variant("_warp_bwd_kernel", {"img_ptr": t, "flow_ptr": t, "gout_ptr": t}, IMAGE_GRAD=image_grad)
+            for mask in [None] + [m for m in fw.MASK_DTYPES if m != torch.bool]:
+                for flow_grad in (False, True):  # no mask: the image is passed as a placeholder pointer
+                    variant("_photometric_kernel", {"img_ptr": t, "flow_ptr": t, "tgt_ptr": t, "gflow_ptr": t,
+                                                    "mask_ptr": t if mask is None else "*" + TRITON_TYPE[mask]},
+                            HAS_MASK=mask is not None, FLOW_GRAD=flow_grad)
+    return out
+
+
+def compile_variant(job):
+    """Compile one variant for one arch; returns (name, arch, cubin bytes, registers, spill bytes)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.compiler import ASTSource
+    name, signature, constexprs, arch = job
+    compiled = triton.compile(ASTSource(fn=getattr(fw, name), signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", arch, 32))
+    cubin = compiled.asm["cubin"]
+    if not cubin:
+        raise RuntimeError(f"{name} {constexprs} for sm_{arch}: no cubin")
+    # the compiled metadata has no register count before a GPU loads the kernel: ask triton's ptxas (-v)
+    gpu = re.search(r"\.target\s+(sm_\w+)", compiled.asm["ptx"]).group(1)
+    with tempfile.TemporaryDirectory() as d:
+        ptx = Path(d) / "k.ptx"
+        ptx.write_text(compiled.asm["ptx"])
+        info = subprocess.run([get_ptxas(arch).path, "-v", "--gpu-name", gpu, str(ptx), "-o", str(Path(d) / "k.o")],
+                              capture_output=True, text=True, check=True).stderr
+    regs = int(re.search(r"Used (\d+) registers", info).group(1))
+    spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", info))
+    return name, arch, len(cubin), regs, spills
+
+
+def compile_all(archs=(80, 90)):
+    """Compile every variant for every arch in parallel processes (TRITON_INTERPRET must be unset: compiled
+    kernels are plain JIT functions). Returns one row per (kernel, arch)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("compile_all needs TRITON_INTERPRET unset (the interpreter's kernels cannot be compiled)")
+    jobs = [(*v, arch) for v in kernel_variants() for arch in archs]
+    with ProcessPoolExecutor(min(len(jobs), os.cpu_count() or 1)) as pool:
+        results = list(pool.map(compile_variant, jobs))
+    rows = {}
+    for name, arch, size, regs, spills in results:
+        r = rows.setdefault((name, arch), {"kernel": name, "arch": f"sm_{arch}", "variants": 0, "max registers": 0,
+                                           "spill bytes": 0})
+        r["variants"] += 1
+        r["max registers"] = max(r["max registers"], regs)
+        r["spill bytes"] += spills
+    return list(rows.values())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. The kernels on the GPU against the torch reference
+# ----------------------------------------------------------------------------------------------------------
+
+def kernel_tests():
+    """tests/test_flow_warp.py on the GPU (TRITON_INTERPRET=0: compiled kernels on CUDA tensors)."""
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "tests/test_flow_warp.py")],
+                       cwd=ROOT, env=env, capture_output=True, text=True)
+    summary = (r.stdout.strip().splitlines() or ["(no output)"])[-1]
+    if r.returncode != 0:
+        raise RuntimeError(f"tests/test_flow_warp.py on CUDA: {summary}\n{r.stdout[-3000:]}")
+    return summary
+
+
+def full_size_check(clips=8, frames=3, H=360, W=648):
+    """The fused loss and its flow gradient on the benchmark's size against the float64 torch reference, for fp32
+    and bf16 inputs (the reference gets the same rounded inputs). Flows keep their fractional part in [0.1, 0.9]
+    (bilinear sampling is not differentiable at whole pixels)."""
+    assert fw.use_triton(torch.empty(1, device="cuda")), "the Triton path is not taken on CUDA tensors"
+    g = torch.Generator(device="cuda").manual_seed(0)
+    B = clips * frames
+    rows = []
+    for dtype, loss_tol, grad_tol in ((torch.float32, 1e-5, 1e-4), (torch.bfloat16, 1e-5, 1e-2)):
+        image = torch.rand(B, 3, H, W, device="cuda", generator=g).to(dtype)
+        target = torch.rand(B, 3, H, W, device="cuda", generator=g).to(dtype)
+        flow = (torch.randint(-9, 10, (B, 2, H, W), device="cuda", generator=g)
+                + 0.1 + 0.8 * torch.rand(B, 2, H, W, device="cuda", generator=g)).to(dtype)
+        f = flow.clone().requires_grad_()
+        loss = fw.photometric_loss(image, f, target)
+        loss.backward()
+        f64 = flow.double().requires_grad_()
+        ref = fw.photometric_loss_reference(image.double(), f64, target.double())
+        ref.backward()
+        loss_err = abs(loss.item() - ref.item()) / ref.item()
+        grad_err = ((f.grad.double() - f64.grad).norm() / f64.grad.norm()).item()
+        rows.append({"dtype": str(dtype)[6:], "loss rel. error": loss_err, "flow-grad rel. error": grad_err,
+                     "limits": f"{loss_tol:g} / {grad_tol:g}"})
+        if not (loss_err < loss_tol and grad_err < grad_tol):
+            raise RuntimeError(f"{dtype}: loss error {loss_err:.2e} (limit {loss_tol}), flow-gradient error "
+                               f"{grad_err:.2e} (limit {grad_tol})")
+    return rows
+
+
+def benchmark_rows():
+    copy_gbs, rows = fw.benchmark()
+    return [{"copy GB/s": copy_gbs, **r} for r in rows]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4. The paper config's training step
+# ----------------------------------------------------------------------------------------------------------
+
+def largest_batch(fits, start=8, limit=1024):
+    """The largest b <= limit with fits(b), for a monotone fits: doubling from start, then bisection."""
+    if not fits(1):
+        return 0
+    lo, hi = 1, None
+    b = start
+    while b <= limit:
+        if fits(b):
+            lo, b = b, 2 * b
+        else:
+            hi = b
+            break
+    if hi is None:
+        return lo
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def synthetic_batch(cfg, mode, n_clips, batch_size, tmp):
+    """n_clips synthetic clips of the paper's size (captions or expressions tokenized by a sentencepiece model fit
+    to them), tiled to batch_size, in pinned memory."""
+    import data
+    import train
+    ds = data.build_dataset("synthetic", None, "pretrain" if mode == "pretrain" else "train", cfg, train=True)
+    tokenizer = train.fit_tokenizer([ds], Path(tmp))
+    batch = data.Collate(tokenizer, cfg.max_text_len)([ds[i] for i in range(n_clips)])
+    reps = -(-batch_size // n_clips)
+    return {k: v.repeat(reps, *[1] * (v.dim() - 1))[:batch_size].pin_memory()
+            for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+
+def train_benchmark(mode, batch_size, steps, compile_model, tmp, warmup=5):
+    """Step time, clips/s, peak memory and MFU of the paper config's training step (random weights, vision as
+    query, bf16 autocast, fused AdamW): the step of train.py, timed over `steps` steps after `warmup`."""
+    import slvp
+    import train
+    cfg = slvp.SLVPConfig.paper()
+    model = slvp.SLVP(cfg, "vision", "pretrain" if mode == "pretrain" else "rvos").cuda()
+    trainable, opt, sched = train.build_optimizer(model, SimpleNamespace(lr=1e-4, weight_decay=0.05, warmup=None,
+                                                                         steps=warmup + steps))
+    run = torch.compile(model) if compile_model else model
+    batch = synthetic_batch(cfg, mode, min(batch_size, 8), batch_size, tmp)
+    t_first = time.time()
+    for i in range(warmup + steps):
+        if i == 1:
+            torch.cuda.synchronize()
+            first_step_s = time.time() - t_first
+        if i == warmup:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            t0 = time.time()
+        loss, _ = train.stage_loss(run, model, batch, "cuda")
+        train.optimizer_step(loss, trainable, opt, sched, 1.0)
+    torch.cuda.synchronize()
+    dt = (time.time() - t0) / steps
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"{mode}: non-finite loss {loss.item()}")
+    flops = train.train_flops(model, batch_size, batch["ids"].shape[1])
+    row = {"stage": mode, "compile": "yes" if compile_model else "no", "batch": batch_size, "step ms": 1e3 * dt,
+           "clips/s": batch_size / dt, "peak GiB": torch.cuda.max_memory_allocated() / 2 ** 30,
+           "TFLOP/s": flops / dt / 1e12, "MFU %": 100 * flops / dt / train.peak_flops(),
+           "first step s": first_step_s}
+
+    def fits(b):
+        try:
+            big = synthetic_batch(cfg, mode, min(b, 8), b, tmp)
+            for _ in range(2):
+                loss, _ = train.stage_loss(run, model, big, "cuda")
+                train.optimizer_step(loss, trainable, opt, sched, 1.0)
+            torch.cuda.synchronize()
+            return True
+        except torch.OutOfMemoryError:
+            return False
+        finally:
+            opt.zero_grad(set_to_none=True)
+            gc.collect()
+            torch.cuda.empty_cache()
+    if not compile_model:  # batch sizes would each recompile the graph
+        row["largest batch"] = largest_batch(fits, start=batch_size)
+    del model, opt, run
+    gc.collect()
+    torch.cuda.empty_cache()
+    return row
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The report
+# ----------------------------------------------------------------------------------------------------------
+
+def markdown_table(rows):
+    """Rows of dicts (the first row's keys are the columns) as a Markdown table; floats to 3 significant digits."""
+    cols = list(rows[0])
+    fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def run_sections(sections, head, out):
+    """[(title, function returning rows or a line)] -> (Markdown text, failed titles), written to `out` after each
+    section. A failure is recorded, not skipped: its section shows FAILED and the error; the caller exits non-zero."""
+    parts, failed = [head], []
+    for title, fn in sections:
+        t = time.time()
+        print(f"... {title}", file=sys.stderr, flush=True)
+        try:
+            result = fn()
+            body = markdown_table(result) if isinstance(result, list) else str(result)
+        except Exception as e:  # recorded in the report and in the exit status, with the traceback on stderr
+            traceback.print_exc()
+            body = f"**FAILED**: `{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}`"
+            failed.append(title)
+        parts.append(f"## {title}\n\n{body}\n\n({time.time() - t:.0f} s)\n")
+        Path(out).write_text("\n".join(parts))
+    return "\n".join(parts), failed
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="gpu_check.md", help="the Markdown report to write")
+    p.add_argument("--compile-only", action="store_true", help="only compile the kernels for sm_80/sm_90 (no GPU)")
+    p.add_argument("--steps", type=int, default=30, help="timed training steps per row")
+    p.add_argument("--batch-size", type=int, default=16, help="clips per training step in the timed rows")
+    args = p.parse_args(argv)
+    sections = [("Kernels compiled ahead of time (ptxas -v)", compile_all)]
+    if not args.compile_only:
+        if not torch.cuda.is_available():
+            raise SystemExit("error: no CUDA GPU: the GPU check needs one (--compile-only runs the part that does not)")
+        tmp = tempfile.mkdtemp()
+        sections += [
+            ("Kernel tests on CUDA, compiled (tests/test_flow_warp.py)", kernel_tests),
+            ("Fused loss vs float64 reference, 8 x 3 frames of 360x648", full_size_check),
+            ("Fused warp + loss benchmark, 8 x 3 frames of 360x648", benchmark_rows),
+            *[(f"Paper config, {mode}, bf16, {'torch.compile' if c else 'eager'}",
+               lambda mode=mode, c=c: [train_benchmark(mode, args.batch_size, args.steps, c, tmp)])
+              for mode in ("pretrain", "finetune") for c in (False, True)],
+        ]
+    head = f"# GPU check\n\n`python tests/gpu_check.py` on {time.strftime('%Y-%m-%d')}: "
+    if torch.cuda.is_available():
+        head += (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
+                 f"triton {fw.triton.__version__}\n\n")
+    else:
+        head += f"no GPU, torch {torch.__version__}, triton {fw.triton.__version__}\n\n"
+    body, failed = run_sections(sections, head, args.out)
+    report = body + ("\n**FAILED**: " + "; ".join(failed) + "\n" if failed else "\nAll checks passed.\n")
+    Path(args.out).write_text(report)
+    print(report)
+    if failed:
+        raise SystemExit(f"error: {len(failed)} check(s) failed: {'; '.join(failed)} (details above and in {args.out})")
+
+
+if __name__ == "__main__":
+    main()

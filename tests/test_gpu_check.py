@@ -1,0 +1,124 @@
+"""The GPU path checked from the CPU: every Triton kernel variant compiles for sm_80 and sm_90 (triton bundles
+ptxas), the paper config takes a pre-training and a fine-tuning step at batch 1, the model has no graph breaks
+under torch.compile, and the CPU-visible parts of tests/gpu_check.py (its search, its report, its refusal without
+a GPU) work."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import data
+import slvp
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+import gpu_check  # noqa: E402
+
+ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+
+def test_every_kernel_variant_compiles_for_sm80_and_sm90(tmp_path):
+    pytest.importorskip("triton")
+    out = tmp_path / "report.md"
+    r = subprocess.run([sys.executable, str(ROOT / "tests/gpu_check.py"), "--compile-only", "--out", str(out)],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = re.findall(r"\| (_\w+_kernel) \| (sm_\d+) \| (\d+) \| (\d+) \| (\d+) \|", out.read_text())
+    # 3 dtypes x WIDE; x IMAGE_GRAD; x (no mask + 4 mask dtypes) x FLOW_GRAD, each for both targets
+    expected = {"_warp_fwd_kernel": 6, "_warp_bwd_kernel": 12, "_photometric_kernel": 60}
+    assert {(k, a): int(n) for k, a, n, _, _ in rows} == {(k, a): n for k, n in expected.items()
+                                                          for a in ("sm_80", "sm_90")}
+    for kernel, arch, _, regs, spills in rows:
+        assert 0 < int(regs) <= 255 and int(spills) == 0, (kernel, arch, regs, spills)
+
+
+def test_kernel_variants_cover_the_launchers_flags():
+    variants = gpu_check.kernel_variants()
+    photometric = [(sig, c) for name, sig, c in variants if name == "_photometric_kernel"]
+    assert {sig["mask_ptr"] for sig, c in photometric if c["HAS_MASK"]} == {"*u8", "*fp32", "*fp16", "*bf16"}
+    assert {(c["WIDE"], c["HAS_MASK"], c["FLOW_GRAD"]) for _, c in photometric} == {
+        (w, m, g) for w in (False, True) for m in (False, True) for g in (False, True)}
+    assert {sig["si_h"] for sig, c in photometric} == {"i32", "i64"}          # 64-bit strides with WIDE
+    assert all(set(sig) == set(gpu_check.fw._photometric_kernel.arg_names) for sig, _ in photometric)
+
+
+def test_gpu_check_refuses_to_run_without_a_gpu(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the check would run")
+    r = subprocess.run([sys.executable, str(ROOT / "tests/gpu_check.py"), "--out", str(tmp_path / "r.md")],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert r.returncode != 0 and "error: no CUDA GPU" in r.stderr
+
+
+def test_largest_batch_search():
+    for limit_fit in (1, 5, 8, 9, 63, 64, 94, 1000):
+        calls = []
+
+        def fits(b):
+            calls.append(b)
+            return b <= limit_fit
+        assert gpu_check.largest_batch(fits, start=8, limit=1024) == limit_fit
+        assert len(calls) <= 20
+    assert gpu_check.largest_batch(lambda b: False) == 0
+    assert gpu_check.largest_batch(lambda b: True, start=8, limit=100) == 64   # doubling stops at the limit
+
+
+def test_report_records_failures_and_tables(tmp_path):
+    def broken():
+        raise RuntimeError("kernel mismatch: 3e-2")
+    text, failed = gpu_check.run_sections([("works", lambda: [{"a": 1, "b": 0.123456}]), ("broken", broken)],
+                                          "# head\n", tmp_path / "r.md")
+    assert failed == ["broken"]
+    assert "| a | b |\n|---|---|\n| 1 | 0.123 |" in text
+    assert "## broken\n\n**FAILED**: `RuntimeError: kernel mismatch: 3e-2`" in text
+    assert (tmp_path / "r.md").read_text() == text
+
+
+@pytest.mark.parametrize("mode", ["pretrain", "finetune"])
+def test_paper_config_trains_a_step_on_the_cpu(mode, spm_model, monkeypatch):
+    """SLVPConfig.paper() shapes, random weights, a synthetic clip at 360x648, batch 1: the step of train.py
+    gives a finite loss, gradients in the decoder and heads, none in frozen encoders, and moves the weights."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the warp's torch path: the interpreter is too slow at 360x648
+    torch.manual_seed(0)
+    cfg = slvp.SLVPConfig.paper()
+    model = slvp.SLVP(cfg, "vision", "pretrain" if mode == "pretrain" else "rvos")
+    if mode == "pretrain":  # the flow head starts at zero, which would stop the gradient to the decoder at step 1
+        torch.nn.init.normal_(model.flow_head.weight, std=1e-3)
+    ds = data.build_dataset("synthetic", None, "pretrain" if mode == "pretrain" else "train", cfg, train=True)
+    batch = data.Collate(slvp.Tokenizer(spm_model), cfg.max_text_len)([ds[0]])
+    assert batch["frames"].shape == (1, 4, 3, 360, 648)
+    loss, _ = train.stage_loss(model, model, batch, "cpu")
+    assert torch.isfinite(loss)
+    loss.backward()
+    heads = ("flow_head",) if mode == "pretrain" else ("box_head", "mask_head")
+    for name in ("decoder", "E_pos", "E_tem", *heads):
+        grads = [p.grad for p in getattr(model, name).parameters()] if isinstance(getattr(model, name), torch.nn.Module) \
+            else [getattr(model, name).grad]
+        assert grads and all(g is not None and torch.isfinite(g).all() for g in grads), name
+        assert any(g.abs().sum() > 0 for g in grads), name
+    assert all(p.grad is None for p in model.text.parameters())                     # frozen in both stages
+    vision_grads = [p.grad for p in model.vision.parameters()]
+    if mode == "pretrain":                                                          # frozen in pre-training only
+        assert all(g is None for g in vision_grads)
+    else:
+        assert all(g is not None for g in vision_grads)
+    before = {k: v.clone() for k, v in model.decoder.state_dict().items()}
+    trainable, opt, sched = train.build_optimizer(model, train.parse_args(["--steps", "1"]))
+    opt.step()
+    assert any(not torch.equal(before[k], v) for k, v in model.decoder.state_dict().items())
+
+
+@pytest.mark.parametrize("fusion", ["vision", "language"])
+@pytest.mark.parametrize("task", ["pretrain", "rvos"])
+def test_model_compiles_without_graph_breaks(fusion, task):
+    import torch._dynamo
+    model = slvp.SLVP(slvp.SLVPConfig.tiny(), fusion, task)
+    ids, mask = torch.randint(3, 100, (2, 9)), torch.ones(2, 9, dtype=torch.bool)
+    mask[1, 5:] = False
+    explain = torch._dynamo.explain(model)(torch.rand(2, 4, 3, 64, 96), ids, mask)
+    assert explain.graph_count == 1 and explain.graph_break_count == 0, explain.break_reasons
