@@ -112,8 +112,13 @@ def augment(item, rng, crop_scale=(0.6, 1.0), jitter=0.2):
     s = rng.uniform(*crop_scale)
     ch, cw = max(1, round(H * s)), max(1, round(W * s))
     y0, x0 = _crop_origin(masks.any(0), ch, cw, rng)
+    # Frames and masks are resampled alike (bilinear, align_corners=False: output pixel i samples the crop at
+    # (i + 0.5) * ch / H - 0.5), the masks then thresholded at 0.5: a pixel is in the mask when the object covers
+    # more than half of it in the resampled frame. mode="nearest" would sample floor(i * ch / H), half a source
+    # pixel off the frames.
     frames = F.interpolate(frames[:, :, y0:y0 + ch, x0:x0 + cw], size=(H, W), mode="bilinear", align_corners=False)
-    masks = F.interpolate(masks[:, None, y0:y0 + ch, x0:x0 + cw].float(), size=(H, W), mode="nearest")[:, 0] > 0.5
+    masks = F.interpolate(masks[:, None, y0:y0 + ch, x0:x0 + cw].float(), size=(H, W), mode="bilinear",
+                          align_corners=False)[:, 0] > 0.5
     b, c, sat = (rng.uniform(1 - jitter, 1 + jitter) for _ in range(3))
     grey = frames.mean(1, keepdim=True)
     frames = grey + sat * (frames - grey)                                   # saturation
