@@ -16,6 +16,7 @@ a DistributedSampler, or a resumed run give the same clips. Call set_epoch(epoch
 """
 import json
 import math
+import pickle
 import re
 import warnings
 from pathlib import Path
@@ -147,14 +148,15 @@ def _crop_origin(union, ch, cw, rng):
 # ----------------------------------------------------------------------------------------------------------
 
 class ClipDataset(torch.utils.data.Dataset):
-    """Subclasses fill self.items and define load(entry, rng) -> item dict."""
+    """Subclasses fill self.items, self.layout (what was read, from where) and self.summary (counts: videos or
+    images, frames, expressions, objects), and define load(entry, rng) -> item dict."""
 
     rvos = True  # items carry masks/boxes/valid; augmented when train
 
     def __init__(self, cfg, train, seed=0, skip_bad=False):
         self.cfg, self.train, self.seed, self.skip_bad = cfg, train, seed, skip_bad
         self.epoch, self.bad = 0, 0
-        self.items = []
+        self.items, self.layout, self.summary = [], "", {}
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -610,13 +612,72 @@ class VISOR(VideoExpressions):
         self.finish(f"VISOR {split}")
 
 
-class RefCOCO(ClipDataset):
-    """RefCOCO / RefCOCO+ / RefCOCOg converted to <root>/<dataset>/instances_<dataset>_train.json (one image entry
-    per sentence, with `caption`; annotations with polygon `segmentation` and `bbox`), images in <root>/train2014.
-    split: one of refcoco, refcoco+, refcocog, or train for all that are present. Each sentence becomes a
-    pseudo-clip of T frames, each an independent random affine transform of the image (Sec. 4.2)."""
+class _PlainUnpickler(pickle.Unpickler):
+    """Builds only what a pickle can build without naming a class or function: lists, dicts, tuples, sets, str,
+    bytes, numbers, booleans, None. Every way a pickle runs code (a callable for REDUCE, a class for OBJ/NEWOBJ/INST,
+    an extension code) goes through find_class, which refuses all; persistent ids are refused by default."""
 
-    VARIANTS = ("refcoco", "refcoco+", "refcocog")
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"it names {module}.{name}: only plain containers and scalars are admitted")
+
+
+def load_plain_pickle(path):
+    """A pickle of plain containers and scalars (Python 2 strings read as ASCII, as pickle.load does); anything
+    else fails with an error naming the file, before any of its code could run."""
+    need(path, "a pickle")
+    try:
+        with open(path, "rb") as f:
+            return _PlainUnpickler(f).load()
+    except Exception as e:  # a corrupt pickle raises any of a dozen types (EOFError, KeyError, UnicodeDecodeError...)
+        raise ValueError(f"{path}: not a pickle of plain containers and scalars ({type(e).__name__}: {e})") from e
+
+
+def _refcoco_converted(path):
+    """(image entry, its annotations, sentence) for each image entry of a converted instances_<dataset>_train.json."""
+    d = json.loads(path.read_text())
+    by_image = {}
+    for a in d["annotations"]:
+        by_image.setdefault(a["image_id"], []).append(a)
+    return [(im, by_image.get(im["id"], []), im.get("caption", "")) for im in d["images"]]
+
+
+def _refcoco_original(refs_path, instances_path):
+    """The same from the original release, as the common conversion (ReferFormer's tools/data/
+    convert_refexp_to_coco.py, through the refer API) makes them: the refs of the train split in the order of the
+    refs file, one entry per sentence (its `sent`), numbered 1, 2, ... through the file; the image and the
+    annotation looked up by id in instances.json."""
+    refs = load_plain_pickle(refs_path)
+    inst = json.loads(need(instances_path, "the COCO instances of the refs (images, annotations)").read_text())
+    images = {im["id"]: im for im in inst["images"]}
+    annos = {a["id"]: a for a in inst["annotations"]}
+    out = []
+    try:
+        for ref in refs:
+            if ref["split"] != "train":
+                continue
+            if ref["image_id"] not in images or ref["ann_id"] not in annos:
+                raise ValueError(f"{instances_path}: no image {ref['image_id']} or no annotation {ref['ann_id']} "
+                                 f"(named by ref {ref['ref_id']} of {refs_path})")
+            im, ann = images[ref["image_id"]], annos[ref["ann_id"]]
+            for sent in ref["sentences"]:
+                out.append(({"id": len(out) + 1, "file_name": im["file_name"]}, [ann], sent["sent"]))
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{refs_path}: expected a list of refs, dicts with ref_id, image_id, ann_id, split and "
+                         f"sentences (dicts with sent); {type(e).__name__}: {e}") from e
+    return out
+
+
+class RefCOCO(ClipDataset):
+    """RefCOCO / RefCOCO+ / RefCOCOg, the train split, one item per sentence, images in <root>/train2014. Each
+    dataset folder <root>/<dataset> holds either the original release (refs(unc).p for refcoco and refcoco+,
+    refs(umd).p for refcocog, and instances.json) or its common conversion (instances_<dataset>_train.json: one
+    image entry per sentence, with `caption`; annotations with polygon `segmentation` and `bbox`); both give the
+    same items with the same ids. The refs files are pickles: they are read by load_plain_pickle, which admits plain
+    containers and scalars only. split: one of refcoco, refcoco+, refcocog, or train for all that are present.
+    Each sentence becomes a pseudo-clip of T frames, each an independent random affine transform of the image
+    (Sec. 4.2)."""
+
+    VARIANTS = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}   # dataset: the refs file's split-by
 
     @staticmethod
     def text_of(entry):
@@ -624,30 +685,40 @@ class RefCOCO(ClipDataset):
 
     def __init__(self, root, split, cfg, train, seed=0, skip_bad=False):
         super().__init__(cfg, train, seed, skip_bad)
-        root = need(root, "the COCO root with train2014/ and refcoco*/instances_refcoco*_train.json")
-        variants = self.VARIANTS if split == "train" else (split,)
+        root = need(root, "the COCO root with train2014/ and refcoco/, refcoco+/, refcocog/")
         if split != "train" and split not in self.VARIANTS:
-            raise ValueError(f"refcoco split must be train or one of {self.VARIANTS}, got {split!r}")
-        files = [root / v / f"instances_{v}_train.json" for v in variants]
-        if not any(f.is_file() for f in files):
-            need(files[0], "the converted RefCOCO annotation file")
+            raise ValueError(f"refcoco split must be train or one of {tuple(self.VARIANTS)}, got {split!r}")
         self.images = need(root / "train2014", "the COCO train2014 images")
-        self.empty = 0
-        for f in files:
-            if not f.is_file():
+        layouts, self.empty = [], 0
+        for v in self.VARIANTS if split == "train" else (split,):
+            converted, refs = root / v / f"instances_{v}_train.json", root / v / f"refs({self.VARIANTS[v]}).p"
+            if converted.is_file():
+                entries = _refcoco_converted(converted)
+                layouts.append(f"{v}: converted ({converted.name})")
+            elif refs.is_file():
+                entries = _refcoco_original(refs, root / v / "instances.json")
+                layouts.append(f"{v}: original release ({refs.name}, instances.json)")
+            else:
                 continue
-            d = json.loads(f.read_text())
-            by_image = {}
-            for a in d["annotations"]:
-                by_image.setdefault(a["image_id"], []).append(a)
-            for im in d["images"]:
-                text = clean_text(im.get("caption", ""))
+            for im, annos, text in entries:
+                text = clean_text(text)
                 if not text:
                     self.empty += 1
                     continue
-                self.items.append((f.parent.name, im, by_image.get(im["id"], []), text))
+                self.items.append((v, im, annos, text))
+        if not layouts:
+            names = "refcoco/, refcoco+/, refcocog/" if split == "train" else f"{split}/"
+            raise FileNotFoundError(f"{root}: no RefCOCO annotations in {names}: expected refs(unc).p (refs(umd).p "
+                                    f"for refcocog) and instances.json, or the converted "
+                                    f"instances_<dataset>_train.json")
         if self.empty:
             warnings.warn(f"RefCOCO: skipped {self.empty} empty expressions")
+        self.layout = "; ".join(layouts) + "; images in train2014/"
+        # objects: the COCO annotation behind each sentence (the conversion keeps its id as original_id)
+        self.summary = {"images": len({im["file_name"] for _, im, _, _ in self.items}),
+                        "expressions": len(self.items),
+                        "objects": len({(v, a.get("original_id", a["id"])) for v, _, annos, _ in self.items
+                                        for a in annos})}
 
     def load(self, entry, rng):
         variant, im, annos, text = entry

@@ -1,6 +1,8 @@
 """data.py: every loader reads a tiny tree written here in its real on-disk format, and returns what was written."""
 import dataclasses
 import json
+import pickle
+import struct
 import time
 
 import numpy as np
@@ -254,6 +256,153 @@ def test_refcoco_pseudo_clips(tmp_path):
     # the mask sits on the bright pixels of its own frame
     inside = it["frames"].mean(1)[it["masks"]]
     assert inside.mean() > 0.6
+
+
+def py2_pickle(obj):
+    """obj pickled as Python 2 wrote the refer API's refs files (protocol 2, 8-bit strings as SHORT_BINSTRING), with
+    only the opcodes those need: dicts, lists, strings, ints."""
+    out = bytearray(b"\x80\x02")
+
+    def put(o):
+        if isinstance(o, int):
+            out.extend(b"J" + struct.pack("<i", o))                               # BININT
+        elif isinstance(o, str):
+            b = o.encode("ascii")
+            out.extend(b"U" + bytes([len(b)]) + b)                                # SHORT_BINSTRING
+        elif isinstance(o, list):
+            out.extend(b"](")                                                     # EMPTY_LIST MARK
+            for x in o:
+                put(x)
+            out.extend(b"e")                                                      # APPENDS
+        else:
+            out.extend(b"}(")                                                     # EMPTY_DICT MARK
+            for k, v in o.items():
+                put(k), put(v)
+            out.extend(b"u")                                                      # SETITEMS
+    put(obj)
+    return bytes(out + b".")
+
+
+def ref(ref_id, ann_id, image_id, split, sentences):
+    """One entry of a refs(...).p file, with every field the refer API has."""
+    sents = [{"tokens": s.split(), "raw": s, "sent_id": 10 * ref_id + i, "sent": s} for i, s in enumerate(sentences)]
+    return {"sent_ids": [s["sent_id"] for s in sents], "file_name": f"COCO_train2014_{image_id:012d}_{ann_id}.jpg",
+            "ann_id": ann_id, "ref_id": ref_id, "image_id": image_id, "category_id": 1, "split": split,
+            "sentences": sents}
+
+
+BOXES = {1: (40, 30, 90, 70), 2: (10, 10, 50, 40)}      # image id: the bright box (x1, y1, x2, y2) in 120 x 100
+
+
+def write_coco_images(root):
+    (root / "train2014").mkdir(parents=True)
+    for i, (x1, y1, x2, y2) in BOXES.items():
+        img = np.zeros((100, 120, 3), np.uint8)
+        img[y1:y2, x1:x2] = 200
+        Image.fromarray(img).save(root / f"train2014/COCO_train2014_{i:012d}.jpg", quality=95)
+
+
+def instances():
+    """A dataset folder's instances.json: the images and the annotations of the referred objects (polygons)."""
+    return {"info": {}, "licenses": [], "categories": [{"id": 1, "name": "box", "supercategory": "thing"}],
+            "images": [{"id": i, "file_name": f"COCO_train2014_{i:012d}.jpg", "height": 100, "width": 120}
+                       for i in BOXES],
+            "annotations": [{"id": 10 + i, "image_id": i, "category_id": 1, "iscrowd": 0, "area": 1.0,
+                             "bbox": [x1, y1, x2 - x1, y2 - y1], "segmentation": [[x1, y1, x2, y1, x2, y2, x1, y2]]}
+                            for i, (x1, y1, x2, y2) in BOXES.items()]}
+
+
+REFCOCO_REFS = [ref(0, 11, 1, "train", ["the bright box", "box on the right"]),
+                ref(1, 12, 2, "val", ["a validation sentence"]),
+                ref(2, 12, 2, "train", ["the top left box", "", "  upper   box "]),
+                ref(3, 11, 1, "testA", ["a test sentence"])]
+# The train sentences in the order of the refs file, numbered through it from 1 (the empty one keeps its number),
+# as (id, image id, text): what the conversion's instances_refcoco_train.json lists
+REFCOCO_TRAIN = [(1, 1, "the bright box"), (2, 1, "box on the right"), (3, 2, "the top left box"), (5, 2, "upper box")]
+
+
+def check_refcoco_item(item, variant, ident, image, text):
+    name = f"COCO_train2014_{image:012d}.jpg"
+    assert item["text"] == text and item["id"] == (f"{variant}/{name}", str(ident), 0)
+    x1, y1, x2, y2 = BOXES[image]
+    area = item["masks"].float().mean((1, 2))            # about the box's share of the image, after the affine maps
+    share = (x2 - x1) * (y2 - y1) / (120 * 100)
+    assert ((area > 0.7 * share) & (area < 1.4 * share)).all(), (area, share)
+    assert item["frames"].mean(1)[item["masks"]].mean() > 0.6       # the mask sits on the bright pixels of its frame
+
+
+def test_refcoco_original_release_gives_the_conversions_items(tmp_path):
+    root = tmp_path / "coco"
+    write_coco_images(root)
+    (root / "refcoco").mkdir()
+    (root / "refcoco/refs(unc).p").write_bytes(py2_pickle(REFCOCO_REFS))
+    assert pickle.loads((root / "refcoco/refs(unc).p").read_bytes()) == REFCOCO_REFS
+    (root / "refcoco/instances.json").write_text(json.dumps(instances()))
+    # refcocog: refs(umd).p, here as Python 3 writes pickles
+    (root / "refcocog").mkdir()
+    (root / "refcocog/refs(umd).p").write_bytes(pickle.dumps([ref(7, 11, 1, "train", ["the large box"])], protocol=4))
+    (root / "refcocog/instances.json").write_text(json.dumps(instances()))
+    with pytest.warns(UserWarning, match="skipped 1 empty"):
+        ds = data.build_dataset("refcoco", root, "train", CFG, train=False)
+    assert "refcoco: original release (refs(unc).p, instances.json)" in ds.layout
+    assert len(ds) == len(REFCOCO_TRAIN) + 1
+    for i, (ident, image, text) in enumerate(REFCOCO_TRAIN):
+        check_refcoco_item(ds[i], "refcoco", ident, image, text)
+    check_refcoco_item(ds[4], "refcocog", 1, 1, "the large box")
+    assert ds.summary == {"images": 2, "expressions": 5, "objects": 3}
+
+    # the conversion's instances_refcoco_train.json of the same refs, written by hand: the same items
+    conv = tmp_path / "converted"
+    write_coco_images(conv)
+    inst = instances()
+    sentences = [(1, 1, "the bright box"), (2, 1, "box on the right"), (3, 2, "the top left box"), (4, 2, ""),
+                 (5, 2, "  upper   box ")]
+    d = {"info": {}, "licenses": [], "categories": inst["categories"],
+         "images": [{"file_name": f"COCO_train2014_{i:012d}.jpg", "height": 100, "width": 120, "original_id": i,
+                     "id": n, "caption": s, "dataset_name": "refcoco"} for n, i, s in sentences],
+         "annotations": [dict(inst["annotations"][i - 1], image_id=n, id=n, original_id=10 + i)
+                         for n, i, _ in sentences]}
+    (conv / "refcoco").mkdir()
+    (conv / "refcoco/instances_refcoco_train.json").write_text(json.dumps(d))
+    with pytest.warns(UserWarning, match="skipped 1 empty"):
+        converted = data.build_dataset("refcoco", conv, "refcoco", CFG, train=False)
+    assert len(converted) == 4 and converted.summary == {"images": 2, "expressions": 4, "objects": 2}
+    for i in range(4):
+        a, b = ds[i], converted[i]
+        assert a["id"] == b["id"] and a["text"] == b["text"]
+        assert torch.equal(a["frames"], b["frames"]) and torch.equal(a["masks"], b["masks"])
+
+
+class RunsCode:
+    """Unpickled by pickle.load, this runs exec(code)."""
+
+    def __init__(self, code):
+        self.code = code
+
+    def __reduce__(self):
+        return exec, (self.code,)
+
+
+def test_refs_pickle_that_would_run_code_fails_and_runs_nothing(tmp_path):
+    root = tmp_path / "coco"
+    write_coco_images(root)
+    (root / "refcoco").mkdir()
+    (root / "refcoco/instances.json").write_text(json.dumps(instances()))
+    marker = tmp_path / "it-ran"
+    payload = pickle.dumps([REFCOCO_REFS[0], RunsCode(f"open({str(marker)!r}, 'w').write('ran')")], protocol=2)
+    (root / "refcoco/refs(unc).p").write_bytes(payload)
+    with pytest.raises(ValueError, match=r"refcoco/refs\(unc\).p: not a pickle of plain containers and scalars "
+                                         r"\(UnpicklingError: it names (__builtin__|builtins)\.exec"):
+        data.build_dataset("refcoco", root, "refcoco", CFG, train=False)
+    assert not marker.exists()
+    pickle.loads(payload)                                    # the payload is live: an unrestricted load runs it
+    assert marker.read_text() == "ran"
+    (root / "refcoco/refs(unc).p").write_bytes(pickle.dumps({"refs": "not a list of refs"}))
+    with pytest.raises(ValueError, match=r"refs\(unc\).p: expected a list of refs"):
+        data.build_dataset("refcoco", root, "refcoco", CFG, train=False)
+    (root / "refcoco/refs(unc).p").unlink()
+    with pytest.raises(FileNotFoundError, match=r"no RefCOCO annotations in refcoco/: expected refs\(unc\).p"):
+        data.build_dataset("refcoco", root, "refcoco", CFG, train=False)
 
 
 @pytest.mark.parametrize("as_mp4", [False, True])
