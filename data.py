@@ -502,6 +502,10 @@ class VideoExpressions(ClipDataset):
     def finish(self, what):
         if self.empty:
             warnings.warn(f"{what}: skipped {self.empty} empty expressions")
+        self.summary = {"videos": len(self.videos), "frames": sum(len(f) for f, _ in self.videos.values()),
+                        "expressions": len(self.exprs)}
+        if any(a is not None for _, a in self.videos.values()):   # objects referred to (annotated splits only)
+            self.summary["objects"] = len({(vid, obj) for vid, _, _, obj in self.exprs})
         T = self.cfg.num_frames
         for e in self.exprs:
             n = len(self.videos[e[0]][0])
@@ -571,23 +575,110 @@ class RefYouTubeVOS(VideoExpressions):
         self.finish(f"Ref-YouTube-VOS {split}")
 
 
+def davis17_layout(root):
+    """Which Ref-DAVIS17 layout is under root: "converted" (meta_expressions/, what the common conversion writes) or
+    "original" (DAVIS/ and davis_text_annotations/, the unpacked downloads). The converted layout is looked for
+    first: the conversion moves the videos out of DAVIS/ and leaves the emptied folder behind."""
+    root = need(root, "the Ref-DAVIS17 root (DAVIS/ and davis_text_annotations/, or the converted layout)")
+    if (root / "meta_expressions").is_dir():
+        return "converted"
+    if (root / "DAVIS").is_dir():
+        return "original"
+    raise FileNotFoundError(f"{root / 'DAVIS'} not found: expected the DAVIS 2017 tree beside davis_text_annotations/"
+                            f" (the original downloads), or meta_expressions/ (the converted layout)")
+
+
+# The four text files of the Ref-DAVIS17 release, in the order of the expression ids 4k + a (a = 0..3), with the
+# encodings the common conversion reads them in; and its corrections of video names that they spell differently.
+DAVIS_TEXT_FILES = (("Davis17_annot1.txt", "utf-8"), ("Davis17_annot1_full_video.txt", "utf-8"),
+                    ("Davis17_annot2.txt", "latin-1"), ("Davis17_annot2_full_video.txt", "latin-1"))
+DAVIS_NAME_FIXES = {"clasic-car": "classic-car", "dog-scale": "dogs-scale", "motor-bike": "motorbike"}
+
+
+def read_davis_text(path, encoding):
+    """{video: [(obj_id, expression), ...]} from one Ref-DAVIS17 text file, parsed as the common conversion
+    (ReferFormer's tools/data/convert_davis_to_ytvos.py) parses it: lines `video obj_id "expression"`; the
+    expression is the rest of the line with whitespace runs made single spaces, less its first and last character
+    (the quotes); video names corrected by DAVIS_NAME_FIXES; each video's entries sorted by obj_id compared as
+    strings ("10" before "2"), ties in file order."""
+    need(path, "a Ref-DAVIS17 text file (lines: video object_id \"expression\")")
+    try:
+        text = path.read_text(encoding=encoding)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not {encoding} text ({e})") from e
+    videos = {}
+    # split("\n"), not splitlines(): annotator 2's latin-1 files may hold byte 0x85, which splitlines() would take
+    # for a line end; here, as in the conversion, it is whitespace inside the line
+    for n, line in enumerate(text.split("\n"), 1):
+        words = line.split()
+        if not words:
+            continue
+        if len(words) < 2 or not words[1].isdecimal():
+            raise ValueError(f"{path}, line {n}: expected `video object_id \"expression\"`, got {line.strip()!r}")
+        vid = DAVIS_NAME_FIXES.get(words[0], words[0])
+        videos.setdefault(vid, []).append((words[1], " ".join(words[2:])[1:-1]))
+    return {vid: sorted(entries, key=lambda e: e[0]) for vid, entries in videos.items()}
+
+
 class RefDAVIS17(VideoExpressions):
-    """The Ref-YouTube-VOS layout made by the common conversion of DAVIS-2017 + the Ref-DAVIS text annotations:
-    {train,valid}/JPEGImages, {train,valid}/Annotations, meta_expressions/{train,valid}/meta_expressions.json.
-    Expression id 4k + a for the video's k-th object: a = 0 first-frame annotator 1, 1 full-video annotator 1,
-    2 first-frame annotator 2, 3 full-video annotator 2. `annotation` (0-3) keeps one of the four runs."""
+    """Ref-DAVIS17 in either layout (davis17_layout tells which):
+    - original: the unpacked downloads under root: DAVIS/JPEGImages/480p/<vid>/*.jpg, DAVIS/Annotations_unsupervised/
+      480p/<vid>/*.png, DAVIS/ImageSets/2017/{train,val}.txt and davis_text_annotations/Davis17_annot{1,2}.txt,
+      Davis17_annot{1,2}_full_video.txt (annotator 2's in latin-1);
+    - converted: the Ref-YouTube-VOS layout the common conversion makes of them: {train,valid}/JPEGImages,
+      {train,valid}/Annotations, meta_expressions/{train,valid}/meta_expressions.json.
+    Both give the same items with the conversion's ids: for the k-th object of a video (the k-th line of each text
+    file for the video, after read_davis_text's sort), expression 4k + a: a = 0 first-frame annotator 1, 1 full-video
+    annotator 1, 2 first-frame annotator 2, 3 full-video annotator 2; the conversion pairs the files' k-th lines
+    up to the shortest file's count, and so does this. `annotation` (0-3) keeps one of the four runs. split: train
+    or valid (DAVIS's val)."""
 
     RUNS = ("annotator 1, first frame", "annotator 1, full video", "annotator 2, first frame", "annotator 2, full video")
 
     def __init__(self, root, split, cfg, train, seed=0, skip_bad=False, annotation=None):
         super().__init__(cfg, train, seed, skip_bad)
-        meta, jpeg, anno = _ytvos_layout(root, split, "converted Ref-DAVIS17", annotations=True)
-        for vid, v in sorted(meta.items()):
-            self.videos[vid] = _video_frames(jpeg, anno, vid, v.get("frames"))
-            for exp_id, e in v["expressions"].items():
-                if annotation is None or int(exp_id) % 4 == annotation:
+        if davis17_layout(root) == "converted":
+            meta, jpeg, anno = _ytvos_layout(root, split, "converted Ref-DAVIS17", annotations=True)
+            for vid, v in sorted(meta.items()):
+                self.videos[vid] = _video_frames(jpeg, anno, vid, v.get("frames"))
+                for exp_id, e in v["expressions"].items():
                     self.add_expression(vid, exp_id, e["exp"], e["obj_id"])
+            self.layout = (f"Ref-DAVIS17 converted to the Ref-YouTube-VOS layout: meta_expressions/{split}/"
+                           f"meta_expressions.json, {split}/JPEGImages, {split}/Annotations")
+        else:
+            self.read_original(root, split)
+        if annotation is not None:
+            self.exprs = [e for e in self.exprs if int(e[1]) % 4 == annotation]
         self.finish(f"Ref-DAVIS17 {split}")
+
+    def read_original(self, root, split):
+        if split not in ("train", "valid"):
+            raise ValueError(f"Ref-DAVIS17 split must be train or valid, got {split!r}")
+        davis = root / "DAVIS"
+        listing = davis / "ImageSets" / "2017" / f"{'val' if split == 'valid' else 'train'}.txt"
+        vids = need(listing, "the DAVIS 2017 split, one video a line").read_text().split()
+        jpeg = need(davis / "JPEGImages" / "480p", "one folder of JPEG frames per video")
+        anno = need(davis / "Annotations_unsupervised" / "480p", "one folder of indexed PNGs per video")
+        texts = [read_davis_text(root / "davis_text_annotations" / f, enc) for f, enc in DAVIS_TEXT_FILES]
+        unpaired, undescribed = 0, []
+        for vid in sorted(vids):
+            self.videos[vid] = _video_frames(jpeg, anno, vid)
+            runs = [t.get(vid, []) for t in texts]
+            if not any(runs):
+                undescribed.append(vid)
+            unpaired += sum(map(len, runs)) - 4 * min(map(len, runs))
+            for k, entries in enumerate(zip(*runs)):
+                for a, (obj_id, text) in enumerate(entries):
+                    self.add_expression(vid, 4 * k + a, text, obj_id)
+        if unpaired:
+            warnings.warn(f"Ref-DAVIS17 {split}: skipped {unpaired} expressions of objects that not all four text "
+                          f"files describe (the conversion pairs the files' lines per video up to the shortest)")
+        if undescribed:
+            warnings.warn(f"Ref-DAVIS17 {split}: {len(undescribed)} videos of {listing} have no expression in "
+                          f"davis_text_annotations/: {' '.join(undescribed)}")
+        self.layout = (f"Ref-DAVIS17 original downloads: {listing.relative_to(root)}, DAVIS/JPEGImages/480p, "
+                       f"DAVIS/Annotations_unsupervised/480p, davis_text_annotations/"
+                       f"{{{','.join(f for f, _ in DAVIS_TEXT_FILES)}}}")
 
 
 class VISOR(VideoExpressions):

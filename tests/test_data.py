@@ -219,6 +219,135 @@ def test_davis17_expression_ids_and_annotators(tmp_path):
         check_clip(ds[1], "bike", str(4 + a), f"object 2 run {a}", 2, [0, 1, 2, 3])
 
 
+# The Ref-DAVIS17 downloads as they unpack, with the text files' quirks: annotator 2's files in latin-1 (é as byte
+# 0xe9, a no-break space 0xa0, and 0x85, which str.splitlines() would take for a line end), video names spelled
+# differently from DAVIS (clasic-car, dog-scale, motor-bike, as well as the right spelling in other files), objects
+# out of order and with an id of two digits (the conversion sorts the ids as strings: 1, 10, 2), an empty
+# expression, runs of spaces, CRLF line ends, no newline at the end, an object that one file does not describe, a
+# video of the split that none describes and a line for a video of no split.
+DAVIS_TEXT = {
+    ("Davis17_annot1.txt", "utf-8", "\n"): [
+        'bike-packing 1 "a black bicycle"', 'clasic-car 2 "the café owner\'s car"', 'clasic-car 1 "a  white   car"',
+        'dog-scale 1 "a small dog"', 'dog-scale 2 "a big dog"', 'motor-bike 1 "a man on a motorbike"',
+        'motor-bike 2 ""', 'motor-bike 10 "the tenth thing"', 'blackswan 1 "a black swan"', ''],
+    ("Davis17_annot1_full_video.txt", "utf-8", "\r\n"): [
+        'bike-packing 1 "a bicycle ridden along a road"', 'classic-car 1 "a white car driving away"',
+        'classic-car 2 "a person walking"', 'dogs-scale 1 "dog running"', 'dogs-scale 2 "dog being weighed"',
+        'motorbike 1 "a motorbike jumping"', 'motorbike 10 "tenth object"', 'motorbike 2 "a rider"'],
+    ("Davis17_annot2.txt", "latin-1", "\n"): [
+        'bike-packing 1 "bicycle"', 'clasic-car 1 "white caf\xe9 car"', 'clasic-car 2 "man\x85walking"',
+        'dog-scale 1 "little dog"', 'motor-bike 1 "rider\'s bike"', 'motor-bike 10 "tenth"',
+        'motor-bike 2 "person\xa0riding"', ''],
+    ("Davis17_annot2_full_video.txt", "latin-1", "\n"): [
+        'bike-packing 1 "a bike"', 'classic-car 2 "walking  man"', 'classic-car 1 "car"',
+        'dogs-scale 2 "dog on a scale"', 'dogs-scale 1 "running dog"', 'motorbike 2 "the rider"',
+        'motorbike 1 "the motorbike"', 'motorbike 10 "object ten"', ''],
+}
+DAVIS_FRAMES = {"bike-packing": 4, "classic-car": 4, "dogs-scale": 5, "motorbike": 4, "no-text": 4}
+# Worked out by hand from the lines above, by the conversion's rules: per video the objects in the order of their
+# ids as strings, expression 4k + a for the k-th object in file a (the four files above, in order), pairs only up
+# to the shortest file (dogs-scale: annotator 2 describes one object, so 3 expressions go), empty ones skipped.
+DAVIS_VALID = [
+    ("classic-car", 0, "a white car", 1), ("classic-car", 1, "a white car driving away", 1),
+    ("classic-car", 2, "white café car", 1), ("classic-car", 3, "car", 1),
+    ("classic-car", 4, "the café owner's car", 2), ("classic-car", 5, "a person walking", 2),
+    ("classic-car", 6, "man walking", 2), ("classic-car", 7, "walking man", 2),
+    ("dogs-scale", 0, "a small dog", 1), ("dogs-scale", 1, "dog running", 1),
+    ("dogs-scale", 2, "little dog", 1), ("dogs-scale", 3, "running dog", 1),
+    ("motorbike", 0, "a man on a motorbike", 1), ("motorbike", 1, "a motorbike jumping", 1),
+    ("motorbike", 2, "rider's bike", 1), ("motorbike", 3, "the motorbike", 1),
+    ("motorbike", 4, "the tenth thing", 10), ("motorbike", 5, "tenth object", 10),
+    ("motorbike", 6, "tenth", 10), ("motorbike", 7, "object ten", 10),
+    ("motorbike", 9, "a rider", 2), ("motorbike", 10, "person riding", 2), ("motorbike", 11, "the rider", 2)]
+DAVIS_TRAIN = [("bike-packing", 0, "a black bicycle", 1), ("bike-packing", 1, "a bicycle ridden along a road", 1),
+               ("bike-packing", 2, "bicycle", 1), ("bike-packing", 3, "a bike", 1)]
+
+
+def write_davis_downloads(root):
+    """DAVIS-2017-Unsupervised-trainval-480p.zip and davis_text_annotations, unpacked under root."""
+    davis = root / "DAVIS"
+    for vid, n in DAVIS_FRAMES.items():
+        write_video(davis / "JPEGImages/480p", davis / "Annotations_unsupervised/480p", vid, n)
+    (davis / "ImageSets/2017").mkdir(parents=True)
+    (davis / "ImageSets/2017/train.txt").write_text("bike-packing\n")
+    (davis / "ImageSets/2017/val.txt").write_text("classic-car\ndogs-scale\nmotorbike\nno-text\n")
+    (root / "davis_text_annotations").mkdir()
+    for (name, encoding, newline), lines in DAVIS_TEXT.items():
+        (root / "davis_text_annotations" / name).write_bytes(newline.join(lines).encode(encoding))
+    return root
+
+
+def check_davis_clip(item, vid, exp_id, text, obj, idx):
+    if obj in (1, 2):
+        check_clip(item, vid, str(exp_id), text, obj, idx)
+    else:                                               # object 10 is named by the text files only: never visible
+        assert item["text"] == text and item["id"] == (vid, str(exp_id), idx[0])
+        assert not item["masks"].any() and not item["valid"].any()
+
+
+def test_davis17_original_downloads_give_the_conversions_items(tmp_path):
+    root = write_davis_downloads(tmp_path / "ref-davis")
+    with pytest.warns(UserWarning) as caught:
+        ds = data.build_dataset("davis17", root, "valid", CFG, train=False)
+    notes = " | ".join(str(w.message) for w in caught)
+    assert "skipped 1 empty expressions" in notes and "skipped 3 expressions of objects that not all four" in notes
+    assert "1 videos of" in notes and "no-text" in notes
+    assert data.davis17_layout(root) == "original" and ds.layout.startswith("Ref-DAVIS17 original downloads")
+    clips = []        # the expressions' evaluation clips: one of a video of 4 frames, two of dogs-scale's 5
+    for v, e, t, o in DAVIS_VALID:
+        clips += [(v, e, t, o, [0, 1, 2, 3])] + ([(v, e, t, o, [4, 4, 4, 4])] if v == "dogs-scale" else [])
+    assert len(ds) == len(clips) == 27
+    for i, c in enumerate(clips):
+        check_davis_clip(ds[i], *c)
+    assert ds.summary == {"videos": 4, "frames": 17, "expressions": 23, "objects": 6}
+    train = data.build_dataset("davis17", root, "train", CFG, train=False)
+    for i, c in enumerate(DAVIS_TRAIN):
+        check_davis_clip(train[i], *c, [0, 1, 2, 3])
+    for a in range(4):                                                           # one annotator run
+        with pytest.warns(UserWarning):
+            run = data.build_dataset("davis17", root, "valid", CFG, train=False, annotation=a)
+        assert [(it[0], int(it[1]), it[2], it[3]) for it in run.exprs] == [e for e in DAVIS_VALID if e[1] % 4 == a]
+
+    # the same data after the common conversion, written by hand: the converted layout gives the same items
+    conv = tmp_path / "converted"
+    (conv / "DAVIS/ImageSets/2017").mkdir(parents=True)            # the conversion leaves the emptied DAVIS/ behind
+    meta = {}
+    for vid in ("classic-car", "dogs-scale", "motorbike", "no-text"):
+        write_video(conv / "valid/JPEGImages", conv / "valid/Annotations", vid, DAVIS_FRAMES[vid])
+        exps = {str(e): {"exp": t, "obj_id": str(o)} for v, e, t, o in DAVIS_VALID if v == vid}
+        if vid == "motorbike":
+            exps["8"] = {"exp": "", "obj_id": "2"}
+        meta[vid] = {"expressions": dict(sorted(exps.items(), key=lambda kv: int(kv[0]))),
+                     "frames": [f"{t:05d}" for t in range(DAVIS_FRAMES[vid])]}
+    (conv / "meta_expressions/valid").mkdir(parents=True)
+    (conv / "meta_expressions/valid/meta_expressions.json").write_text(json.dumps({"videos": meta}))
+    with pytest.warns(UserWarning, match="skipped 1 empty"):
+        converted = data.build_dataset("davis17", conv, "valid", CFG, train=False)
+    assert data.davis17_layout(conv) == "converted" and len(converted) == len(ds)
+    for i in range(len(ds)):
+        a, b = ds[i], converted[i]
+        assert a["id"] == b["id"] and a["text"] == b["text"] and a["frame_names"] == b["frame_names"]
+        assert torch.equal(a["frames"], b["frames"]) and torch.equal(a["masks"], b["masks"])
+
+
+def test_davis17_original_errors_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"empty/DAVIS not found: expected the DAVIS 2017 tree"):
+        (tmp_path / "empty").mkdir()
+        data.build_dataset("davis17", tmp_path / "empty", "valid", CFG, train=False)
+    root = write_davis_downloads(tmp_path / "ref-davis")
+    bad = root / "davis_text_annotations/Davis17_annot1_full_video.txt"
+    bad.write_text('classic-car 1 "a car"\nclassic-car\n')
+    with pytest.raises(ValueError, match=r"Davis17_annot1_full_video.txt, line 2: expected `video object_id"):
+        data.build_dataset("davis17", root, "valid", CFG, train=False)
+    bad.write_bytes('classic-car 1 "a caf\xe9"\n'.encode("latin-1"))          # annotator 1's files are UTF-8
+    with pytest.raises(ValueError, match=r"Davis17_annot1_full_video.txt: not utf-8 text"):
+        data.build_dataset("davis17", root, "valid", CFG, train=False)
+    bad.write_text('classic-car 1 "a car"\n')
+    (root / "davis_text_annotations/Davis17_annot2.txt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"Davis17_annot2.txt not found: expected a Ref-DAVIS17 text file"):
+        data.build_dataset("davis17", root, "valid", CFG, train=False)
+
+
 def test_visor_names_become_expressions(tmp_path):
     root = tmp_path / "VISOR_2022"
     write_video(root / "JPEGImages/480p", root / "Annotations/480p", "P01_107_seq_00001", 4)
