@@ -13,18 +13,27 @@ of T frames, the last one padded by repeating its last frame (num_real says how 
 All randomness (clip sampling, augmentation, synthetic scenes) is drawn from a generator seeded by
 (seed, epoch, index): items do not depend on the worker that loads them, so any number of DataLoader workers,
 a DistributedSampler, or a resumed run give the same clips. Call set_epoch(epoch) for fresh augmentations.
+
+Run as a script it is the dataset inspector, the first thing to run on a new download: it prints the layout it
+found, the counts (videos or images, frames, expressions, objects) and what it skipped and why, and writes a
+contact sheet of a few clips (frames, the target outlined, the expression above):
+
+    python data.py NAME --data-root ROOT [--split S] [--out SHEET.png]
+    python data.py                                      # the synthetic world, no root
 """
 import json
 import math
 import pickle
 import re
+import sys
+import textwrap
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 # ----------------------------------------------------------------------------------------------------------
 # Reading files; every failure names the file
@@ -362,6 +371,8 @@ class SyntheticClips(ClipDataset):
         self.code, n = self.SPLITS[split]
         self.items = range(size or n)
         self.rvos = split in ("train", "val")
+        self.layout = f"generated, no files (split {split}, seed {seed})"
+        self.summary = {"clips": len(self.items), "frames": len(self.items) * cfg.num_frames}
 
     def rng(self, index):  # the scene depends on (seed, split, index) only; augmentation also on the epoch
         return np.random.default_rng([self.seed, self.code, index, self.epoch])
@@ -414,6 +425,8 @@ class SMiT(ClipDataset):
         names = [n.strip() for n in need(root / f"{split}.txt", "one video name a line").read_text().splitlines() if n.strip()]
         self.stride, self.empty = stride, 0
         T = cfg.num_frames
+        self.summary = {"videos": 0, "frames": 0}
+        kinds = {"frames/<name>/*.jpg": 0, "videos/<name>.mp4": 0}
         for name in names:
             cap_file = root / "transcriptions" / f"{name}.txt"
             lines = cap_file.read_text(errors="replace").splitlines() if cap_file.is_file() else []
@@ -428,9 +441,14 @@ class SMiT(ClipDataset):
                     continue
                 raise FileNotFoundError(f"{source} not found (nor {root / 'frames' / name}/*.jpg)")
             n = len(source) if isinstance(source, list) else _count_video_frames(source)
+            kinds["frames/<name>/*.jpg" if isinstance(source, list) else "videos/<name>.mp4"] += 1
+            self.summary["videos"] += 1
+            self.summary["frames"] += n
             step = stride * (T - 1)
             for s in range(0, max(n - step, 1), step):  # windows of T frames `stride` apart, sharing end frames
                 self.items.append((name, source, [min(s + stride * j, n - 1) for j in range(T)], text))
+        self.layout = (f"S-MiT: {split}.txt, captions from transcriptions/<name>.txt, "
+                       + ", ".join(f"{n} videos as {k}" for k, n in kinds.items()))
         if self.empty or self.bad:
             warnings.warn(f"S-MiT {split}: skipped {self.empty} videos with an empty or missing caption"
                           f" and {self.bad} with no video")
@@ -572,6 +590,9 @@ class RefYouTubeVOS(VideoExpressions):
             self.videos[vid] = _video_frames(jpeg, anno, vid, v.get("frames"))
             for exp_id, e in v["expressions"].items():
                 self.add_expression(vid, exp_id, e["exp"], e.get("obj_id", 0))
+        self.layout = (f"Ref-YouTube-VOS: meta_expressions/{split}/meta_expressions.json, {split}/JPEGImages"
+                       + (f", {split}/Annotations" if anno else "")
+                       + (f"; {len(skip & set(meta))} test videos (meta_expressions/test) left out" if skip else ""))
         self.finish(f"Ref-YouTube-VOS {split}")
 
 
@@ -700,6 +721,8 @@ class VISOR(VideoExpressions):
             self.videos[seq] = _video_frames(jpeg, anno, seq)
             for obj_id, name in sorted(mapping[seq].items(), key=lambda kv: int(kv[0])):
                 self.add_expression(seq, obj_id, name.replace(":", " "), obj_id)
+        self.layout = (f"VISOR in the DAVIS layout: ImageSets/2022/{split}.txt, {split}_data_mapping.json, "
+                       f"JPEGImages/480p, Annotations/480p")
         self.finish(f"VISOR {split}")
 
 
@@ -885,3 +908,98 @@ class Collate:
             batch[k] = torch.stack(vals) if isinstance(vals[0], torch.Tensor) else vals
         batch["ids"], batch["mask"] = self.tokenizer(batch["text"], max_len=self.max_len)
         return batch
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The dataset inspector: python data.py NAME --data-root ROOT [--split S]
+# ----------------------------------------------------------------------------------------------------------
+
+OUTLINE = (255, 255, 0)  # the target's outline on the contact sheet: 2 px inside its edge, a black ring within
+
+
+def outline(mask, width=2):
+    """The pixels of a Bool[H, W] numpy mask within `width` pixels of its edge (the frame's border counts as edge)."""
+    inner = mask
+    for _ in range(width):
+        p = np.pad(inner, 1)
+        inner = inner & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
+    return mask & ~inner
+
+
+def contact_sheet(items, height=144, gap=4):
+    """One row per clip: a header (the clip's id and its expression or caption) above its T frames, each resized to
+    `height` rows, the target's mask (resized nearest) outlined: the mask's pixels within 2 px of its edge in
+    OUTLINE, the next ring in black (visible on any colour). Returns a PIL image."""
+    font = ImageFont.load_default()
+    line_h = font.getbbox("Ag")[3] + 4
+    rows = []
+    for it in items:
+        T, _, H, W = it["frames"].shape
+        w = max(1, round(W * height / H))
+        strip = Image.new("RGB", (T * (w + gap) - gap, height))
+        for t in range(T):
+            frame = (it["frames"][t].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+            tile = np.array(Image.fromarray(frame).resize((w, height), Image.BILINEAR))
+            if "masks" in it:
+                m = np.asarray(Image.fromarray(it["masks"][t].numpy()).resize((w, height), Image.NEAREST))
+                tile[outline(m, 3)] = 0
+                tile[outline(m, 2)] = OUTLINE
+            strip.paste(Image.fromarray(tile), (t * (w + gap), 0))
+        vid, exp_id, start = it["id"]
+        caption = f"{vid} | expression {exp_id} | from frame {start}: {it['text']}"
+        lines = textwrap.wrap(caption, width=max(10, int(strip.width // font.getlength("n"))))
+        row = Image.new("RGB", (strip.width, len(lines) * line_h + height), (40, 40, 40))
+        draw = ImageDraw.Draw(row)
+        for i, line in enumerate(lines):
+            draw.text((0, i * line_h + 2), line, fill=(255, 255, 255), font=font)
+        row.paste(strip, (0, len(lines) * line_h))
+        rows.append(row)
+    sheet = Image.new("RGB", (max(r.width for r in rows), sum(r.height + 2 * gap for r in rows)), (40, 40, 40))
+    y = 0
+    for r in rows:
+        sheet.paste(r, (0, y))
+        y += r.height + 2 * gap
+    return sheet
+
+
+def main(argv=None):
+    """Inspect a dataset: what was found under the root (the layout, counts, what was skipped and why) and a
+    contact sheet of a few clips. Returns the sheet's path."""
+    import argparse
+
+    import slvp
+    p = argparse.ArgumentParser(description="Inspect a dataset: print what was found under its root and write a "
+                                            "contact sheet of a few clips (frames, the target outlined, the text).")
+    p.add_argument("name", nargs="?", default="synthetic", choices=list(DATASETS),
+                   help="the dataset, as in build_dataset (default: synthetic, the embedded world: no root)")
+    p.add_argument("--data-root", help="the dataset's root folder (the README's Data table lists each layout)")
+    p.add_argument("--split", default="train", help="the split to read (default: train)")
+    p.add_argument("--out", help="where the contact sheet PNG goes (default: out/inspect/<name>-<split>.png)")
+    args = p.parse_args(argv)
+    # the frames a model would see: the default run's (tiny) config on the synthetic world, the paper's on real data
+    cfg = slvp.SLVPConfig.tiny() if args.name == "synthetic" else slvp.SLVPConfig.paper()
+    out = Path(args.out or f"out/inspect/{args.name}-{args.split}.png")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ds = build_dataset(args.name, args.data_root, args.split, cfg, train=False)
+            print(f"{args.name} {args.split}" + (f" under {args.data_root}" if args.data_root else ""))
+            print(f"layout: {ds.layout}")
+            print("found: " + ", ".join(f"{n} {what}" for what, n in ds.summary.items()))
+            print(f"items: {len(ds)} clips of {cfg.num_frames} frames at {cfg.frame_size[0]}x{cfg.frame_size[1]}")
+            if not len(ds):
+                raise ValueError(f"no items in {args.name} {args.split}: nothing to show")
+            picks = sorted(set(np.linspace(0, len(ds) - 1, min(4, len(ds))).round().astype(int).tolist()))
+            items = [ds[i] for i in picks]
+        for w in caught:
+            print(f"note: {w.message}")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        contact_sheet(items).save(out)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    print(f"wrote {out}: clips {', '.join(map(str, picks))}, the target outlined in yellow")
+    return out
+
+
+if __name__ == "__main__":
+    main()

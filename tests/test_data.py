@@ -662,6 +662,58 @@ def test_bad_image_raises_or_is_skipped(ytvos_root):
     assert item["id"] == ("vid_a", "0", 4) and ds.bad == 2
 
 
+# ---------------------------------------------------------------------------------------------- the inspector
+
+def test_contact_sheet_outlines_the_target():
+    """A clip drawn at its own size: under the header, in each of its 4 tiles, the yellow pixels are the mask's pixels
+    within 2 px of its edge, the next ring in is black, and the rest is the frame as it was."""
+    masks = torch.zeros(4, H, W, dtype=torch.bool)
+    for t in range(4):
+        masks[t, 10:30, 5 + 3 * t:25 + 3 * t] = True
+    item = {"frames": torch.full((4, 3, H, W), 0.5), "masks": masks, "text": "the grey square", "id": ("v", "3", 0)}
+    sheet = np.asarray(data.contact_sheet([item], height=H, gap=4))
+    top = sheet.shape[0] - 2 * 4 - H                                  # the header above the frames
+    assert sheet.shape[1] == 4 * (W + 4) - 4 and top > 0
+    assert (sheet[:top] > 200).all(-1).any()                          # white text
+    for t in range(4):
+        tile = sheet[top:top + H, t * (W + 4):t * (W + 4) + W]
+        yellow, black = np.zeros((H, W), bool), np.zeros((H, W), bool)
+        yellow[10:30, 5 + 3 * t:25 + 3 * t] = True
+        yellow[12:28, 7 + 3 * t:23 + 3 * t] = False
+        black[12:28, 7 + 3 * t:23 + 3 * t] = True
+        black[13:27, 8 + 3 * t:22 + 3 * t] = False
+        assert np.array_equal((tile == (255, 255, 0)).all(-1), yellow)
+        assert np.array_equal((tile == 0).all(-1), black)
+        assert (tile[~(yellow | black)] == 128).all()
+
+
+def test_inspector_prints_what_it_found_and_writes_a_sheet(tmp_path, capsys):
+    root = write_davis_downloads(tmp_path / "ref-davis")
+    out = data.main(["davis17", "--data-root", str(root), "--split", "valid", "--out", str(tmp_path / "sheet.png")])
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"davis17 valid under {root}\nlayout: Ref-DAVIS17 original downloads: "
+                              f"DAVIS/ImageSets/2017/val.txt, DAVIS/JPEGImages/480p")
+    assert "\nfound: 4 videos, 17 frames, 23 expressions, 6 objects\n" in printed
+    assert "\nitems: 27 clips of 4 frames at 360x648\n" in printed
+    assert "note: Ref-DAVIS17 valid: skipped 3 expressions of objects that not all four text files" in printed
+    assert "note: Ref-DAVIS17 valid: 1 videos of" in printed and "note: Ref-DAVIS17 valid: skipped 1 empty" in printed
+    assert f"wrote {out}: clips 0, 9, 17, 26" in printed
+    sheet = np.asarray(Image.open(out))
+    assert sheet.shape[1] == 4 * (round(648 * 144 / 360) + 4) - 4   # 4 frames a row at 144 rows each
+    assert (sheet == (255, 255, 0)).all(-1).sum() > 400             # outlines drawn
+    out = data.main(["--out", str(tmp_path / "synthetic.png")])   # no name, no root: the synthetic world
+    printed = capsys.readouterr().out
+    assert printed.startswith("synthetic train\nlayout: generated, no files")
+    assert "\nfound: 256 clips, 1024 frames\nitems: 256 clips of 4 frames at 64x96\n" in printed and out.is_file()
+    with pytest.raises(SystemExit, match=r"nowhere not found: expected the Ref-DAVIS17 root"):
+        data.main(["davis17", "--data-root", str(tmp_path / "nowhere")])
+    (root / "DAVIS/ImageSets/2017/val.txt").unlink()
+    with pytest.raises(SystemExit, match=r"ImageSets/2017/val.txt not found: expected the DAVIS 2017 split"):
+        data.main(["davis17", "--data-root", str(root), "--split", "valid"])
+    with pytest.raises(SystemExit, match=r"dataset 'ytvos' needs a root folder \(--data-root\)"):
+        data.main(["ytvos"])
+
+
 # ---------------------------------------------------------------------------------------------- batching
 
 def test_collate_workers_and_distributed_sampler(tmp_path):
