@@ -91,6 +91,14 @@ def need(path, what):
     return Path(path)
 
 
+def read_json(path, what):
+    """A JSON file; missing or not JSON, it fails with one line naming the path and what was expected there."""
+    try:
+        return json.loads(need(path, what).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON ({e}); expected {what}") from e
+
+
 def clean_text(text):
     return " ".join(str(text).replace("\n", " ").split())
 
@@ -564,8 +572,8 @@ def _ytvos_layout(root, split, what, annotations):
     root = need(root, f"the {what} root (train/, valid/, meta_expressions/)")
     if split not in ("train", "valid"):
         raise ValueError(f"{what} split must be train or valid, got {split!r}")
-    meta = json.loads(need(root / "meta_expressions" / split / "meta_expressions.json",
-                           f"the {what} expression file").read_text())["videos"]
+    meta = read_json(root / "meta_expressions" / split / "meta_expressions.json",
+                     f"the {what} expression file")["videos"]
     jpeg = need(root / split / "JPEGImages", "one folder of JPEG frames per video")
     anno = need(root / split / "Annotations", "one folder of indexed PNGs per video") if annotations else None
     return meta, jpeg, anno
@@ -583,7 +591,7 @@ class RefYouTubeVOS(VideoExpressions):
         skip = set()
         test = Path(root) / "meta_expressions" / "test" / "meta_expressions.json"
         if split == "valid" and test.is_file():
-            skip = set(json.loads(test.read_text())["videos"])
+            skip = set(read_json(test, "the test videos' expression file")["videos"])
         for vid, v in sorted(meta.items()):
             if vid in skip:
                 continue
@@ -712,7 +720,7 @@ class VISOR(VideoExpressions):
         root = need(root, "the VISOR root converted to the DAVIS layout")
         seqs = [s.strip() for s in need(root / "ImageSets" / "2022" / f"{split}.txt", "one sequence a line")
                 .read_text().splitlines() if s.strip()]
-        mapping = json.loads(need(root / f"{split}_data_mapping.json", "{seq: {object index: name}}").read_text())
+        mapping = read_json(root / f"{split}_data_mapping.json", "{seq: {object index: name}}")
         jpeg = need(root / "JPEGImages" / "480p", "one folder of JPEG frames per sequence")
         anno = need(root / "Annotations" / "480p", "one folder of indexed PNGs per sequence")
         for seq in seqs:
@@ -748,7 +756,7 @@ def load_plain_pickle(path):
 
 def _refcoco_converted(path):
     """(image entry, its annotations, sentence) for each image entry of a converted instances_<dataset>_train.json."""
-    d = json.loads(path.read_text())
+    d = read_json(path, "the converted RefCOCO annotations (images with a caption each, annotations)")
     by_image = {}
     for a in d["annotations"]:
         by_image.setdefault(a["image_id"], []).append(a)
@@ -761,7 +769,7 @@ def _refcoco_original(refs_path, instances_path):
     refs file, one entry per sentence (its `sent`), numbered 1, 2, ... through the file; the image and the
     annotation looked up by id in instances.json."""
     refs = load_plain_pickle(refs_path)
-    inst = json.loads(need(instances_path, "the COCO instances of the refs (images, annotations)").read_text())
+    inst = read_json(instances_path, "the COCO instances of the refs (images, annotations)")
     images = {im["id"]: im for im in inst["images"]}
     annos = {a["id"]: a for a in inst["annotations"]}
     out = []

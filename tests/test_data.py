@@ -645,6 +645,12 @@ def test_missing_root_and_split_file_fail_clearly(tmp_path):
         data.build_dataset("kinetics", tmp_path, "train", CFG, train=True)
 
 
+def test_broken_json_names_the_file(ytvos_root):
+    (ytvos_root / "meta_expressions/train/meta_expressions.json").write_text('{"videos": {"vid_a": ')
+    with pytest.raises(ValueError, match=r"train/meta_expressions.json: not JSON \(.*\); expected the Ref-YouTube-VOS"):
+        data.build_dataset("ytvos", ytvos_root, "train", CFG, train=True)
+
+
 def test_bad_image_raises_or_is_skipped(ytvos_root):
     bad = ytvos_root / "train/JPEGImages/vid_b/00001.jpg"
     bad.write_bytes(b"not a jpeg")
