@@ -13,17 +13,27 @@ of T frames, the last one padded by repeating its last frame (num_real says how 
 All randomness (clip sampling, augmentation, synthetic scenes) is drawn from a generator seeded by
 (seed, epoch, index): items do not depend on the worker that loads them, so any number of DataLoader workers,
 a DistributedSampler, or a resumed run give the same clips. Call set_epoch(epoch) for fresh augmentations.
+
+Run as a script it is the dataset inspector, the first thing to run on a new download: it prints the layout it
+found, the counts (videos or images, frames, expressions, objects) and what it skipped and why, and writes a
+contact sheet of a few clips (frames, the target outlined, the expression above):
+
+    python data.py NAME --data-root ROOT [--split S] [--out SHEET.png]
+    python data.py                                      # the synthetic world, no root
 """
 import json
 import math
+import pickle
 import re
+import sys
+import textwrap
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 # ----------------------------------------------------------------------------------------------------------
 # Reading files; every failure names the file
@@ -81,6 +91,14 @@ def need(path, what):
     return Path(path)
 
 
+def read_json(path, what):
+    """A JSON file; missing or not JSON, it fails with one line naming the path and what was expected there."""
+    try:
+        return json.loads(need(path, what).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON ({e}); expected {what}") from e
+
+
 def clean_text(text):
     return " ".join(str(text).replace("\n", " ").split())
 
@@ -112,8 +130,13 @@ def augment(item, rng, crop_scale=(0.6, 1.0), jitter=0.2):
     s = rng.uniform(*crop_scale)
     ch, cw = max(1, round(H * s)), max(1, round(W * s))
     y0, x0 = _crop_origin(masks.any(0), ch, cw, rng)
+    # Frames and masks are resampled alike (bilinear, align_corners=False: output pixel i samples the crop at
+    # (i + 0.5) * ch / H - 0.5), the masks then thresholded at 0.5: a pixel is in the mask when the object covers
+    # more than half of it in the resampled frame. mode="nearest" would sample floor(i * ch / H), half a source
+    # pixel off the frames.
     frames = F.interpolate(frames[:, :, y0:y0 + ch, x0:x0 + cw], size=(H, W), mode="bilinear", align_corners=False)
-    masks = F.interpolate(masks[:, None, y0:y0 + ch, x0:x0 + cw].float(), size=(H, W), mode="nearest")[:, 0] > 0.5
+    masks = F.interpolate(masks[:, None, y0:y0 + ch, x0:x0 + cw].float(), size=(H, W), mode="bilinear",
+                          align_corners=False)[:, 0] > 0.5
     b, c, sat = (rng.uniform(1 - jitter, 1 + jitter) for _ in range(3))
     grey = frames.mean(1, keepdim=True)
     frames = grey + sat * (frames - grey)                                   # saturation
@@ -142,14 +165,15 @@ def _crop_origin(union, ch, cw, rng):
 # ----------------------------------------------------------------------------------------------------------
 
 class ClipDataset(torch.utils.data.Dataset):
-    """Subclasses fill self.items and define load(entry, rng) -> item dict."""
+    """Subclasses fill self.items, self.layout (what was read, from where) and self.summary (counts: videos or
+    images, frames, expressions, objects), and define load(entry, rng) -> item dict."""
 
     rvos = True  # items carry masks/boxes/valid; augmented when train
 
     def __init__(self, cfg, train, seed=0, skip_bad=False):
         self.cfg, self.train, self.seed, self.skip_bad = cfg, train, seed, skip_bad
         self.epoch, self.bad = 0, 0
-        self.items = []
+        self.items, self.layout, self.summary = [], "", {}
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -355,6 +379,8 @@ class SyntheticClips(ClipDataset):
         self.code, n = self.SPLITS[split]
         self.items = range(size or n)
         self.rvos = split in ("train", "val")
+        self.layout = f"generated, no files (split {split}, seed {seed})"
+        self.summary = {"clips": len(self.items), "frames": len(self.items) * cfg.num_frames}
 
     def rng(self, index):  # the scene depends on (seed, split, index) only; augmentation also on the epoch
         return np.random.default_rng([self.seed, self.code, index, self.epoch])
@@ -407,6 +433,8 @@ class SMiT(ClipDataset):
         names = [n.strip() for n in need(root / f"{split}.txt", "one video name a line").read_text().splitlines() if n.strip()]
         self.stride, self.empty = stride, 0
         T = cfg.num_frames
+        self.summary = {"videos": 0, "frames": 0}
+        kinds = {"frames/<name>/*.jpg": 0, "videos/<name>.mp4": 0}
         for name in names:
             cap_file = root / "transcriptions" / f"{name}.txt"
             lines = cap_file.read_text(errors="replace").splitlines() if cap_file.is_file() else []
@@ -421,9 +449,14 @@ class SMiT(ClipDataset):
                     continue
                 raise FileNotFoundError(f"{source} not found (nor {root / 'frames' / name}/*.jpg)")
             n = len(source) if isinstance(source, list) else _count_video_frames(source)
+            kinds["frames/<name>/*.jpg" if isinstance(source, list) else "videos/<name>.mp4"] += 1
+            self.summary["videos"] += 1
+            self.summary["frames"] += n
             step = stride * (T - 1)
             for s in range(0, max(n - step, 1), step):  # windows of T frames `stride` apart, sharing end frames
                 self.items.append((name, source, [min(s + stride * j, n - 1) for j in range(T)], text))
+        self.layout = (f"S-MiT: {split}.txt, captions from transcriptions/<name>.txt, "
+                       + ", ".join(f"{n} videos as {k}" for k, n in kinds.items()))
         if self.empty or self.bad:
             warnings.warn(f"S-MiT {split}: skipped {self.empty} videos with an empty or missing caption"
                           f" and {self.bad} with no video")
@@ -495,6 +528,10 @@ class VideoExpressions(ClipDataset):
     def finish(self, what):
         if self.empty:
             warnings.warn(f"{what}: skipped {self.empty} empty expressions")
+        self.summary = {"videos": len(self.videos), "frames": sum(len(f) for f, _ in self.videos.values()),
+                        "expressions": len(self.exprs)}
+        if any(a is not None for _, a in self.videos.values()):   # objects referred to (annotated splits only)
+            self.summary["objects"] = len({(vid, obj) for vid, _, _, obj in self.exprs})
         T = self.cfg.num_frames
         for e in self.exprs:
             n = len(self.videos[e[0]][0])
@@ -535,8 +572,8 @@ def _ytvos_layout(root, split, what, annotations):
     root = need(root, f"the {what} root (train/, valid/, meta_expressions/)")
     if split not in ("train", "valid"):
         raise ValueError(f"{what} split must be train or valid, got {split!r}")
-    meta = json.loads(need(root / "meta_expressions" / split / "meta_expressions.json",
-                           f"the {what} expression file").read_text())["videos"]
+    meta = read_json(root / "meta_expressions" / split / "meta_expressions.json",
+                     f"the {what} expression file")["videos"]
     jpeg = need(root / split / "JPEGImages", "one folder of JPEG frames per video")
     anno = need(root / split / "Annotations", "one folder of indexed PNGs per video") if annotations else None
     return meta, jpeg, anno
@@ -554,33 +591,123 @@ class RefYouTubeVOS(VideoExpressions):
         skip = set()
         test = Path(root) / "meta_expressions" / "test" / "meta_expressions.json"
         if split == "valid" and test.is_file():
-            skip = set(json.loads(test.read_text())["videos"])
+            skip = set(read_json(test, "the test videos' expression file")["videos"])
         for vid, v in sorted(meta.items()):
             if vid in skip:
                 continue
             self.videos[vid] = _video_frames(jpeg, anno, vid, v.get("frames"))
             for exp_id, e in v["expressions"].items():
                 self.add_expression(vid, exp_id, e["exp"], e.get("obj_id", 0))
+        self.layout = (f"Ref-YouTube-VOS: meta_expressions/{split}/meta_expressions.json, {split}/JPEGImages"
+                       + (f", {split}/Annotations" if anno else "")
+                       + (f"; {len(skip & set(meta))} test videos (meta_expressions/test) left out" if skip else ""))
         self.finish(f"Ref-YouTube-VOS {split}")
 
 
+def davis17_layout(root):
+    """Which Ref-DAVIS17 layout is under root: "converted" (meta_expressions/, what the common conversion writes) or
+    "original" (DAVIS/ and davis_text_annotations/, the unpacked downloads). The converted layout is looked for
+    first: the conversion moves the videos out of DAVIS/ and leaves the emptied folder behind."""
+    root = need(root, "the Ref-DAVIS17 root (DAVIS/ and davis_text_annotations/, or the converted layout)")
+    if (root / "meta_expressions").is_dir():
+        return "converted"
+    if (root / "DAVIS").is_dir():
+        return "original"
+    raise FileNotFoundError(f"{root / 'DAVIS'} not found: expected the DAVIS 2017 tree beside davis_text_annotations/"
+                            f" (the original downloads), or meta_expressions/ (the converted layout)")
+
+
+# The four text files of the Ref-DAVIS17 release, in the order of the expression ids 4k + a (a = 0..3), with the
+# encodings the common conversion reads them in; and its corrections of video names that they spell differently.
+DAVIS_TEXT_FILES = (("Davis17_annot1.txt", "utf-8"), ("Davis17_annot1_full_video.txt", "utf-8"),
+                    ("Davis17_annot2.txt", "latin-1"), ("Davis17_annot2_full_video.txt", "latin-1"))
+DAVIS_NAME_FIXES = {"clasic-car": "classic-car", "dog-scale": "dogs-scale", "motor-bike": "motorbike"}
+
+
+def read_davis_text(path, encoding):
+    """{video: [(obj_id, expression), ...]} from one Ref-DAVIS17 text file, parsed as the common conversion
+    (ReferFormer's tools/data/convert_davis_to_ytvos.py) parses it: lines `video obj_id "expression"`; the
+    expression is the rest of the line with whitespace runs made single spaces, less its first and last character
+    (the quotes); video names corrected by DAVIS_NAME_FIXES; each video's entries sorted by obj_id compared as
+    strings ("10" before "2"), ties in file order."""
+    need(path, "a Ref-DAVIS17 text file (lines: video object_id \"expression\")")
+    try:
+        text = path.read_text(encoding=encoding)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not {encoding} text ({e})") from e
+    videos = {}
+    # split("\n"), not splitlines(): annotator 2's latin-1 files may hold byte 0x85, which splitlines() would take
+    # for a line end; here, as in the conversion, it is whitespace inside the line
+    for n, line in enumerate(text.split("\n"), 1):
+        words = line.split()
+        if not words:
+            continue
+        if len(words) < 2 or not words[1].isdecimal():
+            raise ValueError(f"{path}, line {n}: expected `video object_id \"expression\"`, got {line.strip()!r}")
+        vid = DAVIS_NAME_FIXES.get(words[0], words[0])
+        videos.setdefault(vid, []).append((words[1], " ".join(words[2:])[1:-1]))
+    return {vid: sorted(entries, key=lambda e: e[0]) for vid, entries in videos.items()}
+
+
 class RefDAVIS17(VideoExpressions):
-    """The Ref-YouTube-VOS layout made by the common conversion of DAVIS-2017 + the Ref-DAVIS text annotations:
-    {train,valid}/JPEGImages, {train,valid}/Annotations, meta_expressions/{train,valid}/meta_expressions.json.
-    Expression id 4k + a for the video's k-th object: a = 0 first-frame annotator 1, 1 full-video annotator 1,
-    2 first-frame annotator 2, 3 full-video annotator 2. `annotation` (0-3) keeps one of the four runs."""
+    """Ref-DAVIS17 in either layout (davis17_layout tells which):
+    - original: the unpacked downloads under root: DAVIS/JPEGImages/480p/<vid>/*.jpg, DAVIS/Annotations_unsupervised/
+      480p/<vid>/*.png, DAVIS/ImageSets/2017/{train,val}.txt and davis_text_annotations/Davis17_annot{1,2}.txt,
+      Davis17_annot{1,2}_full_video.txt (annotator 2's in latin-1);
+    - converted: the Ref-YouTube-VOS layout the common conversion makes of them: {train,valid}/JPEGImages,
+      {train,valid}/Annotations, meta_expressions/{train,valid}/meta_expressions.json.
+    Both give the same items with the conversion's ids: for the k-th object of a video (the k-th line of each text
+    file for the video, after read_davis_text's sort), expression 4k + a: a = 0 first-frame annotator 1, 1 full-video
+    annotator 1, 2 first-frame annotator 2, 3 full-video annotator 2; the conversion pairs the files' k-th lines
+    up to the shortest file's count, and so does this. `annotation` (0-3) keeps one of the four runs. split: train
+    or valid (DAVIS's val)."""
 
     RUNS = ("annotator 1, first frame", "annotator 1, full video", "annotator 2, first frame", "annotator 2, full video")
 
     def __init__(self, root, split, cfg, train, seed=0, skip_bad=False, annotation=None):
         super().__init__(cfg, train, seed, skip_bad)
-        meta, jpeg, anno = _ytvos_layout(root, split, "converted Ref-DAVIS17", annotations=True)
-        for vid, v in sorted(meta.items()):
-            self.videos[vid] = _video_frames(jpeg, anno, vid, v.get("frames"))
-            for exp_id, e in v["expressions"].items():
-                if annotation is None or int(exp_id) % 4 == annotation:
+        if davis17_layout(root) == "converted":
+            meta, jpeg, anno = _ytvos_layout(root, split, "converted Ref-DAVIS17", annotations=True)
+            for vid, v in sorted(meta.items()):
+                self.videos[vid] = _video_frames(jpeg, anno, vid, v.get("frames"))
+                for exp_id, e in v["expressions"].items():
                     self.add_expression(vid, exp_id, e["exp"], e["obj_id"])
+            self.layout = (f"Ref-DAVIS17 converted to the Ref-YouTube-VOS layout: meta_expressions/{split}/"
+                           f"meta_expressions.json, {split}/JPEGImages, {split}/Annotations")
+        else:
+            self.read_original(root, split)
+        if annotation is not None:
+            self.exprs = [e for e in self.exprs if int(e[1]) % 4 == annotation]
         self.finish(f"Ref-DAVIS17 {split}")
+
+    def read_original(self, root, split):
+        if split not in ("train", "valid"):
+            raise ValueError(f"Ref-DAVIS17 split must be train or valid, got {split!r}")
+        davis = root / "DAVIS"
+        listing = davis / "ImageSets" / "2017" / f"{'val' if split == 'valid' else 'train'}.txt"
+        vids = need(listing, "the DAVIS 2017 split, one video a line").read_text().split()
+        jpeg = need(davis / "JPEGImages" / "480p", "one folder of JPEG frames per video")
+        anno = need(davis / "Annotations_unsupervised" / "480p", "one folder of indexed PNGs per video")
+        texts = [read_davis_text(root / "davis_text_annotations" / f, enc) for f, enc in DAVIS_TEXT_FILES]
+        unpaired, undescribed = 0, []
+        for vid in sorted(vids):
+            self.videos[vid] = _video_frames(jpeg, anno, vid)
+            runs = [t.get(vid, []) for t in texts]
+            if not any(runs):
+                undescribed.append(vid)
+            unpaired += sum(map(len, runs)) - 4 * min(map(len, runs))
+            for k, entries in enumerate(zip(*runs)):
+                for a, (obj_id, text) in enumerate(entries):
+                    self.add_expression(vid, 4 * k + a, text, obj_id)
+        if unpaired:
+            warnings.warn(f"Ref-DAVIS17 {split}: skipped {unpaired} expressions of objects that not all four text "
+                          f"files describe (the conversion pairs the files' lines per video up to the shortest)")
+        if undescribed:
+            warnings.warn(f"Ref-DAVIS17 {split}: {len(undescribed)} videos of {listing} have no expression in "
+                          f"davis_text_annotations/: {' '.join(undescribed)}")
+        self.layout = (f"Ref-DAVIS17 original downloads: {listing.relative_to(root)}, DAVIS/JPEGImages/480p, "
+                       f"DAVIS/Annotations_unsupervised/480p, davis_text_annotations/"
+                       f"{{{','.join(f for f, _ in DAVIS_TEXT_FILES)}}}")
 
 
 class VISOR(VideoExpressions):
@@ -593,7 +720,7 @@ class VISOR(VideoExpressions):
         root = need(root, "the VISOR root converted to the DAVIS layout")
         seqs = [s.strip() for s in need(root / "ImageSets" / "2022" / f"{split}.txt", "one sequence a line")
                 .read_text().splitlines() if s.strip()]
-        mapping = json.loads(need(root / f"{split}_data_mapping.json", "{seq: {object index: name}}").read_text())
+        mapping = read_json(root / f"{split}_data_mapping.json", "{seq: {object index: name}}")
         jpeg = need(root / "JPEGImages" / "480p", "one folder of JPEG frames per sequence")
         anno = need(root / "Annotations" / "480p", "one folder of indexed PNGs per sequence")
         for seq in seqs:
@@ -602,16 +729,77 @@ class VISOR(VideoExpressions):
             self.videos[seq] = _video_frames(jpeg, anno, seq)
             for obj_id, name in sorted(mapping[seq].items(), key=lambda kv: int(kv[0])):
                 self.add_expression(seq, obj_id, name.replace(":", " "), obj_id)
+        self.layout = (f"VISOR in the DAVIS layout: ImageSets/2022/{split}.txt, {split}_data_mapping.json, "
+                       f"JPEGImages/480p, Annotations/480p")
         self.finish(f"VISOR {split}")
 
 
-class RefCOCO(ClipDataset):
-    """RefCOCO / RefCOCO+ / RefCOCOg converted to <root>/<dataset>/instances_<dataset>_train.json (one image entry
-    per sentence, with `caption`; annotations with polygon `segmentation` and `bbox`), images in <root>/train2014.
-    split: one of refcoco, refcoco+, refcocog, or train for all that are present. Each sentence becomes a
-    pseudo-clip of T frames, each an independent random affine transform of the image (Sec. 4.2)."""
+class _PlainUnpickler(pickle.Unpickler):
+    """Builds only what a pickle can build without naming a class or function: lists, dicts, tuples, sets, str,
+    bytes, numbers, booleans, None. Every way a pickle runs code (a callable for REDUCE, a class for OBJ/NEWOBJ/INST,
+    an extension code) goes through find_class, which refuses all; persistent ids are refused by default."""
 
-    VARIANTS = ("refcoco", "refcoco+", "refcocog")
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"it names {module}.{name}: only plain containers and scalars are admitted")
+
+
+def load_plain_pickle(path):
+    """A pickle of plain containers and scalars (Python 2 strings read as ASCII, as pickle.load does); anything
+    else fails with an error naming the file, before any of its code could run."""
+    need(path, "a pickle")
+    try:
+        with open(path, "rb") as f:
+            return _PlainUnpickler(f).load()
+    except Exception as e:  # a corrupt pickle raises any of a dozen types (EOFError, KeyError, UnicodeDecodeError...)
+        raise ValueError(f"{path}: not a pickle of plain containers and scalars ({type(e).__name__}: {e})") from e
+
+
+def _refcoco_converted(path):
+    """(image entry, its annotations, sentence) for each image entry of a converted instances_<dataset>_train.json."""
+    d = read_json(path, "the converted RefCOCO annotations (images with a caption each, annotations)")
+    by_image = {}
+    for a in d["annotations"]:
+        by_image.setdefault(a["image_id"], []).append(a)
+    return [(im, by_image.get(im["id"], []), im.get("caption", "")) for im in d["images"]]
+
+
+def _refcoco_original(refs_path, instances_path):
+    """The same from the original release, as the common conversion (ReferFormer's tools/data/
+    convert_refexp_to_coco.py, through the refer API) makes them: the refs of the train split in the order of the
+    refs file, one entry per sentence (its `sent`), numbered 1, 2, ... through the file; the image and the
+    annotation looked up by id in instances.json."""
+    refs = load_plain_pickle(refs_path)
+    inst = read_json(instances_path, "the COCO instances of the refs (images, annotations)")
+    images = {im["id"]: im for im in inst["images"]}
+    annos = {a["id"]: a for a in inst["annotations"]}
+    out = []
+    try:
+        for ref in refs:
+            if ref["split"] != "train":
+                continue
+            if ref["image_id"] not in images or ref["ann_id"] not in annos:
+                raise ValueError(f"{instances_path}: no image {ref['image_id']} or no annotation {ref['ann_id']} "
+                                 f"(named by ref {ref['ref_id']} of {refs_path})")
+            im, ann = images[ref["image_id"]], annos[ref["ann_id"]]
+            for sent in ref["sentences"]:
+                out.append(({"id": len(out) + 1, "file_name": im["file_name"]}, [ann], sent["sent"]))
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{refs_path}: expected a list of refs, dicts with ref_id, image_id, ann_id, split and "
+                         f"sentences (dicts with sent); {type(e).__name__}: {e}") from e
+    return out
+
+
+class RefCOCO(ClipDataset):
+    """RefCOCO / RefCOCO+ / RefCOCOg, the train split, one item per sentence, images in <root>/train2014. Each
+    dataset folder <root>/<dataset> holds either the original release (refs(unc).p for refcoco and refcoco+,
+    refs(umd).p for refcocog, and instances.json) or its common conversion (instances_<dataset>_train.json: one
+    image entry per sentence, with `caption`; annotations with polygon `segmentation` and `bbox`); both give the
+    same items with the same ids. The refs files are pickles: they are read by load_plain_pickle, which admits plain
+    containers and scalars only. split: one of refcoco, refcoco+, refcocog, or train for all that are present.
+    Each sentence becomes a pseudo-clip of T frames, each an independent random affine transform of the image
+    (Sec. 4.2)."""
+
+    VARIANTS = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}   # dataset: the refs file's split-by
 
     @staticmethod
     def text_of(entry):
@@ -619,30 +807,40 @@ class RefCOCO(ClipDataset):
 
     def __init__(self, root, split, cfg, train, seed=0, skip_bad=False):
         super().__init__(cfg, train, seed, skip_bad)
-        root = need(root, "the COCO root with train2014/ and refcoco*/instances_refcoco*_train.json")
-        variants = self.VARIANTS if split == "train" else (split,)
+        root = need(root, "the COCO root with train2014/ and refcoco/, refcoco+/, refcocog/")
         if split != "train" and split not in self.VARIANTS:
-            raise ValueError(f"refcoco split must be train or one of {self.VARIANTS}, got {split!r}")
-        files = [root / v / f"instances_{v}_train.json" for v in variants]
-        if not any(f.is_file() for f in files):
-            need(files[0], "the converted RefCOCO annotation file")
+            raise ValueError(f"refcoco split must be train or one of {tuple(self.VARIANTS)}, got {split!r}")
         self.images = need(root / "train2014", "the COCO train2014 images")
-        self.empty = 0
-        for f in files:
-            if not f.is_file():
+        layouts, self.empty = [], 0
+        for v in self.VARIANTS if split == "train" else (split,):
+            converted, refs = root / v / f"instances_{v}_train.json", root / v / f"refs({self.VARIANTS[v]}).p"
+            if converted.is_file():
+                entries = _refcoco_converted(converted)
+                layouts.append(f"{v}: converted ({converted.name})")
+            elif refs.is_file():
+                entries = _refcoco_original(refs, root / v / "instances.json")
+                layouts.append(f"{v}: original release ({refs.name}, instances.json)")
+            else:
                 continue
-            d = json.loads(f.read_text())
-            by_image = {}
-            for a in d["annotations"]:
-                by_image.setdefault(a["image_id"], []).append(a)
-            for im in d["images"]:
-                text = clean_text(im.get("caption", ""))
+            for im, annos, text in entries:
+                text = clean_text(text)
                 if not text:
                     self.empty += 1
                     continue
-                self.items.append((f.parent.name, im, by_image.get(im["id"], []), text))
+                self.items.append((v, im, annos, text))
+        if not layouts:
+            names = "refcoco/, refcoco+/, refcocog/" if split == "train" else f"{split}/"
+            raise FileNotFoundError(f"{root}: no RefCOCO annotations in {names}: expected refs(unc).p (refs(umd).p "
+                                    f"for refcocog) and instances.json, or the converted "
+                                    f"instances_<dataset>_train.json")
         if self.empty:
             warnings.warn(f"RefCOCO: skipped {self.empty} empty expressions")
+        self.layout = "; ".join(layouts) + "; images in train2014/"
+        # objects: the COCO annotation behind each sentence (the conversion keeps its id as original_id)
+        self.summary = {"images": len({im["file_name"] for _, im, _, _ in self.items}),
+                        "expressions": len(self.items),
+                        "objects": len({(v, a.get("original_id", a["id"])) for v, _, annos, _ in self.items
+                                        for a in annos})}
 
     def load(self, entry, rng):
         variant, im, annos, text = entry
@@ -718,3 +916,98 @@ class Collate:
             batch[k] = torch.stack(vals) if isinstance(vals[0], torch.Tensor) else vals
         batch["ids"], batch["mask"] = self.tokenizer(batch["text"], max_len=self.max_len)
         return batch
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The dataset inspector: python data.py NAME --data-root ROOT [--split S]
+# ----------------------------------------------------------------------------------------------------------
+
+OUTLINE = (255, 255, 0)  # the target's outline on the contact sheet: 2 px inside its edge, a black ring within
+
+
+def outline(mask, width=2):
+    """The pixels of a Bool[H, W] numpy mask within `width` pixels of its edge (the frame's border counts as edge)."""
+    inner = mask
+    for _ in range(width):
+        p = np.pad(inner, 1)
+        inner = inner & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
+    return mask & ~inner
+
+
+def contact_sheet(items, height=144, gap=4):
+    """One row per clip: a header (the clip's id and its expression or caption) above its T frames, each resized to
+    `height` rows, the target's mask (resized nearest) outlined: the mask's pixels within 2 px of its edge in
+    OUTLINE, the next ring in black (visible on any colour). Returns a PIL image."""
+    font = ImageFont.load_default()
+    line_h = font.getbbox("Ag")[3] + 4
+    rows = []
+    for it in items:
+        T, _, H, W = it["frames"].shape
+        w = max(1, round(W * height / H))
+        strip = Image.new("RGB", (T * (w + gap) - gap, height))
+        for t in range(T):
+            frame = (it["frames"][t].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+            tile = np.array(Image.fromarray(frame).resize((w, height), Image.BILINEAR))
+            if "masks" in it:
+                m = np.asarray(Image.fromarray(it["masks"][t].numpy()).resize((w, height), Image.NEAREST))
+                tile[outline(m, 3)] = 0
+                tile[outline(m, 2)] = OUTLINE
+            strip.paste(Image.fromarray(tile), (t * (w + gap), 0))
+        vid, exp_id, start = it["id"]
+        caption = f"{vid} | expression {exp_id} | from frame {start}: {it['text']}"
+        lines = textwrap.wrap(caption, width=max(10, int(strip.width // font.getlength("n"))))
+        row = Image.new("RGB", (strip.width, len(lines) * line_h + height), (40, 40, 40))
+        draw = ImageDraw.Draw(row)
+        for i, line in enumerate(lines):
+            draw.text((0, i * line_h + 2), line, fill=(255, 255, 255), font=font)
+        row.paste(strip, (0, len(lines) * line_h))
+        rows.append(row)
+    sheet = Image.new("RGB", (max(r.width for r in rows), sum(r.height + 2 * gap for r in rows)), (40, 40, 40))
+    y = 0
+    for r in rows:
+        sheet.paste(r, (0, y))
+        y += r.height + 2 * gap
+    return sheet
+
+
+def main(argv=None):
+    """Inspect a dataset: what was found under the root (the layout, counts, what was skipped and why) and a
+    contact sheet of a few clips. Returns the sheet's path."""
+    import argparse
+
+    import slvp
+    p = argparse.ArgumentParser(description="Inspect a dataset: print what was found under its root and write a "
+                                            "contact sheet of a few clips (frames, the target outlined, the text).")
+    p.add_argument("name", nargs="?", default="synthetic", choices=list(DATASETS),
+                   help="the dataset, as in build_dataset (default: synthetic, the embedded world: no root)")
+    p.add_argument("--data-root", help="the dataset's root folder (the README's Data table lists each layout)")
+    p.add_argument("--split", default="train", help="the split to read (default: train)")
+    p.add_argument("--out", help="where the contact sheet PNG goes (default: out/inspect/<name>-<split>.png)")
+    args = p.parse_args(argv)
+    # the frames a model would see: the default run's (tiny) config on the synthetic world, the paper's on real data
+    cfg = slvp.SLVPConfig.tiny() if args.name == "synthetic" else slvp.SLVPConfig.paper()
+    out = Path(args.out or f"out/inspect/{args.name}-{args.split}.png")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ds = build_dataset(args.name, args.data_root, args.split, cfg, train=False)
+            print(f"{args.name} {args.split}" + (f" under {args.data_root}" if args.data_root else ""))
+            print(f"layout: {ds.layout}")
+            print("found: " + ", ".join(f"{n} {what}" for what, n in ds.summary.items()))
+            print(f"items: {len(ds)} clips of {cfg.num_frames} frames at {cfg.frame_size[0]}x{cfg.frame_size[1]}")
+            if not len(ds):
+                raise ValueError(f"no items in {args.name} {args.split}: nothing to show")
+            picks = sorted(set(np.linspace(0, len(ds) - 1, min(4, len(ds))).round().astype(int).tolist()))
+            items = [ds[i] for i in picks]
+        for w in caught:
+            print(f"note: {w.message}")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        contact_sheet(items).save(out)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    print(f"wrote {out}: clips {', '.join(map(str, picks))}, the target outlined in yellow")
+    return out
+
+
+if __name__ == "__main__":
+    main()

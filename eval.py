@@ -3,7 +3,8 @@ Evaluation for SLVP: the DAVIS 2017 region (J) and boundary (F) measures, the R-
 pictures and a demo.
 
     python eval.py --bench davis17 --davis-root DAVIS --predictions DIR   # score a folder of indexed PNGs, no model
-    python eval.py --bench davis17 --ckpt CKPT --data-root REF_DAVIS --davis-root DAVIS   # the four Ref-DAVIS17 runs
+    python eval.py --bench davis17 --ckpt CKPT --data-root REF_DAVIS   # the four Ref-DAVIS17 runs (original downloads)
+    python eval.py --bench davis17 --ckpt CKPT --data-root CONVERTED --davis-root DAVIS   # (the converted layout)
     python eval.py --bench ytvos --ckpt CKPT --data-root REF_YTVOS      # the submission zip of the 202 valid videos
     python eval.py --bench visor --ckpt CKPT --data-root VISOR_2022
     python eval.py --bench synthetic --ckpt CKPT                        # the embedded benchmark, no data needed
@@ -506,8 +507,10 @@ def main(argv=None):
     p.add_argument("--ckpt", help="a fine-tuned (rvos) checkpoint from train.py --mode finetune")
     p.add_argument("--spm", help="sentencepiece model (default: spm.model next to the checkpoint)")
     p.add_argument("--predictions", help="davis17 only: score this folder of indexed PNGs (<seq>/<frame>.png), no model")
-    p.add_argument("--davis-root", help="the DAVIS 2017 tree (ImageSets/2017/val.txt, Annotations_unsupervised/480p)")
-    p.add_argument("--data-root", help="the dataset root: converted Ref-DAVIS17, Ref-YouTube-VOS or VISOR")
+    p.add_argument("--davis-root", help="the DAVIS 2017 tree (ImageSets/2017/val.txt, Annotations_unsupervised/480p); "
+                   "davis17 finds it in --data-root when that holds the original Ref-DAVIS17 downloads")
+    p.add_argument("--data-root", help="the dataset root: Ref-DAVIS17 (the original downloads or the converted "
+                   "layout), Ref-YouTube-VOS or VISOR")
     p.add_argument("--video", help="demo: a folder of frames or an .mp4")
     p.add_argument("--text", help="demo: the referring expression")
     p.add_argument("--out", default="out/eval", help="where predictions, tables and pictures go")
@@ -515,9 +518,12 @@ def main(argv=None):
     p.add_argument("--num-clips", type=int, default=64, help="synthetic: the number of held-out clips")
     args = p.parse_args(argv)
     try:
+        if args.bench == "davis17" and args.data_root and not args.davis_root \
+                and data.davis17_layout(args.data_root) == "original":
+            args.davis_root = str(Path(args.data_root) / "DAVIS")   # the original downloads hold the DAVIS tree
         if args.bench == "davis17" and args.predictions:
             if not args.davis_root:
-                p.error("--predictions needs --davis-root")
+                p.error("--predictions needs --davis-root (or the original Ref-DAVIS17 downloads as --data-root)")
             gt_dir, seqs = davis_sequences(args.davis_root)
             if not Path(args.predictions).is_dir():
                 raise FileNotFoundError(f"{args.predictions}: no such predictions folder")
@@ -540,7 +546,8 @@ def main(argv=None):
         if not args.data_root:
             p.error(f"--bench {args.bench} needs --data-root")
         if args.bench == "davis17" and not args.davis_root:
-            p.error("--bench davis17 needs --davis-root (the DAVIS 2017 tree with Annotations_unsupervised)")
+            p.error("--bench davis17 on the converted layout needs --davis-root (the DAVIS 2017 tree with "
+                    "Annotations_unsupervised)")
         return {"davis17": bench_davis17, "ytvos": bench_ytvos, "visor": bench_visor}[args.bench](args, model, tokenizer, device)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")

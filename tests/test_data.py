@@ -1,6 +1,8 @@
 """data.py: every loader reads a tiny tree written here in its real on-disk format, and returns what was written."""
 import dataclasses
 import json
+import pickle
+import struct
 import time
 
 import numpy as np
@@ -217,6 +219,135 @@ def test_davis17_expression_ids_and_annotators(tmp_path):
         check_clip(ds[1], "bike", str(4 + a), f"object 2 run {a}", 2, [0, 1, 2, 3])
 
 
+# The Ref-DAVIS17 downloads as they unpack, with the text files' quirks: annotator 2's files in latin-1 (é as byte
+# 0xe9, a no-break space 0xa0, and 0x85, which str.splitlines() would take for a line end), video names spelled
+# differently from DAVIS (clasic-car, dog-scale, motor-bike, as well as the right spelling in other files), objects
+# out of order and with an id of two digits (the conversion sorts the ids as strings: 1, 10, 2), an empty
+# expression, runs of spaces, CRLF line ends, no newline at the end, an object that one file does not describe, a
+# video of the split that none describes and a line for a video of no split.
+DAVIS_TEXT = {
+    ("Davis17_annot1.txt", "utf-8", "\n"): [
+        'bike-packing 1 "a black bicycle"', 'clasic-car 2 "the café owner\'s car"', 'clasic-car 1 "a  white   car"',
+        'dog-scale 1 "a small dog"', 'dog-scale 2 "a big dog"', 'motor-bike 1 "a man on a motorbike"',
+        'motor-bike 2 ""', 'motor-bike 10 "the tenth thing"', 'blackswan 1 "a black swan"', ''],
+    ("Davis17_annot1_full_video.txt", "utf-8", "\r\n"): [
+        'bike-packing 1 "a bicycle ridden along a road"', 'classic-car 1 "a white car driving away"',
+        'classic-car 2 "a person walking"', 'dogs-scale 1 "dog running"', 'dogs-scale 2 "dog being weighed"',
+        'motorbike 1 "a motorbike jumping"', 'motorbike 10 "tenth object"', 'motorbike 2 "a rider"'],
+    ("Davis17_annot2.txt", "latin-1", "\n"): [
+        'bike-packing 1 "bicycle"', 'clasic-car 1 "white caf\xe9 car"', 'clasic-car 2 "man\x85walking"',
+        'dog-scale 1 "little dog"', 'motor-bike 1 "rider\'s bike"', 'motor-bike 10 "tenth"',
+        'motor-bike 2 "person\xa0riding"', ''],
+    ("Davis17_annot2_full_video.txt", "latin-1", "\n"): [
+        'bike-packing 1 "a bike"', 'classic-car 2 "walking  man"', 'classic-car 1 "car"',
+        'dogs-scale 2 "dog on a scale"', 'dogs-scale 1 "running dog"', 'motorbike 2 "the rider"',
+        'motorbike 1 "the motorbike"', 'motorbike 10 "object ten"', ''],
+}
+DAVIS_FRAMES = {"bike-packing": 4, "classic-car": 4, "dogs-scale": 5, "motorbike": 4, "no-text": 4}
+# Worked out by hand from the lines above, by the conversion's rules: per video the objects in the order of their
+# ids as strings, expression 4k + a for the k-th object in file a (the four files above, in order), pairs only up
+# to the shortest file (dogs-scale: annotator 2 describes one object, so 3 expressions go), empty ones skipped.
+DAVIS_VALID = [
+    ("classic-car", 0, "a white car", 1), ("classic-car", 1, "a white car driving away", 1),
+    ("classic-car", 2, "white café car", 1), ("classic-car", 3, "car", 1),
+    ("classic-car", 4, "the café owner's car", 2), ("classic-car", 5, "a person walking", 2),
+    ("classic-car", 6, "man walking", 2), ("classic-car", 7, "walking man", 2),
+    ("dogs-scale", 0, "a small dog", 1), ("dogs-scale", 1, "dog running", 1),
+    ("dogs-scale", 2, "little dog", 1), ("dogs-scale", 3, "running dog", 1),
+    ("motorbike", 0, "a man on a motorbike", 1), ("motorbike", 1, "a motorbike jumping", 1),
+    ("motorbike", 2, "rider's bike", 1), ("motorbike", 3, "the motorbike", 1),
+    ("motorbike", 4, "the tenth thing", 10), ("motorbike", 5, "tenth object", 10),
+    ("motorbike", 6, "tenth", 10), ("motorbike", 7, "object ten", 10),
+    ("motorbike", 9, "a rider", 2), ("motorbike", 10, "person riding", 2), ("motorbike", 11, "the rider", 2)]
+DAVIS_TRAIN = [("bike-packing", 0, "a black bicycle", 1), ("bike-packing", 1, "a bicycle ridden along a road", 1),
+               ("bike-packing", 2, "bicycle", 1), ("bike-packing", 3, "a bike", 1)]
+
+
+def write_davis_downloads(root):
+    """DAVIS-2017-Unsupervised-trainval-480p.zip and davis_text_annotations, unpacked under root."""
+    davis = root / "DAVIS"
+    for vid, n in DAVIS_FRAMES.items():
+        write_video(davis / "JPEGImages/480p", davis / "Annotations_unsupervised/480p", vid, n)
+    (davis / "ImageSets/2017").mkdir(parents=True)
+    (davis / "ImageSets/2017/train.txt").write_text("bike-packing\n")
+    (davis / "ImageSets/2017/val.txt").write_text("classic-car\ndogs-scale\nmotorbike\nno-text\n")
+    (root / "davis_text_annotations").mkdir()
+    for (name, encoding, newline), lines in DAVIS_TEXT.items():
+        (root / "davis_text_annotations" / name).write_bytes(newline.join(lines).encode(encoding))
+    return root
+
+
+def check_davis_clip(item, vid, exp_id, text, obj, idx):
+    if obj in (1, 2):
+        check_clip(item, vid, str(exp_id), text, obj, idx)
+    else:                                               # object 10 is named by the text files only: never visible
+        assert item["text"] == text and item["id"] == (vid, str(exp_id), idx[0])
+        assert not item["masks"].any() and not item["valid"].any()
+
+
+def test_davis17_original_downloads_give_the_conversions_items(tmp_path):
+    root = write_davis_downloads(tmp_path / "ref-davis")
+    with pytest.warns(UserWarning) as caught:
+        ds = data.build_dataset("davis17", root, "valid", CFG, train=False)
+    notes = " | ".join(str(w.message) for w in caught)
+    assert "skipped 1 empty expressions" in notes and "skipped 3 expressions of objects that not all four" in notes
+    assert "1 videos of" in notes and "no-text" in notes
+    assert data.davis17_layout(root) == "original" and ds.layout.startswith("Ref-DAVIS17 original downloads")
+    clips = []        # the expressions' evaluation clips: one of a video of 4 frames, two of dogs-scale's 5
+    for v, e, t, o in DAVIS_VALID:
+        clips += [(v, e, t, o, [0, 1, 2, 3])] + ([(v, e, t, o, [4, 4, 4, 4])] if v == "dogs-scale" else [])
+    assert len(ds) == len(clips) == 27
+    for i, c in enumerate(clips):
+        check_davis_clip(ds[i], *c)
+    assert ds.summary == {"videos": 4, "frames": 17, "expressions": 23, "objects": 6}
+    train = data.build_dataset("davis17", root, "train", CFG, train=False)
+    for i, c in enumerate(DAVIS_TRAIN):
+        check_davis_clip(train[i], *c, [0, 1, 2, 3])
+    for a in range(4):                                                           # one annotator run
+        with pytest.warns(UserWarning):
+            run = data.build_dataset("davis17", root, "valid", CFG, train=False, annotation=a)
+        assert [(it[0], int(it[1]), it[2], it[3]) for it in run.exprs] == [e for e in DAVIS_VALID if e[1] % 4 == a]
+
+    # the same data after the common conversion, written by hand: the converted layout gives the same items
+    conv = tmp_path / "converted"
+    (conv / "DAVIS/ImageSets/2017").mkdir(parents=True)            # the conversion leaves the emptied DAVIS/ behind
+    meta = {}
+    for vid in ("classic-car", "dogs-scale", "motorbike", "no-text"):
+        write_video(conv / "valid/JPEGImages", conv / "valid/Annotations", vid, DAVIS_FRAMES[vid])
+        exps = {str(e): {"exp": t, "obj_id": str(o)} for v, e, t, o in DAVIS_VALID if v == vid}
+        if vid == "motorbike":
+            exps["8"] = {"exp": "", "obj_id": "2"}
+        meta[vid] = {"expressions": dict(sorted(exps.items(), key=lambda kv: int(kv[0]))),
+                     "frames": [f"{t:05d}" for t in range(DAVIS_FRAMES[vid])]}
+    (conv / "meta_expressions/valid").mkdir(parents=True)
+    (conv / "meta_expressions/valid/meta_expressions.json").write_text(json.dumps({"videos": meta}))
+    with pytest.warns(UserWarning, match="skipped 1 empty"):
+        converted = data.build_dataset("davis17", conv, "valid", CFG, train=False)
+    assert data.davis17_layout(conv) == "converted" and len(converted) == len(ds)
+    for i in range(len(ds)):
+        a, b = ds[i], converted[i]
+        assert a["id"] == b["id"] and a["text"] == b["text"] and a["frame_names"] == b["frame_names"]
+        assert torch.equal(a["frames"], b["frames"]) and torch.equal(a["masks"], b["masks"])
+
+
+def test_davis17_original_errors_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"empty/DAVIS not found: expected the DAVIS 2017 tree"):
+        (tmp_path / "empty").mkdir()
+        data.build_dataset("davis17", tmp_path / "empty", "valid", CFG, train=False)
+    root = write_davis_downloads(tmp_path / "ref-davis")
+    bad = root / "davis_text_annotations/Davis17_annot1_full_video.txt"
+    bad.write_text('classic-car 1 "a car"\nclassic-car\n')
+    with pytest.raises(ValueError, match=r"Davis17_annot1_full_video.txt, line 2: expected `video object_id"):
+        data.build_dataset("davis17", root, "valid", CFG, train=False)
+    bad.write_bytes('classic-car 1 "a caf\xe9"\n'.encode("latin-1"))          # annotator 1's files are UTF-8
+    with pytest.raises(ValueError, match=r"Davis17_annot1_full_video.txt: not utf-8 text"):
+        data.build_dataset("davis17", root, "valid", CFG, train=False)
+    bad.write_text('classic-car 1 "a car"\n')
+    (root / "davis_text_annotations/Davis17_annot2.txt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"Davis17_annot2.txt not found: expected a Ref-DAVIS17 text file"):
+        data.build_dataset("davis17", root, "valid", CFG, train=False)
+
+
 def test_visor_names_become_expressions(tmp_path):
     root = tmp_path / "VISOR_2022"
     write_video(root / "JPEGImages/480p", root / "Annotations/480p", "P01_107_seq_00001", 4)
@@ -254,6 +385,153 @@ def test_refcoco_pseudo_clips(tmp_path):
     # the mask sits on the bright pixels of its own frame
     inside = it["frames"].mean(1)[it["masks"]]
     assert inside.mean() > 0.6
+
+
+def py2_pickle(obj):
+    """obj pickled as Python 2 wrote the refer API's refs files (protocol 2, 8-bit strings as SHORT_BINSTRING), with
+    only the opcodes those need: dicts, lists, strings, ints."""
+    out = bytearray(b"\x80\x02")
+
+    def put(o):
+        if isinstance(o, int):
+            out.extend(b"J" + struct.pack("<i", o))                               # BININT
+        elif isinstance(o, str):
+            b = o.encode("ascii")
+            out.extend(b"U" + bytes([len(b)]) + b)                                # SHORT_BINSTRING
+        elif isinstance(o, list):
+            out.extend(b"](")                                                     # EMPTY_LIST MARK
+            for x in o:
+                put(x)
+            out.extend(b"e")                                                      # APPENDS
+        else:
+            out.extend(b"}(")                                                     # EMPTY_DICT MARK
+            for k, v in o.items():
+                put(k), put(v)
+            out.extend(b"u")                                                      # SETITEMS
+    put(obj)
+    return bytes(out + b".")
+
+
+def ref(ref_id, ann_id, image_id, split, sentences):
+    """One entry of a refs(...).p file, with every field the refer API has."""
+    sents = [{"tokens": s.split(), "raw": s, "sent_id": 10 * ref_id + i, "sent": s} for i, s in enumerate(sentences)]
+    return {"sent_ids": [s["sent_id"] for s in sents], "file_name": f"COCO_train2014_{image_id:012d}_{ann_id}.jpg",
+            "ann_id": ann_id, "ref_id": ref_id, "image_id": image_id, "category_id": 1, "split": split,
+            "sentences": sents}
+
+
+BOXES = {1: (40, 30, 90, 70), 2: (10, 10, 50, 40)}      # image id: the bright box (x1, y1, x2, y2) in 120 x 100
+
+
+def write_coco_images(root):
+    (root / "train2014").mkdir(parents=True)
+    for i, (x1, y1, x2, y2) in BOXES.items():
+        img = np.zeros((100, 120, 3), np.uint8)
+        img[y1:y2, x1:x2] = 200
+        Image.fromarray(img).save(root / f"train2014/COCO_train2014_{i:012d}.jpg", quality=95)
+
+
+def instances():
+    """A dataset folder's instances.json: the images and the annotations of the referred objects (polygons)."""
+    return {"info": {}, "licenses": [], "categories": [{"id": 1, "name": "box", "supercategory": "thing"}],
+            "images": [{"id": i, "file_name": f"COCO_train2014_{i:012d}.jpg", "height": 100, "width": 120}
+                       for i in BOXES],
+            "annotations": [{"id": 10 + i, "image_id": i, "category_id": 1, "iscrowd": 0, "area": 1.0,
+                             "bbox": [x1, y1, x2 - x1, y2 - y1], "segmentation": [[x1, y1, x2, y1, x2, y2, x1, y2]]}
+                            for i, (x1, y1, x2, y2) in BOXES.items()]}
+
+
+REFCOCO_REFS = [ref(0, 11, 1, "train", ["the bright box", "box on the right"]),
+                ref(1, 12, 2, "val", ["a validation sentence"]),
+                ref(2, 12, 2, "train", ["the top left box", "", "  upper   box "]),
+                ref(3, 11, 1, "testA", ["a test sentence"])]
+# The train sentences in the order of the refs file, numbered through it from 1 (the empty one keeps its number),
+# as (id, image id, text): what the conversion's instances_refcoco_train.json lists
+REFCOCO_TRAIN = [(1, 1, "the bright box"), (2, 1, "box on the right"), (3, 2, "the top left box"), (5, 2, "upper box")]
+
+
+def check_refcoco_item(item, variant, ident, image, text):
+    name = f"COCO_train2014_{image:012d}.jpg"
+    assert item["text"] == text and item["id"] == (f"{variant}/{name}", str(ident), 0)
+    x1, y1, x2, y2 = BOXES[image]
+    area = item["masks"].float().mean((1, 2))            # about the box's share of the image, after the affine maps
+    share = (x2 - x1) * (y2 - y1) / (120 * 100)
+    assert ((area > 0.7 * share) & (area < 1.4 * share)).all(), (area, share)
+    assert item["frames"].mean(1)[item["masks"]].mean() > 0.6       # the mask sits on the bright pixels of its frame
+
+
+def test_refcoco_original_release_gives_the_conversions_items(tmp_path):
+    root = tmp_path / "coco"
+    write_coco_images(root)
+    (root / "refcoco").mkdir()
+    (root / "refcoco/refs(unc).p").write_bytes(py2_pickle(REFCOCO_REFS))
+    assert pickle.loads((root / "refcoco/refs(unc).p").read_bytes()) == REFCOCO_REFS
+    (root / "refcoco/instances.json").write_text(json.dumps(instances()))
+    # refcocog: refs(umd).p, here as Python 3 writes pickles
+    (root / "refcocog").mkdir()
+    (root / "refcocog/refs(umd).p").write_bytes(pickle.dumps([ref(7, 11, 1, "train", ["the large box"])], protocol=4))
+    (root / "refcocog/instances.json").write_text(json.dumps(instances()))
+    with pytest.warns(UserWarning, match="skipped 1 empty"):
+        ds = data.build_dataset("refcoco", root, "train", CFG, train=False)
+    assert "refcoco: original release (refs(unc).p, instances.json)" in ds.layout
+    assert len(ds) == len(REFCOCO_TRAIN) + 1
+    for i, (ident, image, text) in enumerate(REFCOCO_TRAIN):
+        check_refcoco_item(ds[i], "refcoco", ident, image, text)
+    check_refcoco_item(ds[4], "refcocog", 1, 1, "the large box")
+    assert ds.summary == {"images": 2, "expressions": 5, "objects": 3}
+
+    # the conversion's instances_refcoco_train.json of the same refs, written by hand: the same items
+    conv = tmp_path / "converted"
+    write_coco_images(conv)
+    inst = instances()
+    sentences = [(1, 1, "the bright box"), (2, 1, "box on the right"), (3, 2, "the top left box"), (4, 2, ""),
+                 (5, 2, "  upper   box ")]
+    d = {"info": {}, "licenses": [], "categories": inst["categories"],
+         "images": [{"file_name": f"COCO_train2014_{i:012d}.jpg", "height": 100, "width": 120, "original_id": i,
+                     "id": n, "caption": s, "dataset_name": "refcoco"} for n, i, s in sentences],
+         "annotations": [dict(inst["annotations"][i - 1], image_id=n, id=n, original_id=10 + i)
+                         for n, i, _ in sentences]}
+    (conv / "refcoco").mkdir()
+    (conv / "refcoco/instances_refcoco_train.json").write_text(json.dumps(d))
+    with pytest.warns(UserWarning, match="skipped 1 empty"):
+        converted = data.build_dataset("refcoco", conv, "refcoco", CFG, train=False)
+    assert len(converted) == 4 and converted.summary == {"images": 2, "expressions": 4, "objects": 2}
+    for i in range(4):
+        a, b = ds[i], converted[i]
+        assert a["id"] == b["id"] and a["text"] == b["text"]
+        assert torch.equal(a["frames"], b["frames"]) and torch.equal(a["masks"], b["masks"])
+
+
+class RunsCode:
+    """Unpickled by pickle.load, this runs exec(code)."""
+
+    def __init__(self, code):
+        self.code = code
+
+    def __reduce__(self):
+        return exec, (self.code,)
+
+
+def test_refs_pickle_that_would_run_code_fails_and_runs_nothing(tmp_path):
+    root = tmp_path / "coco"
+    write_coco_images(root)
+    (root / "refcoco").mkdir()
+    (root / "refcoco/instances.json").write_text(json.dumps(instances()))
+    marker = tmp_path / "it-ran"
+    payload = pickle.dumps([REFCOCO_REFS[0], RunsCode(f"open({str(marker)!r}, 'w').write('ran')")], protocol=2)
+    (root / "refcoco/refs(unc).p").write_bytes(payload)
+    with pytest.raises(ValueError, match=r"refcoco/refs\(unc\).p: not a pickle of plain containers and scalars "
+                                         r"\(UnpicklingError: it names (__builtin__|builtins)\.exec"):
+        data.build_dataset("refcoco", root, "refcoco", CFG, train=False)
+    assert not marker.exists()
+    pickle.loads(payload)                                    # the payload is live: an unrestricted load runs it
+    assert marker.read_text() == "ran"
+    (root / "refcoco/refs(unc).p").write_bytes(pickle.dumps({"refs": "not a list of refs"}))
+    with pytest.raises(ValueError, match=r"refs\(unc\).p: expected a list of refs"):
+        data.build_dataset("refcoco", root, "refcoco", CFG, train=False)
+    (root / "refcoco/refs(unc).p").unlink()
+    with pytest.raises(FileNotFoundError, match=r"no RefCOCO annotations in refcoco/: expected refs\(unc\).p"):
+        data.build_dataset("refcoco", root, "refcoco", CFG, train=False)
 
 
 @pytest.mark.parametrize("as_mp4", [False, True])
@@ -325,6 +603,32 @@ def test_crop_keeps_the_target_and_recomputes_boxes():
         assert out["frames"].shape == frames.shape and 0 <= out["frames"].min() and out["frames"].max() <= 1
 
 
+def test_augmented_masks_stay_on_their_objects():
+    """A solid object (1 on 0) moving over 4 frames, cropped by 0.5-0.9 and resized back: its mask is the pixels the
+    object covers by more than half in the augmented frame, and over 24 clips the mask's centroid sits on the
+    object's (the frame's intensity-weighted centroid) with no bias. Resampling the mask with mode="nearest" put it
+    about half a pixel down and right of its object (issue #14)."""
+    ys, xs = torch.meshgrid(torch.arange(H, dtype=torch.float64), torch.arange(W, dtype=torch.float64), indexing="ij")
+    offsets = []
+    for seed in range(24):
+        masks = torch.zeros(4, H, W, dtype=torch.bool)
+        for t in range(4):
+            masks[t, 15 + t:31 + t, 20 + 2 * t:41 + 2 * t] = True
+        frames = masks[:, None].expand(4, 3, H, W).float()
+        boxes, valid = data.boxes_from_masks(masks)
+        out = data.augment({"frames": frames, "masks": masks, "boxes": boxes, "valid": valid, "text": "x"},
+                           np.random.default_rng(seed), crop_scale=(0.5, 0.9), jitter=0.0)
+        grey = out["frames"].mean(1).double()
+        decided = (grey - 0.5).abs() > 1e-4                  # a pixel covered by exactly half may go either way
+        assert torch.equal(out["masks"][decided], (grey > 0.5)[decided]), seed
+        for t in range(4):
+            m, g = out["masks"][t].double(), grey[t]
+            offsets.append([(m * ys).sum() / m.sum() - (g * ys).sum() / g.sum(),
+                            (m * xs).sum() / m.sum() - (g * xs).sum() / g.sum()])
+    bias = torch.tensor(offsets).mean(0)
+    assert bias.abs().max() < 0.05, bias                     # mode="nearest": (0.44, 0.49)
+
+
 def test_swap_left_right_whole_words():
     assert data.swap_left_right("LEFT of the right, leftover bright light") == "RIGHT of the left, leftover bright light"
 
@@ -339,6 +643,12 @@ def test_missing_root_and_split_file_fail_clearly(tmp_path):
         data.build_dataset("smit", tmp_path / "smit", "train", CFG, train=True)
     with pytest.raises(ValueError, match="unknown dataset 'kinetics'"):
         data.build_dataset("kinetics", tmp_path, "train", CFG, train=True)
+
+
+def test_broken_json_names_the_file(ytvos_root):
+    (ytvos_root / "meta_expressions/train/meta_expressions.json").write_text('{"videos": {"vid_a": ')
+    with pytest.raises(ValueError, match=r"train/meta_expressions.json: not JSON \(.*\); expected the Ref-YouTube-VOS"):
+        data.build_dataset("ytvos", ytvos_root, "train", CFG, train=True)
 
 
 def test_bad_image_raises_or_is_skipped(ytvos_root):
@@ -356,6 +666,58 @@ def test_bad_image_raises_or_is_skipped(ytvos_root):
     with pytest.warns(UserWarning, match=r"skipped a bad clip \([12] so far"):
         item = ds[4]             # vid_b is bad, then vid_a's first clip (missing PNG): the next good clip
     assert item["id"] == ("vid_a", "0", 4) and ds.bad == 2
+
+
+# ---------------------------------------------------------------------------------------------- the inspector
+
+def test_contact_sheet_outlines_the_target():
+    """A clip drawn at its own size: under the header, in each of its 4 tiles, the yellow pixels are the mask's pixels
+    within 2 px of its edge, the next ring in is black, and the rest is the frame as it was."""
+    masks = torch.zeros(4, H, W, dtype=torch.bool)
+    for t in range(4):
+        masks[t, 10:30, 5 + 3 * t:25 + 3 * t] = True
+    item = {"frames": torch.full((4, 3, H, W), 0.5), "masks": masks, "text": "the grey square", "id": ("v", "3", 0)}
+    sheet = np.asarray(data.contact_sheet([item], height=H, gap=4))
+    top = sheet.shape[0] - 2 * 4 - H                                  # the header above the frames
+    assert sheet.shape[1] == 4 * (W + 4) - 4 and top > 0
+    assert (sheet[:top] > 200).all(-1).any()                          # white text
+    for t in range(4):
+        tile = sheet[top:top + H, t * (W + 4):t * (W + 4) + W]
+        yellow, black = np.zeros((H, W), bool), np.zeros((H, W), bool)
+        yellow[10:30, 5 + 3 * t:25 + 3 * t] = True
+        yellow[12:28, 7 + 3 * t:23 + 3 * t] = False
+        black[12:28, 7 + 3 * t:23 + 3 * t] = True
+        black[13:27, 8 + 3 * t:22 + 3 * t] = False
+        assert np.array_equal((tile == (255, 255, 0)).all(-1), yellow)
+        assert np.array_equal((tile == 0).all(-1), black)
+        assert (tile[~(yellow | black)] == 128).all()
+
+
+def test_inspector_prints_what_it_found_and_writes_a_sheet(tmp_path, capsys):
+    root = write_davis_downloads(tmp_path / "ref-davis")
+    out = data.main(["davis17", "--data-root", str(root), "--split", "valid", "--out", str(tmp_path / "sheet.png")])
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"davis17 valid under {root}\nlayout: Ref-DAVIS17 original downloads: "
+                              f"DAVIS/ImageSets/2017/val.txt, DAVIS/JPEGImages/480p")
+    assert "\nfound: 4 videos, 17 frames, 23 expressions, 6 objects\n" in printed
+    assert "\nitems: 27 clips of 4 frames at 360x648\n" in printed
+    assert "note: Ref-DAVIS17 valid: skipped 3 expressions of objects that not all four text files" in printed
+    assert "note: Ref-DAVIS17 valid: 1 videos of" in printed and "note: Ref-DAVIS17 valid: skipped 1 empty" in printed
+    assert f"wrote {out}: clips 0, 9, 17, 26" in printed
+    sheet = np.asarray(Image.open(out))
+    assert sheet.shape[1] == 4 * (round(648 * 144 / 360) + 4) - 4   # 4 frames a row at 144 rows each
+    assert (sheet == (255, 255, 0)).all(-1).sum() > 400             # outlines drawn
+    out = data.main(["--out", str(tmp_path / "synthetic.png")])   # no name, no root: the synthetic world
+    printed = capsys.readouterr().out
+    assert printed.startswith("synthetic train\nlayout: generated, no files")
+    assert "\nfound: 256 clips, 1024 frames\nitems: 256 clips of 4 frames at 64x96\n" in printed and out.is_file()
+    with pytest.raises(SystemExit, match=r"nowhere not found: expected the Ref-DAVIS17 root"):
+        data.main(["davis17", "--data-root", str(tmp_path / "nowhere")])
+    (root / "DAVIS/ImageSets/2017/val.txt").unlink()
+    with pytest.raises(SystemExit, match=r"ImageSets/2017/val.txt not found: expected the DAVIS 2017 split"):
+        data.main(["davis17", "--data-root", str(root), "--split", "valid"])
+    with pytest.raises(SystemExit, match=r"dataset 'ytvos' needs a root folder \(--data-root\)"):
+        data.main(["ytvos"])
 
 
 # ---------------------------------------------------------------------------------------------- batching

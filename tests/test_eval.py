@@ -168,6 +168,30 @@ def test_ytvos_submission_zip(tmp_path, tiny_ckpt):
     assert a.shape == (48, 64) and set(np.unique(a)) <= {0, 255}
 
 
+def test_davis17_from_the_original_downloads_needs_no_davis_root(tmp_path, tiny_ckpt, capsys):
+    """The original Ref-DAVIS17 downloads as --data-root: the DAVIS tree inside is the ground truth."""
+    import shutil
+    from test_data import write_davis_downloads
+    root = write_davis_downloads(tmp_path / "ref-davis")
+    pred = tmp_path / "pred"                                  # the ground truth itself, as predictions, scores 1
+    shutil.copytree(root / "DAVIS/Annotations_unsupervised/480p", pred)
+    g = ev.main(["--bench", "davis17", "--data-root", str(root), "--predictions", str(pred)])
+    assert g["J&F-Mean"] == pytest.approx(1) and g["J-Recall"] == pytest.approx(1)
+    with pytest.warns(UserWarning):                           # the skips of write_davis_downloads's quirks
+        mean = ev.main(["--bench", "davis17", "--ckpt", str(tiny_ckpt), "--data-root", str(root),
+                        "--out", str(tmp_path / "o")])
+    assert set(mean) == {"J&F-Mean", "J-Mean", "J-Recall", "J-Decay", "F-Mean", "F-Recall", "F-Decay"}
+    for a in range(4):                                        # a run per annotator and kind, each scored
+        run = tmp_path / f"o/run{a}"
+        assert (run / "global_results-val.csv").is_file()
+        assert sorted(p.name for p in run.iterdir() if p.is_dir()) == ["classic-car", "dogs-scale", "motorbike"]
+        assert sorted(p.name for p in (run / "dogs-scale").iterdir()) == [f"{t:05d}.png" for t in range(5)]
+    (root / "meta_expressions").mkdir()                       # now it looks converted: --davis-root is needed
+    with pytest.raises(SystemExit):
+        ev.main(["--bench", "davis17", "--ckpt", str(tiny_ckpt), "--data-root", str(root)])
+    assert "on the converted layout needs --davis-root" in capsys.readouterr().err
+
+
 def test_synthetic_bench_and_demo(tmp_path, tiny_ckpt):
     s = ev.main(["--bench", "synthetic", "--ckpt", str(tiny_ckpt), "--num-clips", "4"])
     assert set(s) == {"J", "F", "J&F"} and all(0 <= v <= 1 for v in s.values())
