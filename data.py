@@ -20,7 +20,11 @@ contact sheet of a few clips (frames, the target outlined, the expression above)
 
     python data.py NAME --data-root ROOT [--split S] [--out SHEET.png]
     python data.py                                      # the synthetic world, no root
+
+It also holds what the three command lines (data.py, train.py, eval.py) share: a bad flag or file ends them with
+one line, `error: ...`, and no traceback.
 """
+import argparse
 import json
 import math
 import pickle
@@ -36,33 +40,70 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 # ----------------------------------------------------------------------------------------------------------
+# Command lines: flags checked as they are parsed; every error is one line
+# ----------------------------------------------------------------------------------------------------------
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, its errors printed as one line `error: ...` (without the usage block above it), like the
+    errors of files that main() prints; exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}\n")
+
+
+def number(kind, low, strict=False):
+    """An argparse type: a finite int or float (kind) >= low, or > low when strict."""
+    what = f"{'an integer' if kind is int else 'a finite number'} {'>' if strict else '>='} {low}"
+
+    def parse(text):
+        try:
+            x = kind(text)
+        except ValueError:
+            x = None
+        if x is None or not math.isfinite(x) or x < low or (strict and x == low):
+            raise argparse.ArgumentTypeError(f"got {text!r}, expected {what}")
+        return x
+    return parse
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Reading files; every failure names the file
 # ----------------------------------------------------------------------------------------------------------
+
+class BadFile(ValueError):
+    """A file that cannot be read as what it should be; the message names it and what was expected. A ValueError, so
+    skip_bad and the command lines' main() catch it with the others; train.py's loop catches this one alone, where a
+    clip's files are read, so that a bug's ValueError there keeps its traceback."""
+
+
+def read_image(path):
+    """An image file as a PIL RGB image; a missing, truncated or non-image file fails naming it."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError) as e:
+        raise BadFile(f"{path}: unreadable image ({e}); expected a JPEG or PNG frame") from e
 
 
 def read_rgb(path, size):
     """A frame as Float[3, H, W] in [0, 1] resized (bilinear) to size = (H, W), and its original (H, W)."""
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            orig = (im.height, im.width)
-            im = im.resize((size[1], size[0]), Image.BILINEAR)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: unreadable image ({e})") from e
+    im = read_image(path)
+    orig = (im.height, im.width)
+    im = im.resize((size[1], size[0]), Image.BILINEAR)
     return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 255, orig
 
 
 def read_index_png(path):
     """An indexed (palette) annotation PNG as uint8 [H, W]: pixel value = object id, 0 background."""
     if not Path(path).is_file():
-        raise ValueError(f"{path}: missing annotation")
+        raise BadFile(f"{path}: missing annotation")
     try:
         with Image.open(path) as im:
             if im.mode not in ("P", "L"):
                 raise ValueError(f"mode {im.mode}, expected an indexed (P) or grey (L) PNG")
             return np.asarray(im).copy()
     except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: unreadable annotation ({e})") from e
+        raise BadFile(f"{path}: unreadable annotation ({e})") from e
 
 
 def resize_mask(mask, size):
@@ -96,7 +137,21 @@ def read_json(path, what):
     try:
         return json.loads(need(path, what).read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not JSON ({e}); expected {what}") from e
+        raise BadFile(f"{path}: not JSON ({e}); expected {what}") from e
+
+
+def read_expressions(path, what):
+    """The videos of a meta_expressions.json ({"videos": {vid: {"expressions": {exp_id: {"exp": text, "obj_id":
+    id}}, "frames": [...]}}}); a file of another shape fails naming it."""
+    meta = read_json(path, what)
+    try:
+        for v in meta["videos"].values():
+            for e in v["expressions"].values():
+                e["exp"], int(e.get("obj_id", 0))                   # there, and the object id a number
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        raise BadFile(f"{path}: {type(e).__name__} {e}; expected {what}: {{\"videos\": {{video: {{\"expressions\": "
+                         f"{{id: {{\"exp\": text, \"obj_id\": id}}}}}}}}}}") from e
+    return meta["videos"]
 
 
 def clean_text(text):
@@ -473,9 +528,12 @@ class SMiT(ClipDataset):
 
 def _count_video_frames(path):
     av = _pyav(path)
-    with av.open(str(path)) as c:
-        n = c.streams.video[0].frames
-        return n if n > 0 else sum(1 for _ in c.decode(video=0))
+    try:
+        with av.open(str(path)) as c:
+            n = c.streams.video[0].frames
+            return n if n > 0 else sum(1 for _ in c.decode(video=0))
+    except (av.FFmpegError, IndexError) as e:
+        raise BadFile(f"{path}: unreadable video ({e}); expected an .mp4 with a video stream") from e
 
 
 def _pyav(path):
@@ -499,9 +557,9 @@ def read_video_frames(path, indices, size):
                 if i >= max(want):
                     break
     except Exception as e:  # PyAV raises its own error types
-        raise ValueError(f"{path}: unreadable video ({e})") from e
+        raise BadFile(f"{path}: unreadable video ({e})") from e
     if not got:
-        raise ValueError(f"{path}: no frames decoded")
+        raise BadFile(f"{path}: no frames decoded")
     return torch.stack([got.get(i, got[max(got)]) for i in indices])  # past the end: the last decoded frame
 
 
@@ -572,8 +630,7 @@ def _ytvos_layout(root, split, what, annotations):
     root = need(root, f"the {what} root (train/, valid/, meta_expressions/)")
     if split not in ("train", "valid"):
         raise ValueError(f"{what} split must be train or valid, got {split!r}")
-    meta = read_json(root / "meta_expressions" / split / "meta_expressions.json",
-                     f"the {what} expression file")["videos"]
+    meta = read_expressions(root / "meta_expressions" / split / "meta_expressions.json", f"the {what} expression file")
     jpeg = need(root / split / "JPEGImages", "one folder of JPEG frames per video")
     anno = need(root / split / "Annotations", "one folder of indexed PNGs per video") if annotations else None
     return meta, jpeg, anno
@@ -591,7 +648,7 @@ class RefYouTubeVOS(VideoExpressions):
         skip = set()
         test = Path(root) / "meta_expressions" / "test" / "meta_expressions.json"
         if split == "valid" and test.is_file():
-            skip = set(read_json(test, "the test videos' expression file")["videos"])
+            skip = set(read_expressions(test, "the test videos' expression file"))
         for vid, v in sorted(meta.items()):
             if vid in skip:
                 continue
@@ -724,8 +781,9 @@ class VISOR(VideoExpressions):
         jpeg = need(root / "JPEGImages" / "480p", "one folder of JPEG frames per sequence")
         anno = need(root / "Annotations" / "480p", "one folder of indexed PNGs per sequence")
         for seq in seqs:
-            if seq not in mapping:
-                raise ValueError(f"{root / f'{split}_data_mapping.json'}: no entry for sequence {seq}")
+            if not isinstance(mapping, dict) or not isinstance(mapping.get(seq), dict):
+                raise ValueError(f"{root / f'{split}_data_mapping.json'}: no entry for sequence {seq}; expected "
+                                 f"{{seq: {{object index: name}}}}")
             self.videos[seq] = _video_frames(jpeg, anno, seq)
             for obj_id, name in sorted(mapping[seq].items(), key=lambda kv: int(kv[0])):
                 self.add_expression(seq, obj_id, name.replace(":", " "), obj_id)
@@ -844,12 +902,7 @@ class RefCOCO(ClipDataset):
 
     def load(self, entry, rng):
         variant, im, annos, text = entry
-        path = self.images / im["file_name"]
-        try:
-            with Image.open(path) as pil:
-                pil = pil.convert("RGB")
-        except OSError as e:
-            raise ValueError(f"{path}: unreadable image ({e})") from e
+        pil = read_image(self.images / im["file_name"])
         mask = Image.new("L", pil.size, 0)
         draw = ImageDraw.Draw(mask)
         for a in annos:
@@ -973,10 +1026,8 @@ def contact_sheet(items, height=144, gap=4):
 def main(argv=None):
     """Inspect a dataset: what was found under the root (the layout, counts, what was skipped and why) and a
     contact sheet of a few clips. Returns the sheet's path."""
-    import argparse
-
     import slvp
-    p = argparse.ArgumentParser(description="Inspect a dataset: print what was found under its root and write a "
+    p = ArgumentParser(description="Inspect a dataset: print what was found under its root and write a "
                                             "contact sheet of a few clips (frames, the target outlined, the text).")
     p.add_argument("name", nargs="?", default="synthetic", choices=list(DATASETS),
                    help="the dataset, as in build_dataset (default: synthetic, the embedded world: no root)")
