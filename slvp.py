@@ -16,6 +16,7 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,19 +141,35 @@ def check_state_dict(module, state, what):
 
 def read_tensors(path):
     """A .safetensors file, a torch pickle (.bin/.pt/.pth, loaded with weights_only), or a Hugging Face sharded
-    index (*.index.json). Unwraps {"state_dict": ...} and {"model": ...} and DDP's "module." prefix."""
+    index (*.index.json). Unwraps {"state_dict": ...} and {"model": ...} and DDP's "module." prefix. A missing,
+    truncated or other file fails naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such weights file")
+    expected = "expected a .safetensors file, a torch state dict (.bin/.pt/.pth) or a sharded index (.index.json)"
     if path.name.endswith(".index.json"):
-        shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+        try:
+            shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{path}: not a sharded checkpoint index ({type(e).__name__}: {e}); {expected}") from e
         state = {}
         for shard in shards:
             state.update(read_tensors(path.parent / shard))
         return state
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        state = load_file(str(path))
-    else:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(str(path))
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except (SafetensorError, RuntimeError, EOFError) as e:    # a bad header, a truncated zip, an empty file
+        raise ValueError(f"{path}: unreadable weights ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                         f"{expected}") from e
+    except pickle.UnpicklingError as e:                       # not a pickle, or one of more than tensors
+        raise ValueError(f"{path}: not a pickle of tensors; {expected}") from e
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: holds a {type(state).__name__}, not a dict of tensors; {expected}")
     for wrapper in ("state_dict", "model"):
         if isinstance(state.get(wrapper), dict):
             state = state[wrapper]
@@ -254,7 +271,13 @@ def load_t5(path):
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: expected a Hugging Face T5 folder with config.json")
-    hf = json.loads((path / "config.json").read_text())
+    keys = ("vocab_size", "d_model", "num_layers", "num_heads", "d_kv", "d_ff")
+    try:
+        hf = json.loads((path / "config.json").read_text())
+    except ValueError as e:
+        raise ValueError(f"{path / 'config.json'}: not JSON ({e}); expected a T5 config") from e
+    if not isinstance(hf, dict) or any(k not in hf for k in keys):
+        raise ValueError(f"{path / 'config.json'}: not a T5 config; expected JSON with {', '.join(keys)}")
     for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json"):
         if (path / name).is_file():
@@ -645,7 +668,13 @@ class Tokenizer:
     def __init__(self, spiece_model_path):
         import sentencepiece
         self.path = str(spiece_model_path)
-        self.sp = sentencepiece.SentencePieceProcessor(model_file=self.path)
+        if not Path(self.path).is_file():
+            raise FileNotFoundError(f"{self.path}: no such sentencepiece model")
+        try:
+            self.sp = sentencepiece.SentencePieceProcessor(model_file=self.path)
+        except (RuntimeError, OSError) as e:   # its parse errors
+            raise ValueError(f"{self.path}: not a sentencepiece model ({e}); expected a .model file such as T5's "
+                             f"spiece.model") from e
         self.pad_id, self.eos_id = self.sp.pad_id(), self.sp.eos_id()
         if self.pad_id < 0 or self.eos_id < 0:
             raise ValueError(f"{self.path}: the sentencepiece model needs <pad> and </s> ids (T5 uses 0 and 1)")
@@ -681,9 +710,16 @@ def save_checkpoint(path, model, **extra):
 
 
 def read_checkpoint_metadata(path):
-    from safetensors import safe_open
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    from safetensors import SafetensorError, safe_open
+    path, expected = Path(path), "expected a ckpt.safetensors written by train.py"
+    if not path.is_file():
+        what = "a folder, not a file" if path.is_dir() else "no such checkpoint"
+        raise FileNotFoundError(f"{path}: {what}; {expected}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except SafetensorError as e:   # empty, truncated, or not safetensors at all
+        raise ValueError(f"{path}: not a safetensors checkpoint ({e}); {expected}") from e
     if "config" not in meta:
         raise ValueError(f"{path}: not an SLVP checkpoint (no config in the safetensors metadata)")
     return meta
@@ -695,7 +731,10 @@ def load_checkpoint(path, task=None, **overrides):
     `overrides` (fusion is fixed by the checkpoint) go to SLVP(), e.g. freeze_text=False."""
     from safetensors.torch import load_file
     meta = read_checkpoint_metadata(path)
-    cfg = SLVPConfig(**json.loads(meta["config"]))
+    try:
+        cfg = SLVPConfig(**json.loads(meta["config"]))
+    except (TypeError, ValueError) as e:   # fields of another version of SLVPConfig, or not JSON
+        raise ValueError(f"{path}: its config does not fit this SLVPConfig ({e})") from e
     saved_task = meta["task"]
     task = task or saved_task
     if saved_task == "rvos" and task == "pretrain":
