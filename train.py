@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import shutil
 import sys
 import time
@@ -29,7 +30,8 @@ import slvp
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    positive, natural = data.number(int, 1), data.number(int, 0)
+    p = data.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=["pretrain", "finetune"], default="pretrain",
                    help="pretrain: flow head and photometric loss; finetune: box and mask heads on R-VOS data")
     p.add_argument("--fusion", choices=["vision", "language"], default=None,
@@ -39,7 +41,7 @@ def parse_args(argv=None):
     p.add_argument("--data", nargs="+", default=["synthetic"],
                    help="datasets (synthetic, smit, ytvos, davis17, refcoco, visor); several train jointly")
     p.add_argument("--data-root", nargs="+", default=None, help="one root folder per --data entry except synthetic")
-    p.add_argument("--train-size", type=int, default=None,
+    p.add_argument("--train-size", type=positive, default=None,
                    help="synthetic finetuning: number of labelled clips (default: the split's 256)")
     p.add_argument("--t5", help="a Hugging Face T5 folder for the text encoder (needs --spm)")
     p.add_argument("--vit", help="an open_clip CoCa/CLIP or timm ViT checkpoint for the vision encoder")
@@ -52,20 +54,23 @@ def parse_args(argv=None):
                    help="freeze the text encoder (default: yes, as the paper in both stages)")
     p.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=None,
                    help="freeze the vision encoder (default: yes in pre-training, no in finetuning)")
-    p.add_argument("--steps", type=int, default=1000, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, default=8, help="global batch size (clips), split over processes")
-    p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (AdamW)")
-    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay on matrices")
-    p.add_argument("--warmup", type=int, default=None, help="linear warm-up steps (default: 5%% of --steps)")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clipping")
-    p.add_argument("--seed", type=int, default=0, help="seed for initialization, data order and augmentation")
+    p.add_argument("--steps", type=positive, default=1000, help="optimizer steps")
+    p.add_argument("--batch-size", type=positive, default=8, help="global batch size (clips), split over processes")
+    p.add_argument("--lr", type=data.number(float, 0, strict=True), default=5e-4, help="peak learning rate (AdamW)")
+    p.add_argument("--weight-decay", type=data.number(float, 0), default=0.05, help="AdamW weight decay on matrices")
+    p.add_argument("--warmup", type=natural, default=None, help="linear warm-up steps (default: 5%% of --steps)")
+    p.add_argument("--grad-clip", type=data.number(float, 0, strict=True), default=1.0, help="gradient norm clipping")
+    p.add_argument("--seed", type=natural, default=0, help="seed for initialization, data order and augmentation")
     p.add_argument("--out", default=None, help="output folder (default: out/<mode>)")
-    p.add_argument("--ckpt-every", type=int, default=250, help="write the checkpoint every N steps (and at the end)")
-    p.add_argument("--eval-every", type=int, default=250, help="evaluate every N steps (and at the end)")
-    p.add_argument("--eval-clips", type=int, default=32, help="held-out synthetic clips per evaluation")
-    p.add_argument("--log-every", type=int, default=25, help="print a log line every N steps")
-    p.add_argument("--workers", type=int, default=1, help="DataLoader worker processes")
+    p.add_argument("--ckpt-every", type=positive, default=250,
+                   help="write the checkpoint every N steps (and at the end)")
+    p.add_argument("--eval-every", type=positive, default=250, help="evaluate every N steps (and at the end)")
+    p.add_argument("--eval-clips", type=positive, default=32, help="held-out synthetic clips per evaluation")
+    p.add_argument("--log-every", type=positive, default=25, help="print a log line every N steps")
+    p.add_argument("--workers", type=natural, default=1, help="DataLoader worker processes")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its resume.pt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in an --out that holds an earlier run's checkpoint, replacing it")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     args = p.parse_args(argv)
     args.out = Path(args.out or f"out/{args.mode}")
@@ -79,7 +84,26 @@ def parse_args(argv=None):
         p.error("--t5 needs --spm (the T5 checkpoint's spiece.model)")
     if args.init and (args.encoders or args.t5 or args.vit):
         p.error("--init brings its own encoders: leave out --encoders, --t5 and --vit")
+    if args.resume and args.overwrite:
+        p.error("--resume continues the run in --out and --overwrite replaces it: give one of them")
+    if args.train_size and not (args.mode == "finetune" and "synthetic" in args.data):
+        p.error("--train-size is the number of labelled synthetic clips: it needs --mode finetune and --data synthetic")
+    if args.warmup is not None and args.warmup > args.steps:
+        p.error(f"--warmup {args.warmup} is longer than the run: expected at most --steps {args.steps}")
     return args
+
+
+def check_out(args):
+    """A new run never replaces the checkpoint of an earlier run: into an --out that holds one it needs --resume
+    (continue that run) or --overwrite (replace it on purpose), as the Hugging Face Trainer guards its output folder."""
+    ckpt, resume = args.out / "ckpt.safetensors", args.out / "resume.pt"
+    if args.out.exists() and not args.out.is_dir():
+        raise SystemExit(f"error: --out {args.out} is a file; expected a folder")
+    if args.resume and not resume.is_file():
+        raise SystemExit(f"error: --resume but {resume} does not exist; expected the --out of an earlier run")
+    if not (args.resume or args.overwrite) and (ckpt.exists() or resume.exists()):
+        raise SystemExit(f"error: --out {args.out} holds the checkpoint of an earlier run; continue it with --resume, "
+                         f"replace it with --overwrite, or choose another --out")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -223,6 +247,28 @@ def save_all(args, raw, opt, sched, step, epoch, batch_idx):
                  "config": dataclasses.asdict(raw.cfg), "fusion": raw.fusion, "task": raw.task}, args.out / "resume.pt")
 
 
+def read_resume(path):
+    """resume.pt as save_all wrote it; unreadable or of another kind, it fails naming the file."""
+    expected = "expected the resume.pt of an earlier train.py run"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:   # a truncated zip, an empty file, not a pickle
+        raise ValueError(f"{path}: unreadable ({type(e).__name__}); {expected}") from e
+    keys = {"model", "optimizer", "scheduler", "step", "epoch", "batch", "rng", "cuda_rng", "config", "fusion", "task"}
+    if not isinstance(state, dict) or not keys <= set(state):
+        raise ValueError(f"{path}: not a resume state; {expected}")
+    return state
+
+
+def read_batches(loader):
+    """The loader's batches. A clip with a bad file (data.BadFile, naming it) ends the run with that one line; met in a
+    worker process, it comes back inside the worker's traceback, whose last line it is."""
+    try:
+        yield from loader
+    except data.BadFile as e:
+        raise SystemExit("error: " + str(e).strip().splitlines()[-1].split("BadFile: ", 1)[-1]) from None
+
+
 def build_model(args, tokenizer):
     cfg = slvp.SLVPConfig.tiny() if args.config == "tiny" else slvp.SLVPConfig.paper()
     text = vision = None
@@ -319,12 +365,15 @@ def main(argv=None):
         rank, world, device = 0, 1, "cuda" if torch.cuda.is_available() else "cpu"
     main_proc = rank == 0
     if args.batch_size % world:
-        raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by the {world} processes")
+        raise SystemExit(f"error: --batch-size {args.batch_size} does not split over the {world} processes; "
+                         f"expected a multiple of {world}")
+    check_out(args)
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     cuda = device.startswith("cuda")
 
     try:
+        state = read_resume(args.out / "resume.pt") if args.resume else None
         probe_cfg = slvp.SLVPConfig.tiny() if args.config == "tiny" else slvp.SLVPConfig.paper()
         sets = build_training_data(args, probe_cfg)
         spm = Path(args.spm) if args.spm else next((Path(c).parent / "spm.model" for c in (args.init, args.encoders)
@@ -355,11 +404,8 @@ def main(argv=None):
     trainable, opt, sched = build_optimizer(model, args)
 
     step, epoch, batch_idx = 0, 0, 0
-    if args.resume:
+    if state is not None:
         path = args.out / "resume.pt"
-        if not path.is_file():
-            raise SystemExit(f"error: --resume but {path} does not exist")
-        state = torch.load(path, map_location="cpu", weights_only=True)
         if state["config"] != dataclasses.asdict(cfg) or state["task"] != model.task or state["fusion"] != model.fusion:
             raise SystemExit(f"error: {path} is a {state['task']}/{state['fusion']} checkpoint of another config "
                              f"than this run's {model.task}/{model.fusion} {args.config}")
@@ -382,8 +428,9 @@ def main(argv=None):
     collate = data.Collate(tokenizer, cfg.max_text_len)
     n_batches = len(train_set) // args.batch_size
     if n_batches == 0:
-        raise SystemExit(f"error: {len(train_set)} training clips are fewer than one batch of {args.batch_size}")
-    log = open(args.out / "log.jsonl", "a") if main_proc else None
+        raise SystemExit(f"error: --batch-size {args.batch_size} is more than the {len(train_set)} training clips; "
+                         f"expected at most {len(train_set)}")
+    log = open(args.out / "log.jsonl", "a" if args.resume else "w") if main_proc else None
     n_params = sum(p.numel() for p in raw.parameters())
     if main_proc:
         print(f"{args.mode} {raw.fusion}-as-query, {n_params / 1e6:.2f}M parameters ({sum(p.numel() for p in trainable) / 1e6:.2f}M "
@@ -404,7 +451,7 @@ def main(argv=None):
         batches = epoch_batches(len(train_set), args.batch_size, args.seed, epoch, rank, world)[batch_idx:]
         loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches, collate_fn=collate,
                                              num_workers=args.workers, pin_memory=cuda)
-        for batch in loader:
+        for batch in read_batches(loader):
             loss, parts = stage_loss(model, raw, batch, device)
             if not torch.isfinite(loss):
                 last = args.out / "ckpt.safetensors"
