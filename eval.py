@@ -455,11 +455,16 @@ def demo(args, model, tokenizer, device):
         paths = sorted(p for p in video.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
         if not paths:
             raise FileNotFoundError(f"{video}: no .jpg/.png frames")
-        originals = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+        originals = [np.asarray(data.read_image(p)) for p in paths]
     elif video.is_file():
         av = data._pyav(video)
-        with av.open(str(video)) as c:
-            originals = [np.asarray(f.to_image().convert("RGB")) for f in c.decode(video=0)]
+        try:
+            with av.open(str(video)) as c:
+                originals = [np.asarray(f.to_image().convert("RGB")) for f in c.decode(video=0)]
+        except (av.FFmpegError, IndexError) as e:
+            raise ValueError(f"{video}: unreadable video ({e}); expected an .mp4 or a folder of frames") from e
+        if not originals:
+            raise ValueError(f"{video}: no frames decoded; expected an .mp4 or a folder of frames")
     else:
         raise FileNotFoundError(f"{video}: no such video file or folder")
     H0, W0 = originals[0].shape[:2]
@@ -489,19 +494,21 @@ def demo(args, model, tokenizer, device):
 
 def load_model_and_tokenizer(ckpt, spm, device):
     import slvp
-    if not Path(ckpt).is_file():
-        raise FileNotFoundError(f"{ckpt}: no such checkpoint")
     model = slvp.load_checkpoint(ckpt).to(device)
     if model.task != "rvos":
         raise ValueError(f"{ckpt} is a pre-training checkpoint; evaluation needs a fine-tuned (rvos) one")
     spm = Path(spm) if spm else Path(ckpt).parent / "spm.model"
     if not spm.is_file():
         raise FileNotFoundError(f"{spm}: no tokenizer (pass --spm, or keep spm.model next to the checkpoint)")
-    return model, slvp.Tokenizer(spm)
+    tokenizer = slvp.Tokenizer(spm)
+    if len(tokenizer) > model.cfg.vocab_size:
+        raise ValueError(f"{spm} has {len(tokenizer)} pieces, more than the {model.cfg.vocab_size} of {ckpt}; expected "
+                         f"the sentencepiece model the checkpoint was trained with")
+    return model, tokenizer
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = data.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bench", choices=["davis17", "ytvos", "visor", "synthetic"],
                    help="the benchmark to run; leave out with --video for the demo")
     p.add_argument("--ckpt", help="a fine-tuned (rvos) checkpoint from train.py --mode finetune")
@@ -514,9 +521,16 @@ def main(argv=None):
     p.add_argument("--video", help="demo: a folder of frames or an .mp4")
     p.add_argument("--text", help="demo: the referring expression")
     p.add_argument("--out", default="out/eval", help="where predictions, tables and pictures go")
-    p.add_argument("--batch-size", type=int, default=4, help="clips per forward pass")
-    p.add_argument("--num-clips", type=int, default=64, help="synthetic: the number of held-out clips")
+    p.add_argument("--batch-size", type=data.number(int, 1), default=4, help="clips per forward pass")
+    p.add_argument("--num-clips", type=data.number(int, 1), default=64, help="synthetic: the number of held-out clips")
     args = p.parse_args(argv)
+    if args.predictions and (args.bench != "davis17" or args.ckpt):
+        p.error("--predictions scores a folder of masks, with --bench davis17 and no --ckpt: leave out --predictions "
+                "to run the model, or --ckpt to score the folder")
+    if (args.video or args.text is not None) and args.bench:
+        p.error(f"--video and --text are for the demo: leave out --bench {args.bench}, or them")
+    if args.text is not None and not args.text.strip():
+        p.error("--text is empty: expected the referring expression")
     try:
         if args.bench == "davis17" and args.data_root and not args.davis_root \
                 and data.davis17_layout(args.data_root) == "original":
