@@ -1,0 +1,210 @@
+"""Issue 15: bad input to train.py and eval.py (a file missing, empty, truncated or of the wrong kind; a flag out of
+range, not finite, or contradicting another flag or the checkpoint) ends the program with a non-zero status and one
+line `error: ...` naming the file or flag, never a traceback; a new run never replaces an earlier run's checkpoint.
+The programs run in-process (main(argv)): any exception other than SystemExit fails the test with its traceback."""
+import dataclasses
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import eval as ev
+import slvp
+import train
+from test_data import write_jpeg, write_video
+from test_eval import square, write_ids
+from test_train import ENV, FAST, ROOT
+
+
+def truncate(path):
+    raw = path.read_bytes()
+    path.write_bytes(raw[:len(raw) // 2])
+
+
+def ytvos_tree(root, meta):
+    """Two videos of 6 frames with annotations, and `meta` (text) as the train and valid expression files."""
+    for vid in ("vid_a", "vid_b"):
+        write_video(root / "train/JPEGImages", root / "train/Annotations", vid, 6)
+        write_video(root / "valid/JPEGImages", None, vid, 6)
+    for split in ("train", "valid"):
+        (root / f"meta_expressions/{split}").mkdir(parents=True)
+        (root / f"meta_expressions/{split}/meta_expressions.json").write_text(meta)
+    return root
+
+
+@pytest.fixture(scope="module")
+def d(tmp_path_factory, spm_model):
+    """Every bad file of the table, made here, beside the good ones they spoil."""
+    d = tmp_path_factory.mktemp("bad")
+    cfg = dataclasses.replace(slvp.SLVPConfig.tiny(), frame_size=(48, 64), vocab_size=64)
+    for name, model in (("good", slvp.SLVP(cfg, task="rvos")), ("pre", slvp.SLVP(cfg)),
+                        ("small-vocab", slvp.SLVP(dataclasses.replace(cfg, vocab_size=8), task="rvos"))):
+        slvp.save_checkpoint(d / f"{name}.safetensors", model)
+    shutil.copy(spm_model, d / "spm.model")                       # the tokenizer next to every checkpoint
+    good = (d / "good.safetensors").read_bytes()
+    (d / "truncated.safetensors").write_bytes(good[:len(good) // 2])
+    (d / "empty.safetensors").touch()
+    shutil.copy(spm_model, d / "spm-as-ckpt.safetensors")
+    (d / "text.model").write_text("not a sentencepiece model")
+    (d / "empty.model").touch()
+    (d / "text.mp4").write_text("not a video")
+    (d / "no-frames").mkdir()
+    for t in range(3):                                              # a demo video, one frame truncated
+        write_jpeg(d / f"frames/{t:03d}.jpg", 60 * t)
+    truncate(d / "frames/001.jpg")
+    for tree in ("davis", "davis-bad-gt"):                          # DAVIS trees and predictions, one PNG truncated
+        for t in range(2):
+            write_ids(d / f"{tree}/Annotations_unsupervised/480p/a/{t:05d}.png", square().astype(np.uint8))
+        (d / f"{tree}/ImageSets/2017").mkdir(parents=True)
+        (d / f"{tree}/ImageSets/2017/val.txt").write_text("a\n")
+    for pred in ("pred", "pred-truncated"):
+        for t in range(2):
+            write_ids(d / f"{pred}/a/{t:05d}.png", square().astype(np.uint8))
+    truncate(d / "pred-truncated/a/00001.png")
+    truncate(d / "davis-bad-gt/Annotations_unsupervised/480p/a/00001.png")
+    meta = {"videos": {v: {"expressions": {"0": {"exp": "the red square", "obj_id": "1"}}} for v in ("vid_a", "vid_b")}}
+    ytvos_tree(d / "ytvos-not-json", '{"videos": ')
+    ytvos_tree(d / "ytvos-no-expressions", json.dumps({"videos": {"vid_a": {"frames": ["00000"]}}}))
+    ytvos_tree(d / "ytvos-truncated-frame", json.dumps(meta))
+    truncate(d / "ytvos-truncated-frame/train/JPEGImages/vid_b/00003.jpg")
+    ytvos_tree(d / "ytvos-truncated-annotation", json.dumps(meta))
+    truncate(d / "ytvos-truncated-annotation/train/Annotations/vid_a/00002.png")
+    (d / "t5").mkdir()
+    (d / "t5/config.json").write_text("{not json")
+    (d / "vit.bin").write_bytes(b"\x80\x02garbage")
+    (d / "a-file").touch()
+    (d / "no-resume").mkdir()
+    (d / "bad-resume").mkdir()
+    (d / "bad-resume/resume.pt").write_bytes(good[:100])
+    return d
+
+
+# (program, arguments, what the line must name): {d} is the folder of bad files, {good} a good checkpoint, {spm} its
+# sentencepiece model; train.py cases get their own --out
+CASES = [
+    # checkpoints: missing, a folder, empty, truncated, of the wrong kind, the wrong stage, a vocabulary too small
+    ("eval", "--bench synthetic --ckpt {d}/nowhere.safetensors", ["nowhere.safetensors: no such checkpoint"]),
+    ("eval", "--bench synthetic --ckpt {d}/frames", ["frames: a folder, not a file", "expected a ckpt.safetensors"]),
+    ("eval", "--bench synthetic --ckpt {d}/empty.safetensors", ["empty.safetensors: not a safetensors checkpoint"]),
+    ("eval", "--bench synthetic --ckpt {d}/truncated.safetensors", ["truncated.safetensors: not a safetensors"]),
+    ("eval", "--bench synthetic --ckpt {d}/spm-as-ckpt.safetensors", ["spm-as-ckpt.safetensors: not a safetensors"]),
+    ("eval", "--bench synthetic --ckpt {d}/pre.safetensors", ["pre.safetensors is a pre-training checkpoint"]),
+    ("eval", "--bench synthetic --ckpt {d}/small-vocab.safetensors", ["spm.model has", "more than the 8"]),
+    ("train", "--mode finetune --init {d}/truncated.safetensors", ["truncated.safetensors: not a safetensors"]),
+    ("train", "--mode finetune --init {d}/empty.safetensors", ["empty.safetensors: not a safetensors"]),
+    ("train", "--mode finetune --encoders {d}/spm-as-ckpt.safetensors", ["spm-as-ckpt.safetensors: not a"]),
+    ("train", "--mode finetune --init {d}/nowhere.safetensors --spm {spm}", ["nowhere.safetensors: no such"]),
+    ("train", "--mode finetune --init {d}/pre.safetensors --fusion language", ["--fusion language but", "pre.safe"]),
+    ("train", "--vit {d}/vit.bin --spm {spm}", ["vit.bin: not a pickle of tensors", "expected a .safetensors"]),
+    ("train", "--t5 {d}/t5 --spm {spm}", ["t5/config.json: not JSON", "expected a T5 config"]),
+    ("train", "--resume --out {d}/bad-resume", ["bad-resume/resume.pt: unreadable", "expected the resume.pt"]),
+    ("train", "--resume --out {d}/no-resume", ["--resume but", "no-resume/resume.pt does not exist"]),
+    ("train", "--out {d}/a-file", ["--out", "a-file is a file; expected a folder"]),
+    # tokenizer models: not one, empty, missing
+    ("eval", "--bench synthetic --ckpt {good} --spm {d}/text.model", ["text.model: not a sentencepiece"]),
+    ("eval", "--bench synthetic --ckpt {good} --spm {d}/empty.model", ["empty.model: not a sentencepiece"]),
+    ("eval", "--bench synthetic --ckpt {good} --spm {d}/none.model", ["none.model: no tokenizer"]),
+    ("train", "--spm {d}/text.model", ["text.model: not a sentencepiece model"]),
+    ("train", "--spm {d}/none.model", ["none.model: no such sentencepiece model"]),
+    # frames and videos
+    ("eval", "--ckpt {good} --video {d}/frames --text the", ["frames/001.jpg: unreadable image"]),
+    ("eval", "--ckpt {good} --video {d}/text.mp4 --text the", ["text.mp4: unreadable video"]),
+    ("eval", "--ckpt {good} --video {d}/no-frames --text the", ["no-frames: no .jpg/.png frames"]),
+    ("eval", "--ckpt {good} --video {d}/none.mp4 --text the", ["none.mp4: no such video"]),
+    ("train", "--mode finetune --data ytvos --data-root {d}/ytvos-truncated-frame --spm {spm} --workers 1 "
+              "--steps 4 --batch-size 2", ["vid_b/00003.jpg: unreadable image"]),              # mid-run, in a worker
+    # annotations and prediction PNGs
+    ("train", "--mode finetune --data ytvos --data-root {d}/ytvos-truncated-annotation --spm {spm} "
+              "--steps 4 --batch-size 2", ["vid_a/00002.png: unreadable annotation"]),
+    ("eval", "--bench davis17 --davis-root {d}/davis --predictions {d}/pred-truncated",
+     ["pred-truncated/a/00001.png: unreadable annotation"]),
+    ("eval", "--bench davis17 --davis-root {d}/davis-bad-gt --predictions {d}/pred", ["480p/a/00001.png: unreadable"]),
+    ("eval", "--bench davis17 --davis-root {d}/davis --predictions {d}/nowhere", ["nowhere: no such predictions"]),
+    # expression files: not JSON, of another shape
+    ("train", "--mode finetune --data ytvos --data-root {d}/ytvos-not-json", ["train/meta_expressions.json: not JSON"]),
+    ("train", "--mode finetune --data ytvos --data-root {d}/ytvos-no-expressions",
+     ["train/meta_expressions.json: KeyError 'expressions'"]),
+    ("eval", "--bench ytvos --ckpt {good} --data-root {d}/ytvos-no-expressions",
+     ["valid/meta_expressions.json: KeyError", "expected the Ref-YouTube-VOS expression file"]),
+    # flags out of range, not finite, not numbers
+    ("train", "--steps -5", ["argument --steps: got '-5', expected an integer >= 1"]),
+    ("train", "--batch-size 0", ["argument --batch-size: got '0'"]),
+    ("train", "--steps ten", ["argument --steps: got 'ten'"]),
+    ("train", "--lr nan", ["argument --lr: got 'nan', expected a finite number > 0"]),
+    ("train", "--lr inf", ["argument --lr: got 'inf'"]),
+    ("train", "--lr 0", ["argument --lr: got '0'"]),
+    ("train", "--weight-decay -1", ["argument --weight-decay: got '-1', expected a finite number >= 0"]),
+    ("train", "--grad-clip 0", ["argument --grad-clip"]),
+    ("train", "--seed -1", ["argument --seed"]),
+    ("train", "--workers -1", ["argument --workers"]),
+    ("train", "--ckpt-every 0", ["argument --ckpt-every"]),
+    ("train", "--mode finetune --train-size 0", ["argument --train-size"]),
+    ("eval", "--bench synthetic --ckpt {good} --batch-size 0", ["argument --batch-size"]),
+    ("eval", "--bench synthetic --ckpt {good} --num-clips 0", ["argument --num-clips"]),
+    ("eval", "--bench kinetics", ["argument --bench: invalid choice: 'kinetics'"]),
+    # flags that contradict each other
+    ("train", "--resume --overwrite", ["--resume", "--overwrite", "give one of them"]),
+    ("train", "--train-size 64", ["--train-size", "needs --mode finetune"]),
+    ("train", "--steps 10 --warmup 50", ["--warmup 50 is longer than the run"]),
+    ("train", "--mode pretrain --init {d}/pre.safetensors", ["--init and --encoders are for --mode finetune"]),
+    ("eval", "--bench davis17 --davis-root {d}/davis --predictions {d}/pred --ckpt {good}",
+     ["--predictions", "or --ckpt to score the folder"]),
+    ("eval", "--bench synthetic --ckpt {good} --video {d}/frames --text the", ["--video and --text"]),
+    ("eval", "--ckpt {good} --video {d}/frames --text ' '", ["--text is empty"]),
+]
+
+
+def error_line(main, argv, capsys):
+    """(exit status, what the program printed) of a main() that must stop with SystemExit."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    code, err = e.value.code, capsys.readouterr().err
+    return (1, code) if isinstance(code, str) else (code, err)   # sys.exit("...") prints the text and exits 1
+
+
+@pytest.mark.parametrize("program, args, names", CASES, ids=[f"{p} {a}" for p, a, _ in CASES])
+def test_bad_input_gives_one_error_line(program, args, names, d, tmp_path, capsys):
+    argv = shlex.split(args.format(d=d, good=d / "good.safetensors", spm=d / "spm.model"))
+    if program == "train":
+        argv = [*FAST, "--out", str(tmp_path / "out"), *argv]        # a later --out wins
+    status, text = error_line(train.main if program == "train" else ev.main, argv, capsys)
+    assert status != 0
+    assert text.startswith("error: ") and len(text.strip().splitlines()) == 1 and "Traceback" not in text, text
+    for name in names:
+        assert name in text, text
+
+
+def test_a_run_into_a_used_folder_leaves_its_checkpoint_byte_for_byte(tmp_path, spm_model, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")       # the torch path of the warp: the interpreter is slow (SPEC §2)
+    out = tmp_path / "run"
+    first = ["--mode", "pretrain", "--steps", "2", *FAST, "--spm", str(spm_model), "--out", str(out)]
+    train.main(first)
+    files = ("ckpt.safetensors", "resume.pt", "spm.model", "log.jsonl")
+    before = {f: (out / f).read_bytes() for f in files}
+    for again in (first, [*first, "--steps", "3", "--fusion", "language", "--seed", "1"],
+                  ["--mode", "finetune", "--init", str(out / "ckpt.safetensors"), *FAST, "--out", str(out)]):
+        with pytest.raises(SystemExit) as e:
+            train.main(again)
+        assert str(e.value.code) == (f"error: --out {out} holds the checkpoint of an earlier run; continue it with "
+                                     f"--resume, replace it with --overwrite, or choose another --out")
+    assert all((out / f).read_bytes() == before[f] for f in files)
+    train.main([*first, "--steps", "3", "--resume"])                                 # continue it
+    assert slvp.read_checkpoint_metadata(out / "ckpt.safetensors")["extra"] == '{"step": 3}'
+    train.main([*first, "--overwrite"])                                            # or replace it on purpose
+    assert slvp.read_checkpoint_metadata(out / "ckpt.safetensors")["extra"] == '{"step": 2}'
+    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [2, 2]
+
+
+@pytest.mark.parametrize("argv, name", [(["eval.py", "--bench", "synthetic", "--ckpt", "{d}/truncated.safetensors"],
+                                          "truncated.safetensors"),
+                                         (["train.py", "--batch-size", "0"], "--batch-size")])
+def test_the_shell_sees_one_line(argv, name, d):
+    """As a user runs them: stderr is the one line, nothing else."""
+    r = subprocess.run([sys.executable, *[str(ROOT / a) if a.endswith(".py") else a.format(d=d) for a in argv]],
+                       env=ENV, cwd=d, capture_output=True, text=True)
+    assert r.returncode != 0 and r.stdout == ""
+    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and name in r.stderr, r.stderr
