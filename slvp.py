@@ -494,6 +494,20 @@ class Decoder(nn.Module):
         return self.norm(query)
 
 
+def sincos_1d(pos, d):
+    """[n] positions -> [n, d]: sin(pos * w_k) then cos(pos * w_k), w_k = 10000^(-k / (d/2)) (Vaswani et al.)."""
+    w = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64) / (d / 2))
+    angle = pos.double()[:, None] * w[None]
+    return torch.cat([angle.sin(), angle.cos()], dim=1).float()
+
+
+def sincos_2d(gh, gw, d):
+    """[gh*gw, d] for a gh x gw grid, row-major: half the channels encode the row, half the column (MAE)."""
+    rows = sincos_1d(torch.arange(gh), d // 2)[:, None, :].expand(gh, gw, d // 2)
+    cols = sincos_1d(torch.arange(gw), d // 2)[None, :, :].expand(gh, gw, d // 2)
+    return torch.cat([rows, cols], dim=-1).reshape(gh * gw, d)
+
+
 def unpatchify(x, cfg, channels):
     """[B, T*N, p*p*C] -> [B, T, C, H, W], each token's p*p*C values laid out (p, p, C) as in MAE."""
     T, (gh, gw), p = cfg.num_frames, cfg.grid, cfg.patch_size
@@ -525,10 +539,11 @@ class SLVP(nn.Module):
         self.vision = ViTEncoder(cfg)
         self.text_proj = nn.Linear(cfg.t5_dim, d) if cfg.t5_dim != d else nn.Identity()
         self.vision_proj = nn.Linear(cfg.vit_dim, d) if cfg.vit_dim != d else nn.Identity()
-        self.E_pos = nn.Parameter(torch.zeros(cfg.num_patches, d))          # N x d
-        self.E_tem = nn.Parameter(torch.zeros(cfg.num_frames, d))           # T x d
-        nn.init.trunc_normal_(self.E_pos, std=0.02)
-        nn.init.trunc_normal_(self.E_tem, std=0.02)
+        # learnable (Eq. (2)); initialized as sin-cos of the patch row and column (E_pos) and of the frame index
+        # (E_tem), as in MAE, so that attention can tell positions apart from the first step (README, "How the
+        # miniature learns flow")
+        self.E_pos = nn.Parameter(sincos_2d(*cfg.grid, d))                  # N x d
+        self.E_tem = nn.Parameter(sincos_1d(torch.arange(cfg.num_frames), d))   # T x d
         if fusion == "language":
             self.q = nn.Parameter(torch.zeros(d))                           # shared learnable query token
             nn.init.trunc_normal_(self.q, std=0.02)

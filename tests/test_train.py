@@ -12,6 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import data
+import flow_warp_triton as fw
 import slvp
 import train
 
@@ -113,3 +115,46 @@ def test_clear_errors(tmp_path):
     assert ok.returncode == 0, ok.stderr
     r = run(["--mode", "pretrain", "--steps", "2", *FAST, "--out", str(tmp_path / "r"), "--resume", "--fusion", "language"])
     assert r.returncode != 0 and "checkpoint of another config" in r.stderr
+
+
+def test_flow_diagnostics_on_hand_made_flows(spm_model, monkeypatch):
+    """evaluate_flow on flows made by hand: the zero flow scores the zero-flow values, the true flow scores 0 and the
+    true flow's photometric loss, the true flow shifted by (0.6, -0.8) px scores an end-point error of exactly 1.
+    The reference values are computed here from the clips themselves."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the warp's torch path (the kernels have their own tests)
+    cfg = slvp.SLVPConfig.tiny()
+    n = 6
+    ds = data.build_dataset("synthetic", None, "pretrain_val", cfg, train=False, size=n)
+    true = torch.stack([ds[i]["flow"] for i in range(n)])                   # [n, T, 2, H, W]
+    frames = torch.stack([ds[i]["frames"] for i in range(n)])
+    speed = true[:, 1:].norm(dim=2)
+    moving = speed > 0.5
+    assert 0 < moving.float().mean() < 1                                 # some pixels move, some do not
+
+    class Fixed(torch.nn.Module):  # a "model" whose flow is given by hand, clip by clip in dataset order
+        def __init__(self, flows):
+            super().__init__()
+            self.cfg, self.flows, self.seen = cfg, flows, 0
+
+        def flow(self, frames, ids, mask):
+            out = self.flows[self.seen:self.seen + len(frames)]
+            self.seen += len(frames)
+            return out
+    tok = slvp.Tokenizer(spm_model)
+    photo = lambda f: sum(((fw.flow_warp_reference(frames[b:b + 1, :1].expand(1, 3, -1, -1, -1).flatten(0, 1),
+                                                   f[b, 1:]) - frames[b, 1:]) ** 2).mean().item() for b in range(n)) / n
+    zero = train.evaluate_flow(Fixed(torch.zeros_like(true)), tok, n, "cpu")
+    assert zero["epe"] == pytest.approx(zero["epe_zero_flow"]) and zero["epe_zero_flow"] == pytest.approx(speed.mean().item(), rel=1e-6)
+    assert zero["epe_moving"] == pytest.approx(zero["epe_moving_zero_flow"])
+    assert zero["epe_moving_zero_flow"] == pytest.approx(speed[moving].mean().item(), rel=1e-6)
+    assert zero["photo"] == pytest.approx(zero["photo_zero_flow"]) == pytest.approx(photo(torch.zeros_like(true)), rel=1e-5)
+    exact = train.evaluate_flow(Fixed(true.clone()), tok, n, "cpu")
+    assert exact["epe"] == 0 and exact["epe_moving"] == 0
+    assert exact["photo"] == pytest.approx(exact["photo_true_flow"]) == pytest.approx(photo(true), rel=1e-5)
+    assert exact["photo_true_flow"] < 0.6 * exact["photo_zero_flow"]
+    shifted = true.clone()
+    shifted[:, :, 0] += 0.6
+    shifted[:, :, 1] -= 0.8
+    off = train.evaluate_flow(Fixed(shifted), tok, n, "cpu")
+    assert off["epe"] == pytest.approx(1.0, abs=1e-5) and off["epe_moving"] == pytest.approx(1.0, abs=1e-5)
+    assert off["photo"] > exact["photo"]
