@@ -36,8 +36,9 @@ def parse_args(argv=None):
                    help="pretrain: flow head and photometric loss; finetune: box and mask heads on R-VOS data")
     p.add_argument("--fusion", choices=["vision", "language"], default=None,
                    help="vision as query (Eq. (2), the default) or language as query (Eq. (8)); --init fixes it")
-    p.add_argument("--config", choices=["tiny", "paper"], default="tiny",
-                   help="tiny: CPU-sized; paper: 360x648, p=18, T=4, L=64, T5-base + ViT-B + 8-layer decoder")
+    p.add_argument("--config", choices=["tiny", "small", "paper"], default="tiny",
+                   help="tiny: CPU-sized; small: tiny with a 4-layer, 128-wide decoder, which learns the synthetic "
+                        "motion; paper: 360x648, p=18, T=4, L=64, T5-base + ViT-B + 8-layer decoder")
     p.add_argument("--data", nargs="+", default=["synthetic"],
                    help="datasets (synthetic, smit, ytvos, davis17, refcoco, visor); several train jointly")
     p.add_argument("--data-root", nargs="+", default=None, help="one root folder per --data entry except synthetic")
@@ -284,7 +285,7 @@ def read_batches(loader):
 
 
 def build_model(args, tokenizer):
-    cfg = slvp.SLVPConfig.tiny() if args.config == "tiny" else slvp.SLVPConfig.paper()
+    cfg = getattr(slvp.SLVPConfig, args.config)()
     text = vision = None
     if args.t5:
         text = slvp.load_t5(args.t5)
@@ -388,7 +389,7 @@ def main(argv=None):
 
     try:
         state = read_resume(args.out / "resume.pt") if args.resume else None
-        probe_cfg = slvp.SLVPConfig.tiny() if args.config == "tiny" else slvp.SLVPConfig.paper()
+        probe_cfg = getattr(slvp.SLVPConfig, args.config)()
         sets = build_training_data(args, probe_cfg)
         spm = Path(args.spm) if args.spm else next((Path(c).parent / "spm.model" for c in (args.init, args.encoders)
                                                     if c and (Path(c).parent / "spm.model").is_file()), None)
