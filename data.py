@@ -339,7 +339,7 @@ def make_scene(rng, H, W, T):
     kind in another colour, or of the same colour and kind moving another way, or of the same colour, another
     kind. Objects may start near an edge and leave the frame, and may pass behind one another."""
     m = min(H, W)
-    vmax = max(1, round(0.04 * m))                                      # px per frame
+    vmax = max(3, round(0.04 * m))  # px per frame; at least 3, or Eq. (1) in small frames is met without motion (README)
 
     def new_object(kind=None, color=None, size=None, vel=None):
         size = size or str(rng.choice(list(SIZES)))

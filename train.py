@@ -37,8 +37,8 @@ def parse_args(argv=None):
     p.add_argument("--fusion", choices=["vision", "language"], default=None,
                    help="vision as query (Eq. (2), the default) or language as query (Eq. (8)); --init fixes it")
     p.add_argument("--config", choices=["tiny", "small", "paper"], default="tiny",
-                   help="tiny: CPU-sized; small: tiny with a 4-layer, 128-wide decoder, which learns the synthetic "
-                        "motion; paper: 360x648, p=18, T=4, L=64, T5-base + ViT-B + 8-layer decoder")
+                   help="tiny: CPU-sized, 32x48 frames; small: tiny at 64x96 frames; "
+                        "paper: 360x648, p=18, T=4, L=64, T5-base + ViT-B + 8-layer decoder")
     p.add_argument("--data", nargs="+", default=["synthetic"],
                    help="datasets (synthetic, smit, ytvos, davis17, refcoco, visor); several train jointly")
     p.add_argument("--data-root", nargs="+", default=None, help="one root folder per --data entry except synthetic")
@@ -55,9 +55,11 @@ def parse_args(argv=None):
                    help="freeze the text encoder (default: yes, as the paper in both stages)")
     p.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=None,
                    help="freeze the vision encoder (default: yes in pre-training, no in finetuning)")
-    p.add_argument("--steps", type=positive, default=1000, help="optimizer steps")
+    p.add_argument("--steps", type=positive, default=None,
+                   help="optimizer steps (default: 4500 in pretrain, where the tiny run learns the flow; 1000 in finetune)")
     p.add_argument("--batch-size", type=positive, default=8, help="global batch size (clips), split over processes")
-    p.add_argument("--lr", type=data.number(float, 0, strict=True), default=5e-4, help="peak learning rate (AdamW)")
+    p.add_argument("--lr", type=data.number(float, 0, strict=True), default=None,
+                   help="peak learning rate of AdamW (default: 1e-3 in pretrain, 5e-4 in finetune)")
     p.add_argument("--weight-decay", type=data.number(float, 0), default=0.05, help="AdamW weight decay on matrices")
     p.add_argument("--warmup", type=natural, default=None, help="linear warm-up steps (default: 5%% of --steps)")
     p.add_argument("--grad-clip", type=data.number(float, 0, strict=True), default=1.0, help="gradient norm clipping")
@@ -75,6 +77,9 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     args = p.parse_args(argv)
     args.out = Path(args.out or f"out/{args.mode}")
+    pretrain = args.mode == "pretrain"
+    args.steps = args.steps or (4500 if pretrain else 1000)
+    args.lr = args.lr or (1e-3 if pretrain else 5e-4)
     if args.data_root is not None and len(args.data_root) != len([d for d in args.data if d != "synthetic"]):
         p.error("give one --data-root per non-synthetic --data entry, in the same order")
     if any(d != "synthetic" for d in args.data) and args.data_root is None:

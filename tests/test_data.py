@@ -710,7 +710,7 @@ def test_inspector_prints_what_it_found_and_writes_a_sheet(tmp_path, capsys):
     out = data.main(["--out", str(tmp_path / "synthetic.png")])   # no name, no root: the synthetic world
     printed = capsys.readouterr().out
     assert printed.startswith("synthetic train\nlayout: generated, no files")
-    assert "\nfound: 256 clips, 1024 frames\nitems: 256 clips of 4 frames at 64x96\n" in printed and out.is_file()
+    assert "\nfound: 256 clips, 1024 frames\nitems: 256 clips of 4 frames at 32x48\n" in printed and out.is_file()
     with pytest.raises(SystemExit, match=r"nowhere not found: expected the Ref-DAVIS17 root"):
         data.main(["davis17", "--data-root", str(tmp_path / "nowhere")])
     (root / "DAVIS/ImageSets/2017/val.txt").unlink()

@@ -117,8 +117,9 @@ def test_paper_config_trains_a_step_on_the_cpu(mode, spm_model, monkeypatch):
 @pytest.mark.parametrize("task", ["pretrain", "rvos"])
 def test_model_compiles_without_graph_breaks(fusion, task):
     import torch._dynamo
-    model = slvp.SLVP(slvp.SLVPConfig.tiny(), fusion, task)
+    cfg = slvp.SLVPConfig.tiny()
+    model = slvp.SLVP(cfg, fusion, task)
     ids, mask = torch.randint(3, 100, (2, 9)), torch.ones(2, 9, dtype=torch.bool)
     mask[1, 5:] = False
-    explain = torch._dynamo.explain(model)(torch.rand(2, 4, 3, 64, 96), ids, mask)
+    explain = torch._dynamo.explain(model)(torch.rand(2, 4, 3, *cfg.frame_size), ids, mask)
     assert explain.graph_count == 1 and explain.graph_break_count == 0, explain.break_reasons

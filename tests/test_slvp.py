@@ -232,7 +232,7 @@ def test_fusion_shapes_gradients_and_padding(fusion):
     model = slvp.SLVP(cfg, fusion)
     torch.nn.init.normal_(model.flow_head.weight, std=0.02)  # the zero init would hide the decoder's gradient
     loss, flow = model.pretrain_loss(frames, ids, mask)
-    assert flow.shape == (2, 4, 2, 64, 96) and loss.ndim == 0
+    assert flow.shape == (2, 4, 2, *cfg.frame_size) and loss.ndim == 0
     loss.backward()
     assert model.decoder.layers[0].self_attn.q.weight.grad.abs().sum() > 0
     assert model.E_pos.grad.abs().sum() > 0 and model.text_proj.weight.grad.abs().sum() > 0
@@ -253,11 +253,11 @@ def test_fusion_shapes_gradients_and_padding(fusion):
 
     rvos = slvp.SLVP(cfg, fusion, task="rvos")
     out = rvos(frames, ids, mask)
-    assert out["boxes"].shape == (2, 4, 4) and out["masks"].shape == (2, 4, 64, 96)
+    assert out["boxes"].shape == (2, 4, 4) and out["masks"].shape == (2, 4, *cfg.frame_size)
     b = out["boxes"]
     assert ((b >= 0) & (b <= 1)).all() and (b[..., 2] >= b[..., 0]).all() and (b[..., 3] >= b[..., 1]).all()
     gt_boxes = torch.tensor([0.1, 0.2, 0.5, 0.6]).expand(2, 4, 4)
-    loss, parts = rvos.rvos_loss(out, gt_boxes, torch.rand(2, 4, 64, 96) > 0.5, torch.ones(2, 4, dtype=torch.bool))
+    loss, parts = rvos.rvos_loss(out, gt_boxes, torch.rand(2, 4, *cfg.frame_size) > 0.5, torch.ones(2, 4, dtype=torch.bool))
     loss.backward()
     assert rvos.box_head.weight.grad.abs().sum() > 0 and rvos.mask_head.weight.grad.abs().sum() > 0
     assert rvos.vision.patch_embed.weight.grad.abs().sum() > 0       # transfer trains the vision encoder

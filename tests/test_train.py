@@ -1,6 +1,7 @@
 """train.py: FLOP count against torch's counter, exact resume after SIGKILL, a NaN stops the run and keeps the
 last checkpoint, two gloo processes equal one process with the same global batch, clear errors."""
 import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -31,7 +32,7 @@ def test_flop_count_matches_torch_flop_counter(fusion, task):
     from torch.utils.flop_counter import FlopCounterMode
     cfg = dataclasses.replace(slvp.SLVPConfig.tiny(), t5_gated=(task == "rvos"))
     model = slvp.SLVP(cfg, fusion, task=task).eval()
-    frames, ids, mask = torch.rand(2, 4, 3, 64, 96), torch.randint(3, 100, (2, 9)), torch.ones(2, 9, dtype=torch.bool)
+    frames, ids, mask = torch.rand(2, 4, 3, *cfg.frame_size), torch.randint(3, 100, (2, 9)), torch.ones(2, 9, dtype=torch.bool)
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH), torch.no_grad():
         model(frames, ids, mask)                            # the math backend makes attention visible as bmm
     ours = sum(train.forward_flops(cfg, fusion, task, 2, 9).values())
@@ -158,3 +159,21 @@ def test_flow_diagnostics_on_hand_made_flows(spm_model, monkeypatch):
     off = train.evaluate_flow(Fixed(shifted), tok, n, "cpu")
     assert off["epe"] == pytest.approx(1.0, abs=1e-5) and off["epe_moving"] == pytest.approx(1.0, abs=1e-5)
     assert off["photo"] > exact["photo"]
+
+
+def test_short_pretraining_learns_motion(tmp_path, spm_model):
+    """Eq. (1) alone teaches the tiny decoder the synthetic motion: 3000 steps of `train.py --mode pretrain` (2.5
+    minutes on 2 cores; the onset comes at step 2000-2500, README "How the miniature learns flow") end below the
+    zero flow's end-point error on moving pixels by more than 10% (measured: 2.447 against 2.912, 0.84x) and over
+    all pixels, with the photometric loss below the zero flow's. A model that only blurs, as every run does before
+    the onset, stays at or above the zero flow on moving pixels."""
+    out = tmp_path / "pre"
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--mode", "pretrain", "--steps", "3000",
+                        "--eval-every", "3000", "--ckpt-every", "3000", "--log-every", "500", "--spm", str(spm_model),
+                        "--out", str(out)], env={**ENV, "OMP_NUM_THREADS": "2"}, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    final = [json.loads(line) for line in open(out / "log.jsonl")][-1]
+    assert final["kind"] == "eval" and final["step"] == 3000
+    assert final["epe_moving"] < 0.9 * final["epe_moving_zero_flow"], final
+    assert final["epe"] < final["epe_zero_flow"], final
+    assert final["photo"] < final["photo_zero_flow"], final
