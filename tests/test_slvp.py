@@ -348,7 +348,7 @@ def test_checkpoint_errors_name_the_tensor(tmp_path):
     with pytest.raises(ValueError) as e:
         slvp.load_checkpoint(tmp_path / "bad.safetensors")
     assert "missing: decoder.layers.1.fc1.bias" in str(e.value)
-    assert "mis-shaped: E_tem: checkpoint (5, 64) vs model (4, 64)" in str(e.value)
+    assert "mis-shaped: E_tem: checkpoint (5, 128) vs model (4, 128)" in str(e.value)   # tiny: d = 128
     slvp.save_checkpoint(tmp_path / "r.safetensors", slvp.SLVP(cfg, task="rvos"))
     with pytest.raises(ValueError, match="no flow head"):
         slvp.load_checkpoint(tmp_path / "r.safetensors", task="pretrain")
