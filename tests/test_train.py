@@ -42,8 +42,8 @@ def test_flop_count_matches_torch_flop_counter(fusion, task):
     assert train.train_flops(model, 2, 9) == f["vision"] * (3 - 2 * model.freeze_vision) + f["text"] + 3 * f["decoder"]
 
 
-def run(args, **kw):
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], env=ENV, cwd=ROOT, capture_output=True,
+def run(args, env=ENV, **kw):
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], env=env, cwd=ROOT, capture_output=True,
                           text=True, **kw)
 
 
@@ -168,9 +168,8 @@ def test_short_pretraining_learns_motion(tmp_path, spm_model):
     all pixels, with the photometric loss below the zero flow's. A model that only blurs, as every run does before
     the onset, stays at or above the zero flow on moving pixels."""
     out = tmp_path / "pre"
-    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--mode", "pretrain", "--steps", "3000",
-                        "--eval-every", "3000", "--ckpt-every", "3000", "--log-every", "500", "--spm", str(spm_model),
-                        "--out", str(out)], env={**ENV, "OMP_NUM_THREADS": "2"}, capture_output=True, text=True)
+    r = run(["--mode", "pretrain", "--steps", "3000", "--eval-every", "3000", "--ckpt-every", "3000", "--log-every", "500",
+             "--spm", str(spm_model), "--out", str(out)], env={**ENV, "OMP_NUM_THREADS": "2"})
     assert r.returncode == 0, r.stderr
     final = [json.loads(line) for line in open(out / "log.jsonl")][-1]
     assert final["kind"] == "eval" and final["step"] == 3000
