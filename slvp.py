@@ -548,13 +548,25 @@ class SLVP(nn.Module):
         self.vision_proj = nn.Linear(cfg.vit_dim, d) if cfg.vit_dim != d else nn.Identity()
         # learnable (Eq. (2)); initialized as sin-cos of the patch row and column (E_pos) and of the frame index
         # (E_tem), as in MAE, so that attention can tell positions apart from the first step (README, "How the
-        # miniature learns flow")
+        # miniature learns flow"); language as query re-initializes them below
         self.E_pos = nn.Parameter(sincos_2d(*cfg.grid, d))                  # N x d
         self.E_tem = nn.Parameter(sincos_1d(torch.arange(cfg.num_frames), d))   # T x d
+        self.decoder = Decoder(cfg)
         if fusion == "language":
             self.q = nn.Parameter(torch.zeros(d))                           # shared learnable query token
             nn.init.trunc_normal_(self.q, std=0.02)
-        self.decoder = Decoder(cfg)
+            # q^ holds no content: it finds its patch in f_v by position alone (Eq. (8)), which the sin-cos grid,
+            # nearly flat over a few patches, cannot do by a dot product. So here E_pos and E_tem start as
+            # Gaussian codes (nearly orthogonal) and the first cross-attention with k = q, scaled 4x, so that
+            # q^ + E_pos + E_tem reads its own patch of f_v from the first step (README, "How the miniature learns
+            # flow": without it, language as query learned no flow)
+            nn.init.normal_(self.E_pos)
+            nn.init.normal_(self.E_tem)
+            read = self.decoder.layers[0].cross_attn
+            with torch.no_grad():
+                read.q.weight.mul_(4)
+                read.q.bias.mul_(4)
+                read.k.load_state_dict(read.q.state_dict())
         if task == "pretrain":
             self.flow_head = nn.Linear(d, p * p * 2)                        # Eq. (3)
             nn.init.zeros_(self.flow_head.weight)                           # start from the zero flow (identity warp)

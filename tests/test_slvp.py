@@ -264,6 +264,34 @@ def test_fusion_shapes_gradients_and_padding(fusion):
     assert all(p.grad is None for p in rvos.text.parameters())       # and freezes the text encoder (Table 2)
 
 
+def test_language_query_reads_its_own_patch_at_init():
+    """Language as query: at initialization the first cross-attention of each q^ + E_pos + E_tem token already
+    puts most of its weight on its own patch of f_v (softmax(q k^T / sqrt(d_head)) worked out from the layer's
+    inputs); with the sin-cos grid of vision as query in place of the Gaussian codes it stays near uniform."""
+    cfg, frames, ids, mask = tiny_batch()
+    TN = cfg.num_frames * cfg.num_patches
+
+    def own_patch_weight(model):
+        read, got = model.decoder.layers[0].cross_attn, {}
+        hook = read.register_forward_hook(lambda m, args, out: got.update(x=args[0], memory=args[1]))
+        with torch.no_grad():
+            model.flow(frames, ids, mask)
+            hook.remove()
+            q = read.q(got["x"][:, -TN:]).unflatten(-1, (cfg.dec_heads, -1)).transpose(1, 2)   # [B, h, T*N, d/h]
+            k = read.k(got["memory"]).unflatten(-1, (cfg.dec_heads, -1)).transpose(1, 2)      # [B, h, T*N, d/h]
+            attn = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(-1)
+        return attn.diagonal(dim1=-2, dim2=-1).mean().item()
+
+    torch.manual_seed(0)
+    model = slvp.SLVP(cfg, "language").eval()
+    assert torch.equal(model.decoder.layers[0].cross_attn.k.weight, model.decoder.layers[0].cross_attn.q.weight)
+    assert own_patch_weight(model) > 30 / TN                   # measured 0.50-0.54 over 4 seeds; uniform is 1/96
+    with torch.no_grad():
+        model.E_pos.copy_(slvp.sincos_2d(*cfg.grid, cfg.dec_dim))
+        model.E_tem.copy_(slvp.sincos_1d(torch.arange(cfg.num_frames), cfg.dec_dim))
+    assert own_patch_weight(model) < 5 / TN                    # measured 0.025-0.033
+
+
 # ---------------------------------------------------------------------------------------------- losses
 
 def test_giou_hand_worked():
