@@ -497,12 +497,13 @@ def main(argv=None):
                 log.flush()
                 t_last, steps_since = time.time(), 0
             if main_proc and (step % args.eval_every == 0 or step == args.steps):
+                t_eval = time.time()
                 scores = evaluate()
                 raw.train()
                 print("eval " + " | ".join(f"{k} {v:.4f}" for k, v in scores.items()), flush=True)
                 log.write(json.dumps({"kind": "eval", "step": step, **scores}) + "\n")
                 log.flush()
-                t_last = time.time()
+                t_last += time.time() - t_eval                              # it/s counts training time only
             if main_proc and (step % args.ckpt_every == 0 or step == args.steps):
                 save_all(args, raw, opt, sched, step, epoch if batch_idx < n_batches else epoch + 1,
                          batch_idx if batch_idx < n_batches else 0)

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -159,6 +160,30 @@ def test_flow_diagnostics_on_hand_made_flows(spm_model, monkeypatch):
     off = train.evaluate_flow(Fixed(shifted), tok, n, "cpu")
     assert off["epe"] == pytest.approx(1.0, abs=1e-5) and off["epe_moving"] == pytest.approx(1.0, abs=1e-5)
     assert off["photo"] > exact["photo"]
+
+
+def test_throughput_counts_training_time_only(tmp_path, spm_model, monkeypatch):
+    """it_per_s in log.jsonl: steps over the training time since the last log line. With a clock that advances 0.1 s
+    a step and 10 s an evaluation, every line must read 10 it/s, also where evaluations fall between log lines
+    (evaluation every 2 steps, a log line every 3)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the warp's torch path (the kernels have their own tests)
+    clock = [0.0]
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(time=lambda: clock[0]))
+    step, evaluate = train.optimizer_step, train.evaluate_flow
+
+    def timed_step(*a):
+        step(*a)
+        clock[0] += 0.1
+
+    def timed_evaluate(*a, **k):
+        clock[0] += 10.0
+        return evaluate(*a, **k)
+    monkeypatch.setattr(train, "optimizer_step", timed_step)
+    monkeypatch.setattr(train, "evaluate_flow", timed_evaluate)
+    train.main(["--mode", "pretrain", "--steps", "6", "--log-every", "3", "--eval-every", "2", "--batch-size", "2",
+                "--workers", "0", "--eval-clips", "2", "--spm", str(spm_model), "--out", str(tmp_path / "t")])
+    rates = [r["it_per_s"] for r in map(json.loads, open(tmp_path / "t" / "log.jsonl")) if r["kind"] == "train"]
+    assert rates == pytest.approx([10.0, 10.0])
 
 
 def test_short_pretraining_learns_motion(tmp_path, spm_model):
