@@ -116,13 +116,13 @@ def boxes_from_masks(masks):
     """Bool[T, H, W] -> boxes Float[T, 4] normalized (x1, y1, x2, y2) of the mask's pixels (x2, y2 exclusive),
     zeros where empty, and valid Bool[T] = the object is visible."""
     T, H, W = masks.shape
-    valid = masks.flatten(1).any(1)
-    boxes = torch.zeros(T, 4)
-    for t in torch.nonzero(valid).flatten().tolist():
-        ys = torch.nonzero(masks[t].any(1)).flatten()
-        xs = torch.nonzero(masks[t].any(0)).flatten()
-        boxes[t] = torch.tensor([xs[0] / W, ys[0] / H, (xs[-1] + 1) / W, (ys[-1] + 1) / H])
-    return boxes, valid
+    rows, cols = masks.any(2), masks.any(1)                             # [T, H], [T, W]
+    valid = rows.any(1)
+    first = lambda m: m.byte().argmax(1)                                # index of the first True (0 if none)
+    x1, y1 = first(cols), first(rows)
+    x2, y2 = W - first(cols.flip(1)), H - first(rows.flip(1))           # one past the last True
+    boxes = torch.stack([x1 / W, y1 / H, x2 / W, y2 / H], 1)
+    return torch.where(valid[:, None], boxes, 0.0), valid
 
 
 def need(path, what):
@@ -309,28 +309,30 @@ def _inside(kind, dx, dy, r):
 def render_scene(scene, H, W, T):
     """Frames Float[T,3,H,W], owner map Long[T,H,W] (0 background, k object k-1 drawn k-th), and the true flow
     Float[T,2,H,W] from each frame into frame 1. Every position and velocity is a whole number of pixels, so the
-    flow is exact: frame_i(p) = frame_1(p + flow_i(p)) wherever the same surface is visible in both."""
+    flow is exact: frame_i(p) = frame_1(p + flow_i(p)) wherever the same surface is visible in both. All T frames
+    are drawn at once."""
     ys, xs = np.mgrid[0:H, 0:W].astype(np.float32)
+    t = np.arange(T)[:, None, None]                                     # [T, 1, 1], whole frames
+    shift = lambda v: (v * t).astype(np.float32)                        # v px a frame, exact in float32
+    bg, pan = scene["background"], scene["pan"]
+    tx, ty = xs - shift(pan[0]), ys - shift(pan[1])                     # background texture coordinates, [T, H, W]
     frames = np.zeros((T, 3, H, W), np.float32)
+    for (fx, fy, ph, col) in bg:                                        # waves of several scales and directions
+        frames += np.asarray(col, np.float32)[:, None, None] * (0.5 + 0.5 * np.sin(fx * tx + fy * ty + ph))[:, None]
     owner = np.zeros((T, H, W), np.int64)
     flow = np.zeros((T, 2, H, W), np.float32)
-    bg, pan = scene["background"], scene["pan"]
-    for t in range(T):
-        tx, ty = xs - pan[0] * t, ys - pan[1] * t                       # background texture coordinates
-        img = np.full((3, H, W), 0.0, np.float32)
-        for (fx, fy, ph, col) in bg:                                    # waves of several scales and directions
-            img += np.asarray(col, np.float32)[:, None, None] * (0.5 + 0.5 * np.sin(fx * tx + fy * ty + ph))
-        flow[t, 0], flow[t, 1] = -pan[0] * t, -pan[1] * t
-        for k, ob in enumerate(scene["objects"], start=1):
-            cx, cy = ob["pos"][0] + ob["vel"][0] * t, ob["pos"][1] + ob["vel"][1] * t
-            dx, dy = xs - cx, ys - cy
-            inside = _inside(ob["kind"], dx, dy, ob["r"])
-            fx, fy, ph = ob["texture"]                                  # a 2-D pattern: no aperture problem
-            shade = 0.6 + 0.4 * np.sin(fx * dx + fy * dy + ph) * np.sin(fy * dx - fx * dy + 2 * ph)
-            img[:, inside] = (np.asarray(COLORS[ob["color"]], np.float32)[:, None] * shade[inside])
-            owner[t][inside] = k
-            flow[t, 0][inside], flow[t, 1][inside] = -ob["vel"][0] * t, -ob["vel"][1] * t
-        frames[t] = img
+    flow[:, 0], flow[:, 1] = -pan[0] * t, -pan[1] * t
+    for k, ob in enumerate(scene["objects"], start=1):
+        (x, y), (vx, vy) = ob["pos"], ob["vel"]
+        dx, dy = xs - (x + shift(vx)), ys - (y + shift(vy))             # from the object's centre, [T, H, W]
+        inside = _inside(ob["kind"], dx, dy, ob["r"])
+        dx, dy = dx[inside], dy[inside]
+        fx, fy, ph = ob["texture"]                                      # a 2-D pattern: no aperture problem
+        shade = 0.6 + 0.4 * np.sin(fx * dx + fy * dy + ph) * np.sin(fy * dx - fx * dy + 2 * ph)
+        frames.transpose(0, 2, 3, 1)[inside] = shade[:, None] * np.asarray(COLORS[ob["color"]], np.float32)
+        owner[inside] = k
+        frame = inside.nonzero()[0]                                     # the frame of each pixel inside
+        flow[:, 0][inside], flow[:, 1][inside] = -vx * frame, -vy * frame
     return torch.from_numpy(frames.clip(0, 1)), torch.from_numpy(owner), torch.from_numpy(flow)
 
 
