@@ -48,7 +48,8 @@ def test_cpu_adamw_gives_the_for_loop_numbers():
     numbers bit for bit, so every run measured before it came gives the same weights."""
     torch.manual_seed(0)
     model = slvp.SLVP(slvp.SLVPConfig.tiny(), "vision", "pretrain")
-    params, opt, sched = train.build_optimizer(model, types.SimpleNamespace(lr=1e-3, weight_decay=0.05, warmup=2, steps=6))
+    args = types.SimpleNamespace(lr=1e-3, weight_decay=0.05, warmup=2, steps=6)
+    params, opt, sched = train.build_optimizer(model, args)
     assert opt.defaults["foreach"] and not opt.defaults["fused"]
     twins = [p.detach().clone().requires_grad_() for p in params]
     start = [p.detach().clone() for p in params]
