@@ -85,6 +85,7 @@ def parse_args(argv=None):
     pretrain = args.mode == "pretrain"
     args.steps = args.steps or (4500 if pretrain else 1000)
     args.lr = args.lr or (1e-3 if pretrain else 5e-4)
+    args.workers = int(torch.cuda.is_available()) if args.workers is None else args.workers
     if args.data_root is not None and len(args.data_root) != len([d for d in args.data if d != "synthetic"]):
         p.error("give one --data-root per non-synthetic --data entry, in the same order")
     if any(d != "synthetic" for d in args.data) and args.data_root is None:
@@ -397,7 +398,6 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     cuda = device.startswith("cuda")
-    workers = args.workers if args.workers is not None else int(cuda)
 
     try:
         state = read_resume(args.out / "resume.pt") if args.resume else None
@@ -477,7 +477,7 @@ def main(argv=None):
             s.set_epoch(epoch)
         batches = epoch_batches(len(train_set), args.batch_size, args.seed, epoch, rank, world)[batch_idx:]
         loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches, collate_fn=collate,
-                                             num_workers=workers, pin_memory=cuda)
+                                             num_workers=args.workers, pin_memory=cuda)
         for batch in read_batches(loader):
             loss, parts = stage_loss(model, raw, batch, device)
             if not torch.isfinite(loss):
