@@ -180,9 +180,11 @@ def evaluate_objects(gt, pred, void=None, match=True, max_proposals=20):
         raise ValueError(f"{len(pred)} predicted ids: more than the {max_proposals} proposals the protocol allows")
     if len(pred) < len(gt):
         pred = np.concatenate([pred, np.zeros((len(gt) - len(pred), *pred.shape[1:]), bool)])
+    if not match and len(pred) > len(gt):
+        raise ValueError(f"predictions use id {len(pred)}, above the {len(gt)} objects of the sequence")
+    if len(gt) == 0:                                 # no object in the first frame: nothing to score
+        return np.zeros((0, gt.shape[1])), np.zeros((0, gt.shape[1]))
     if not match:
-        if len(pred) > len(gt):
-            raise ValueError(f"predictions use id {len(pred)}, above the {len(gt)} objects of the sequence")
         Jm = np.stack([db_eval_iou(g, p, void) for g, p in zip(gt, pred)])
         bg = [boundaries(g, void) for g in gt]
         Fm = np.stack([f_from_boundaries(*boundaries(p, void), *b) for p, b in zip(pred, bg)])
@@ -199,9 +201,9 @@ def evaluate_objects(gt, pred, void=None, match=True, max_proposals=20):
 # DAVIS-style folders: ground truth, predictions, the official tables
 # ----------------------------------------------------------------------------------------------------------
 
-def split_ids(frames):
-    """Int[T, H, W] -> Bool[n, T, H, W], one mask per id 1..n (n = the largest id)."""
-    n = int(frames.max())
+def split_ids(frames, n=None):
+    """Int[T, H, W] -> Bool[n, T, H, W], one mask per id 1..n (default n: the largest id in any frame)."""
+    n = int(frames.max()) if n is None else n
     return frames[None] == np.arange(1, n + 1)[:, None, None, None]
 
 
@@ -226,7 +228,9 @@ def evaluate_davis(gt_dir, sequences, pred_dir, match=True, progress=True):
             if preds[-1].shape != gt.shape[1:]:
                 raise ValueError(f"{p}: size {preds[-1].shape[::-1]} differs from the ground truth's {gt.shape[:0:-1]}")
         pred = np.stack(preds)
-        j, f = evaluate_objects(split_ids(gt), split_ids(pred), void, match=match)
+        # the objects are the ids of the first annotated frame, as the official evaluator counts them (an id that
+        # appears only later is not scored); the predicted ids are those of any frame
+        j, f = evaluate_objects(split_ids(gt, int(gt[0].max())), split_ids(pred), void, match=match)
         for k in range(len(j)):
             jm, jr, jd = db_statistics(j[k])
             fm, fr, fd = db_statistics(f[k])

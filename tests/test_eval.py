@@ -119,6 +119,27 @@ def test_predictions_path_on_a_generated_davis_tree(tmp_path):
                    ["b_1", "0.000", "0.000"]]
 
 
+def test_objects_are_the_ids_of_the_first_frame(tmp_path):
+    """As the official evaluator (davis2017/davis.py: num_objects = the largest id of the first frame): in sequence a
+    object 2 appears from frame 2 on and is not scored, so the exact object 1 alone gives J = F = 1 (counting object 2,
+    left unpredicted, would give 0.75 and 0.75); sequence b has no object in its first frame and adds no row."""
+    davis, pred = tmp_path / "DAVIS", tmp_path / "pred"
+    for t in range(4):
+        gt = square().astype(np.uint8)
+        if t >= 2:
+            gt[square(y=60, x=60)] = 2
+        write_ids(davis / f"Annotations_unsupervised/480p/a/{t:05d}.png", gt)
+        write_ids(pred / f"a/{t:05d}.png", square().astype(np.uint8))
+        write_ids(davis / f"Annotations_unsupervised/480p/b/{t:05d}.png", (square() * (t > 0)).astype(np.uint8))
+        write_ids(pred / f"b/{t:05d}.png", np.zeros((100, 100), np.uint8))
+    (davis / "ImageSets/2017").mkdir(parents=True)
+    (davis / "ImageSets/2017/val.txt").write_text("a\nb\n")
+    g = ev.main(["--bench", "davis17", "--davis-root", str(davis), "--predictions", str(pred)])
+    assert g["J-Mean"] == 1 and g["F-Mean"] == 1
+    per = list(csv.reader(open(pred / "per-sequence_results-val.csv")))
+    assert per == [["Sequence", "J-Mean", "F-Mean"], ["a_1", "1.000", "1.000"]]
+
+
 def test_predictions_errors_name_the_file(tmp_path):
     davis, pred = tmp_path / "DAVIS", tmp_path / "pred"
     write_ids(davis / "Annotations_unsupervised/480p/a/00000.png", square().astype(np.uint8))
