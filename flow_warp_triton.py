@@ -171,12 +171,11 @@ if triton is not None:
             v00, v01, v10, v11 = _gather(img, x0, y0, si_h, si_w, m00, m01, m10, m11)
             val = (1 - ay) * ((1 - ax) * v00 + ax * v01) + ay * ((1 - ax) * v10 + ax * v11)
             r = val - tl.load(tgt, mask=inside, other=0.0).to(tl.float32)
-            if HAS_MASK:
-                r *= tl.load(msk, mask=inside, other=0.0).to(tl.float32)
-            sq += r * r
+            mr = r * tl.load(msk, mask=inside, other=0.0).to(tl.float32) if HAS_MASK else r   # weight m: m r^2
+            sq += mr * r
             if FLOW_GRAD:
-                gu += 2 * r * ((1 - ay) * (v01 - v00) + ay * (v11 - v10))
-                gv += 2 * r * ((1 - ax) * (v10 - v00) + ax * (v11 - v01))
+                gu += 2 * mr * ((1 - ay) * (v01 - v00) + ay * (v11 - v10))
+                gv += 2 * mr * ((1 - ax) * (v10 - v00) + ax * (v11 - v01))
             img += si_c
             tgt += st_c
             msk += sm_c
@@ -289,7 +288,8 @@ def flow_warp(image, flow):
 
 def photometric_loss(image, flow, target, mask=None):
     """Eq. (1): mean of (flow_warp(image, flow) - target)^2 over all elements, or over those where mask (0/1,
-    broadcastable to [B,C,H,W], e.g. [B,1,H,W]) is 1. A float32 scalar; only flow gets a gradient."""
+    broadcastable to [B,C,H,W], e.g. [B,1,H,W]) is 1; a mask of other weights gives the mean weighted by them.
+    A float32 scalar; only flow gets a gradient."""
     _check(image, flow)
     if target.shape != image.shape:
         raise ValueError(f"target {tuple(target.shape)} must have the image's shape {tuple(image.shape)}")

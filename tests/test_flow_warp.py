@@ -69,13 +69,14 @@ def test_warp_forward_and_backward_match_grid_sample(C, H, W, B):
     assert torch.equal(gf2, gf)
 
 
-@pytest.mark.parametrize("mask_kind", [None, "pixel", "element"])
+@pytest.mark.parametrize("mask_kind", [None, "pixel", "element", "weight"])
 def test_fused_loss_and_flow_gradient(mask_kind):
     image, flow, target = make(seed=5)
     g = torch.Generator().manual_seed(9)
     mask = {None: None,
             "pixel": (torch.rand(2, 1, 37, 53, generator=g) > 0.3).float(),      # read with channel stride 0
-            "element": torch.rand(2, 3, 37, 53, generator=g) > 0.5}[mask_kind]
+            "element": torch.rand(2, 3, 37, 53, generator=g) > 0.5,
+            "weight": torch.rand(2, 1, 37, 53, generator=g)}[mask_kind]        # soft: the weighted mean
     mask = None if mask is None else mask.to(DEVICE)
     f1 = flow.clone().requires_grad_()
     f2 = flow.clone().requires_grad_()
