@@ -270,7 +270,27 @@ def save_all(args, raw, opt, sched, step, epoch, batch_idx):
     atomic_save({"model": raw.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                  "step": step, "epoch": epoch, "batch": batch_idx, "rng": torch.get_rng_state(),
                  "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                 "config": dataclasses.asdict(raw.cfg), "fusion": raw.fusion, "task": raw.task}, args.out / "resume.pt")
+                 "config": dataclasses.asdict(raw.cfg), "fusion": raw.fusion, "task": raw.task,
+                 "run": run_settings(args)}, args.out / "resume.pt")
+
+
+def run_settings(args):
+    """What fixes the order of the clips and the place in it: a resumed run must keep them."""
+    return {"--batch-size": args.batch_size, "--seed": args.seed, "--data": list(args.data),
+            "--train-size": args.train_size}
+
+
+def trim_log(path, step):
+    """Keep the lines of log.jsonl up to `step`, where a resumed run takes over: the later ones are of steps lost with
+    the killed process (and its last line may be cut)."""
+    kept = []
+    for line in open(path):
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except json.JSONDecodeError:
+            pass
+    path.write_text("".join(kept))
 
 
 def read_resume(path):
@@ -369,11 +389,16 @@ def stage_loss(model, raw, batch, device):
 
 
 def optimizer_step(loss, params, opt, sched, grad_clip):
+    """Backward, gradient clipping and the AdamW step. Returns False, taking no step, where the loss or the gradient
+    is not finite: the weights stay those of the last good step."""
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    if not torch.isfinite(loss.detach() + norm):                      # the step's one host sync
+        return False
     opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
+    return True
 
 # ----------------------------------------------------------------------------------------------------------
 # Training
@@ -436,6 +461,11 @@ def main(argv=None):
         if state["config"] != dataclasses.asdict(cfg) or state["task"] != model.task or state["fusion"] != model.fusion:
             raise SystemExit(f"error: {path} is a {state['task']}/{state['fusion']} checkpoint of another config "
                              f"than this run's {model.task}/{model.fusion} {args.config}")
+        changed = [f"{k} {v} (was {state['run'][k]})" for k, v in run_settings(args).items()
+                   if "run" in state and state["run"][k] != v]
+        if changed:
+            raise SystemExit(f"error: {path}: resuming with {', '.join(changed)}; the data order and position need "
+                             f"the earlier run's values")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -457,6 +487,8 @@ def main(argv=None):
     if n_batches == 0:
         raise SystemExit(f"error: --batch-size {args.batch_size} is more than the {len(train_set)} training clips; "
                          f"expected at most {len(train_set)}")
+    if main_proc and args.resume and (args.out / "log.jsonl").is_file():
+        trim_log(args.out / "log.jsonl", step)
     log = open(args.out / "log.jsonl", "a" if args.resume else "w") if main_proc else None
     n_params = sum(p.numel() for p in raw.parameters())
     if main_proc:
@@ -480,17 +512,18 @@ def main(argv=None):
                                              num_workers=args.workers, pin_memory=cuda)
         for batch in read_batches(loader):
             loss, parts = stage_loss(model, raw, batch, device)
-            if not torch.isfinite(loss):
+            lr = sched.get_last_lr()[0]                                 # this step's learning rate
+            if not optimizer_step(loss, trainable, opt, sched, args.grad_clip):
                 last = args.out / "ckpt.safetensors"
-                raise SystemExit(f"error: non-finite loss ({loss.item()}) at step {step}; stopping. The last good "
-                                 f"checkpoint, {last if last.is_file() else 'none yet'}, is left as it was.")
-            optimizer_step(loss, trainable, opt, sched, args.grad_clip)
+                what = f"loss ({loss.item()})" if not torch.isfinite(loss) else f"gradient (loss {loss.item():.4g})"
+                raise SystemExit(f"error: non-finite {what} at step {step}; stopping. The last good checkpoint, "
+                                 f"{last if last.is_file() else 'none yet'}, is left as it was.")
             step, batch_idx, steps_since = step + 1, batch_idx + 1, steps_since + 1
 
             if main_proc and (step % args.log_every == 0 or step == args.steps):
                 dt = (time.time() - t_last) / steps_since
                 line = {"kind": "train", "step": step, "loss": loss.item(), **{k: v.item() for k, v in parts.items()},
-                        "lr": sched.get_last_lr()[0], "it_per_s": 1 / dt}
+                        "lr": lr, "it_per_s": 1 / dt}
                 msg = f"step {step:5d} | loss {loss.item():.4f}" + "".join(f" | {k} {v.item():.3f}" for k, v in parts.items())
                 msg += f" | lr {line['lr']:.2e} | {1 / dt:.2f} it/s"
                 if peak:

@@ -2,6 +2,7 @@
 last checkpoint, two gloo processes equal one process with the same global batch, clear errors."""
 import dataclasses
 import json
+import math
 import os
 import signal
 import subprocess
@@ -93,27 +94,43 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path):
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     state = torch.load(out / "resume.pt", weights_only=True)
     assert 3 <= state["step"] < 30
+    changed = run([*args, "--out", str(out), "--resume", "--batch-size", "2", "--seed", "1"])
+    assert changed.returncode != 0
+    assert "resuming with --batch-size 2 (was 4), --seed 1 (was 0); the data order" in changed.stderr
+    # the log as if the process had logged every step before it died, the last line cut: the resumed run's log must
+    # hold each step once, as the uninterrupted run's does
+    full_log = (tmp_path / "full" / "log.jsonl").read_text()
+    (out / "log.jsonl").write_text(full_log + '{"kind": "train", "st')
     resumed = run([*args, "--out", str(out), "--resume"])
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed {out / 'resume.pt'} at step {state['step']}" in resumed.stdout
     a, b = weights(tmp_path / "full"), weights(out)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = lambda text: [(r["kind"], r["step"]) for r in map(json.loads, text.splitlines())]
+    assert steps((out / "log.jsonl").read_text()) == steps(full_log)
 
 
-def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("poison", ["loss", "gradient"])
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, poison):
+    """The 5th step (step index 4) goes NaN: its loss, or only its gradient (a finite loss plus sqrt(0 * flow), whose
+    derivative is inf * 0). The run stops there, before any weight or checkpoint takes the NaN (checkpoints every step)."""
     calls = {"n": 0}
     real = slvp.photometric_objective
 
     def poisoned(frames, flow):
         calls["n"] += 1
         loss = real(frames, flow)
-        return loss * float("nan") if calls["n"] == 5 else loss   # the 5th step (step index 4) goes NaN
+        if calls["n"] != 5:
+            return loss
+        return loss * float("nan") if poison == "loss" else loss + (0 * flow.sum()).sqrt()
     monkeypatch.setattr(slvp, "photometric_objective", poisoned)
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as e:
-        train.main(["--mode", "pretrain", "--steps", "8", "--ckpt-every", "2", *FAST, "--out", str(out)])
-    assert "non-finite loss (nan) at step 4" in str(e.value) and "ckpt.safetensors" in str(e.value)
+        train.main(["--mode", "pretrain", "--steps", "8", "--ckpt-every", "1", *FAST, "--out", str(out)])
+    assert f"non-finite {poison} ({'nan' if poison == 'loss' else 'loss 0.0'}" in str(e.value)
+    assert "at step 4" in str(e.value) and "ckpt.safetensors" in str(e.value)
     assert slvp.read_checkpoint_metadata(out / "ckpt.safetensors")["extra"] == '{"step": 4}'
+    assert all(torch.isfinite(w).all() for w in load_file(out / "ckpt.safetensors").values())
     assert torch.load(out / "resume.pt", weights_only=True)["step"] == 4
     assert not list(out.glob("*.tmp"))
 
@@ -198,8 +215,8 @@ def test_throughput_counts_training_time_only(tmp_path, spm_model, monkeypatch):
     step, evaluate = train.optimizer_step, train.evaluate_flow
 
     def timed_step(*a):
-        step(*a)
         clock[0] += 0.1
+        return step(*a)
 
     def timed_evaluate(*a, **k):
         clock[0] += 10.0
@@ -208,8 +225,11 @@ def test_throughput_counts_training_time_only(tmp_path, spm_model, monkeypatch):
     monkeypatch.setattr(train, "evaluate_flow", timed_evaluate)
     train.main(["--mode", "pretrain", "--steps", "6", "--log-every", "3", "--eval-every", "2", "--batch-size", "2",
                 "--workers", "0", "--eval-clips", "2", "--spm", str(spm_model), "--out", str(tmp_path / "t")])
-    rates = [r["it_per_s"] for r in map(json.loads, open(tmp_path / "t" / "log.jsonl")) if r["kind"] == "train"]
-    assert rates == pytest.approx([10.0, 10.0])
+    lines = [r for r in map(json.loads, open(tmp_path / "t" / "log.jsonl")) if r["kind"] == "train"]
+    assert [r["it_per_s"] for r in lines] == pytest.approx([10.0, 10.0])
+    # each line's lr is the one its last step used: steps 2 and 5 (0-based) of a 1-step warm-up, then cosine to 10%
+    cosine = lambda i: 1e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (i - 1) / 5)))
+    assert [r["lr"] for r in lines] == pytest.approx([cosine(2), cosine(5)])
 
 
 def test_short_pretraining_learns_motion(tmp_path, spm_model):
