@@ -198,7 +198,7 @@ def augment(item, rng, crop_scale=(0.6, 1.0), jitter=0.2):
     frames = frames.mean((1, 2, 3), keepdim=True) + c * (frames - frames.mean((1, 2, 3), keepdim=True))  # contrast
     frames = (b * frames).clamp(0, 1)                                       # brightness
     boxes, valid = boxes_from_masks(masks)
-    out = {k: v for k, v in item.items() if k != "flow"}
+    out = {k: v for k, v in item.items() if k not in ("flow", "owner")}    # maps of the frames before augmentation
     out.update(frames=frames.contiguous(), masks=masks, boxes=boxes, valid=valid, text=text)
     return out
 
@@ -337,7 +337,7 @@ def render_scene(scene, H, W, T):
 
 
 def make_scene(rng, H, W, T):
-    """2-4 objects; the first is the referring target. Confusers make the words necessary: an object of the same
+    """1-3 objects (1 in about 8% of scenes); the first is the referring target. Confusers make the words necessary: an object of the same
     kind in another colour, or of the same colour and kind moving another way, or of the same colour, another
     kind. Objects may start near an edge and leave the frame, and may pass behind one another."""
     m = min(H, W)
@@ -648,9 +648,9 @@ class RefYouTubeVOS(VideoExpressions):
         super().__init__(cfg, train, seed, skip_bad)
         meta, jpeg, anno = _ytvos_layout(root, split, "Ref-YouTube-VOS", annotations=(split == "train"))
         skip = set()
-        test = Path(root) / "meta_expressions" / "test" / "meta_expressions.json"
-        if split == "valid" and test.is_file():
-            skip = set(read_expressions(test, "the test videos' expression file"))
+        if split == "valid":  # the download's valid folders hold the test videos too
+            skip = set(read_expressions(Path(root) / "meta_expressions" / "test" / "meta_expressions.json",
+                                        "the test videos' expression file (valid is the videos not listed there)"))
         for vid, v in sorted(meta.items()):
             if vid in skip:
                 continue
@@ -816,11 +816,23 @@ def load_plain_pickle(path):
 
 def _refcoco_converted(path):
     """(image entry, its annotations, sentence) for each image entry of a converted instances_<dataset>_train.json."""
-    d = read_json(path, "the converted RefCOCO annotations (images with a caption each, annotations)")
-    by_image = {}
-    for a in d["annotations"]:
-        by_image.setdefault(a["image_id"], []).append(a)
-    return [(im, by_image.get(im["id"], []), im.get("caption", "")) for im in d["images"]]
+    what = "the converted RefCOCO annotations (images with a caption each, annotations with polygons)"
+    d = read_json(path, what)
+    try:
+        by_image = {}
+        for a in d["annotations"]:
+            by_image.setdefault(a["image_id"], []).append(_polygons(a, path))
+        return [(im, by_image.get(im["id"], []), im.get("caption", "")) for im in d["images"]]
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{path}: {type(e).__name__} {e}; expected {what}") from e
+
+
+def _polygons(ann, path):
+    """A COCO annotation of `path` whose segmentation is polygons, as RefCOCO's are (an RLE one is a dict)."""
+    if not isinstance(ann["segmentation"], list):
+        raise ValueError(f"{path}: annotation {ann.get('id')}: segmentation {type(ann['segmentation']).__name__}, "
+                         f"expected polygons (lists of x, y)")
+    return ann
 
 
 def _refcoco_original(refs_path, instances_path):
@@ -829,9 +841,13 @@ def _refcoco_original(refs_path, instances_path):
     refs file, one entry per sentence (its `sent`), numbered 1, 2, ... through the file; the image and the
     annotation looked up by id in instances.json."""
     refs = load_plain_pickle(refs_path)
-    inst = read_json(instances_path, "the COCO instances of the refs (images, annotations)")
-    images = {im["id"]: im for im in inst["images"]}
-    annos = {a["id"]: a for a in inst["annotations"]}
+    what = "the COCO instances of the refs (images, annotations with polygons)"
+    inst = read_json(instances_path, what)
+    try:
+        images = {im["id"]: im for im in inst["images"]}
+        annos = {a["id"]: a for a in inst["annotations"]}
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{instances_path}: {type(e).__name__} {e}; expected {what}") from e
     out = []
     try:
         for ref in refs:
@@ -840,7 +856,7 @@ def _refcoco_original(refs_path, instances_path):
             if ref["image_id"] not in images or ref["ann_id"] not in annos:
                 raise ValueError(f"{instances_path}: no image {ref['image_id']} or no annotation {ref['ann_id']} "
                                  f"(named by ref {ref['ref_id']} of {refs_path})")
-            im, ann = images[ref["image_id"]], annos[ref["ann_id"]]
+            im, ann = images[ref["image_id"]], _polygons(annos[ref["ann_id"]], instances_path)
             for sent in ref["sentences"]:
                 out.append(({"id": len(out) + 1, "file_name": im["file_name"]}, [ann], sent["sent"]))
     except (KeyError, TypeError) as e:

@@ -236,6 +236,9 @@ def test_ytvos_valid_drops_test_videos(ytvos_root):
     ds = data.build_dataset("ytvos", ytvos_root, "valid", CFG, train=False)
     assert [it["id"][0] for it in (ds[i] for i in range(len(ds)))] == ["val_1", "val_1"]
     assert "masks" not in ds[0] and ds[0]["text"] == "thing in val_1"
+    (ytvos_root / "meta_expressions/test/meta_expressions.json").unlink()   # without it, valid would keep test_1
+    with pytest.raises(FileNotFoundError, match=r"test/meta_expressions.json not found: expected the test videos'"):
+        data.build_dataset("ytvos", ytvos_root, "valid", CFG, train=False)
 
 
 def test_davis17_expression_ids_and_annotators(tmp_path):
@@ -418,6 +421,15 @@ def test_refcoco_pseudo_clips(tmp_path):
     # the mask sits on the bright pixels of its own frame
     inside = it["frames"].mean(1)[it["masks"]]
     assert inside.mean() > 0.6
+    # a file of another shape fails naming it: no annotations; an RLE segmentation (a dict) instead of polygons
+    path = root / "refcoco+/instances_refcoco+_train.json"
+    path.write_text(json.dumps({"images": d["images"]}))
+    with pytest.raises(ValueError, match=r"instances_refcoco\+_train.json: KeyError 'annotations'; expected the conv"):
+        data.build_dataset("refcoco", root, "train", CFG, train=False)
+    d["annotations"][0]["segmentation"] = {"size": [100, 120], "counts": "PPYo1"}
+    path.write_text(json.dumps(d))
+    with pytest.raises(ValueError, match=r"instances_refcoco\+_train.json: annotation 1: segmentation dict, expected pol"):
+        data.build_dataset("refcoco", root, "train", CFG, train=False)
 
 
 def py2_pickle(obj):
