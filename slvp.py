@@ -110,12 +110,12 @@ class Attention(nn.Module):
     """Multi-head attention with biased projections (ViT blocks and the decoder). `key_mask` is Bool[B, S],
     True where a key may be attended to."""
 
-    def __init__(self, dim, heads, kv_dim=None):
+    def __init__(self, dim, heads):
         super().__init__()
         self.heads = heads
         self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(kv_dim or dim, dim)
-        self.v = nn.Linear(kv_dim or dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
         self.o = nn.Linear(dim, dim)
 
     def forward(self, x, context=None, key_mask=None):
@@ -295,6 +295,9 @@ def load_t5(path):
     gated = any(".wi_0." in k for k in state)   # the FFN type, read off the weights, not the config string
     if gated and not hf.get("feed_forward_proj", "gated-gelu").endswith("gelu"):
         raise ValueError(f"{path}: gated FFN with activation {hf['feed_forward_proj']!r}; only gated-gelu is supported")
+    if not gated and hf.get("feed_forward_proj", "relu") != "relu":
+        raise ValueError(f"{path}: FFN with activation {hf['feed_forward_proj']!r}; only relu (t5) and gated-gelu "
+                         f"(t5-v1_1, flan-t5) are supported")
     cfg = SLVPConfig(vocab_size=hf["vocab_size"], t5_dim=hf["d_model"], t5_layers=hf["num_layers"],
                      t5_heads=hf["num_heads"], t5_d_kv=hf["d_kv"], t5_d_ff=hf["d_ff"], t5_gated=gated,
                      t5_num_buckets=hf.get("relative_attention_num_buckets", 32),

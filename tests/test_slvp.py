@@ -73,6 +73,16 @@ def test_t5_conversion_is_strict(tmp_path):
     assert "unexpected: (unconverted) encoder.block.0.layer.0.SelfAttention.q.bias" in msg
 
 
+def test_t5_with_another_activation_fails(tmp_path):
+    """The FFN's activation cannot be read off the weights: a non-gated T5 whose config asks for gelu must not run as
+    relu."""
+    from transformers import T5Config, T5EncoderModel
+    T5EncoderModel(T5Config(vocab_size=50, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=4,
+                            feed_forward_proj="gelu")).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"FFN with activation 'gelu'; only relu \(t5\) and gated-gelu"):
+        slvp.load_t5(tmp_path)
+
+
 # ---------------------------------------------------------------------------------------------- ViT parity
 
 def timm_vit(img_size, patch):
