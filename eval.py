@@ -524,9 +524,11 @@ def main(argv=None):
                    "layout), Ref-YouTube-VOS or VISOR")
     p.add_argument("--video", help="demo: a folder of frames or an .mp4")
     p.add_argument("--text", help="demo: the referring expression")
-    p.add_argument("--out", default="out/eval", help="where predictions, tables and pictures go")
-    p.add_argument("--batch-size", type=data.number(int, 1), default=4, help="clips per forward pass")
-    p.add_argument("--num-clips", type=data.number(int, 1), default=64, help="synthetic: the number of held-out clips")
+    p.add_argument("--out", default="out/eval", help="where predictions, tables and pictures go (default: %(default)s)")
+    p.add_argument("--batch-size", type=data.number(int, 1), default=4,
+                   help="clips per forward pass (default: %(default)s)")
+    p.add_argument("--num-clips", type=data.number(int, 1), default=64,
+                   help="synthetic: the number of held-out clips (default: %(default)s)")
     args = p.parse_args(argv)
     if args.predictions and (args.bench != "davis17" or args.ckpt):
         p.error("--predictions scores a folder of masks, with --bench davis17 and no --ckpt: leave out --predictions "

@@ -60,19 +60,25 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=positive, default=8,
                    help="global batch size (clips), split over processes; the tiny config's pre-training learns the "
                    "motion with a clearer margin at 16 (vision as query) and on more seeds at 32 (language as query; "
-                   "4500 steps, or 2000 where time is short): README, The default run")
+                   "4500 steps, or 2000 where time is short): README, The default run (default: %(default)s)")
     p.add_argument("--lr", type=data.number(float, 0, strict=True), default=None,
                    help="peak learning rate of AdamW (default: 1e-3 in pretrain, 5e-4 in finetune)")
-    p.add_argument("--weight-decay", type=data.number(float, 0), default=0.05, help="AdamW weight decay on matrices")
+    p.add_argument("--weight-decay", type=data.number(float, 0), default=0.05,
+                   help="AdamW weight decay on matrices (default: %(default)s)")
     p.add_argument("--warmup", type=natural, default=None, help="linear warm-up steps (default: 5%% of --steps)")
-    p.add_argument("--grad-clip", type=data.number(float, 0, strict=True), default=1.0, help="gradient norm clipping")
-    p.add_argument("--seed", type=natural, default=0, help="seed for initialization, data order and augmentation")
+    p.add_argument("--grad-clip", type=data.number(float, 0, strict=True), default=1.0,
+                   help="gradient norm clipping (default: %(default)s)")
+    p.add_argument("--seed", type=natural, default=0,
+                   help="seed for initialization, data order and augmentation (default: %(default)s)")
     p.add_argument("--out", default=None, help="output folder (default: out/<mode>)")
     p.add_argument("--ckpt-every", type=positive, default=250,
-                   help="write the checkpoint every N steps (and at the end)")
-    p.add_argument("--eval-every", type=positive, default=250, help="evaluate every N steps (and at the end)")
-    p.add_argument("--eval-clips", type=positive, default=32, help="held-out synthetic clips per evaluation")
-    p.add_argument("--log-every", type=positive, default=25, help="print a log line every N steps")
+                   help="write the checkpoint every N steps (and at the end; default: %(default)s)")
+    p.add_argument("--eval-every", type=positive, default=250,
+                   help="evaluate every N steps (and at the end; default: %(default)s)")
+    p.add_argument("--eval-clips", type=positive, default=32,
+                   help="held-out synthetic clips per evaluation (default: %(default)s)")
+    p.add_argument("--log-every", type=positive, default=25,
+                   help="print a log line every N steps (default: %(default)s)")
     p.add_argument("--workers", type=natural, default=None,
                    help="DataLoader worker processes (default: 1 with a GPU; 0 on the CPU, where a worker would take "
                         "cores from the model's threads)")
