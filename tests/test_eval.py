@@ -198,14 +198,20 @@ def test_davis17_from_the_original_downloads_needs_no_davis_root(tmp_path, tiny_
     shutil.copytree(root / "DAVIS/Annotations_unsupervised/480p", pred)
     g = ev.main(["--bench", "davis17", "--data-root", str(root), "--predictions", str(pred)])
     assert g["J&F-Mean"] == pytest.approx(1) and g["J-Recall"] == pytest.approx(1)
+    capsys.readouterr()
+    (tmp_path / "o/run0/no-text").mkdir(parents=True)        # a folder left by another run is not scored
     with pytest.warns(UserWarning):                           # the skips of write_davis_downloads's quirks
         mean = ev.main(["--bench", "davis17", "--ckpt", str(tiny_ckpt), "--data-root", str(root),
                         "--out", str(tmp_path / "o")])
+    assert "run 0: not scored, no expression: no-text" in capsys.readouterr().out
     assert set(mean) == {"J&F-Mean", "J-Mean", "J-Recall", "J-Decay", "F-Mean", "F-Recall", "F-Decay"}
     for a in range(4):                                        # a run per annotator and kind, each scored
         run = tmp_path / f"o/run{a}"
         assert (run / "global_results-val.csv").is_file()
-        assert sorted(p.name for p in run.iterdir() if p.is_dir()) == ["classic-car", "dogs-scale", "motorbike"]
+        assert sorted(p.name for p in run.iterdir() if p.is_dir() and p.name != "no-text") == \
+            ["classic-car", "dogs-scale", "motorbike"]
+        assert {r[0].rsplit("_", 1)[0] for r in list(csv.reader(open(run / "per-sequence_results-val.csv")))[1:]} == \
+            {"classic-car", "dogs-scale", "motorbike"}
         assert sorted(p.name for p in (run / "dogs-scale").iterdir()) == [f"{t:05d}.png" for t in range(5)]
     (root / "meta_expressions").mkdir()                       # now it looks converted: --davis-root is needed
     with pytest.raises(SystemExit):
