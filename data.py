@@ -337,9 +337,9 @@ def render_scene(scene, H, W, T):
 
 
 def make_scene(rng, H, W, T):
-    """1-3 objects (1 in about 8% of scenes); the first is the referring target. Confusers make the words necessary: an object of the same
-    kind in another colour, or of the same colour and kind moving another way, or of the same colour, another
-    kind. Objects may start near an edge and leave the frame, and may pass behind one another."""
+    """1-3 objects (1 in about 8% of scenes); the first is the referring target. Confusers make the words necessary:
+    an object of the same kind in another colour, or of the same colour and kind moving another way, or of the same
+    colour, another kind. Objects may start near an edge and leave the frame, and may pass behind one another."""
     m = min(H, W)
     vmax = max(3, round(0.04 * m))  # px per frame; at least 3, or Eq. (1) in small frames is met without motion (README)
 
@@ -829,9 +829,9 @@ def _refcoco_converted(path):
 
 def _polygons(ann, path):
     """A COCO annotation of `path` whose segmentation is polygons, as RefCOCO's are (an RLE one is a dict)."""
-    if not isinstance(ann["segmentation"], list):
-        raise ValueError(f"{path}: annotation {ann.get('id')}: segmentation {type(ann['segmentation']).__name__}, "
-                         f"expected polygons (lists of x, y)")
+    if not isinstance(ann.get("segmentation"), list):
+        raise ValueError(f"{path}: annotation {ann.get('id')}: segmentation {type(ann.get('segmentation')).__name__}"
+                         f", expected polygons (lists of x, y)")
     return ann
 
 

@@ -230,7 +230,10 @@ def evaluate_davis(gt_dir, sequences, pred_dir, match=True, progress=True):
         pred = np.stack(preds)
         # the objects are the ids of the first annotated frame, as the official evaluator counts them (an id that
         # appears only later is not scored); the predicted ids are those of any frame
-        j, f = evaluate_objects(split_ids(gt, int(gt[0].max())), split_ids(pred), void, match=match)
+        try:
+            j, f = evaluate_objects(split_ids(gt, int(gt[0].max())), split_ids(pred), void, match=match)
+        except ValueError as e:                      # too many ids: name the sequence
+            raise ValueError(f"{Path(pred_dir) / seq}: {e}") from e
         for k in range(len(j)):
             jm, jr, jd = db_statistics(j[k])
             fm, fr, fd = db_statistics(f[k])

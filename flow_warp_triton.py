@@ -152,10 +152,10 @@ if triton is not None:
                             sm_b, sm_c, sm_h, sm_w,
                             BLOCK: tl.constexpr, WIDE: tl.constexpr, HAS_MASK: tl.constexpr,
                             FLOW_GRAD: tl.constexpr):
-        # partial[program] = (sum over its pixels and all channels of (warp - target)^2, masked) / count, so that
-        # the loss is the sum of the partials; grad_flow (contiguous [B, 2, H, W], the flow's dtype) = d loss / d flow,
-        # to be scaled by grad_output. count: the element count (inv_count = 1 / count), or with a mask the mask's
-        # sum, read from count_ptr (a device scalar: no host synchronization)
+        # partial[program] = (sum over its pixels and all channels of (warp - target)^2, weighted by the mask) / count,
+        # so that the loss is the sum of the partials; grad_flow (contiguous [B, 2, H, W], the flow's dtype) =
+        # d loss / d flow, to be scaled by grad_output. count: the element count (inv_count = 1 / count), or with a
+        # mask the mask's sum, read from count_ptr (a device scalar: no host synchronization)
         pid = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)
         offs = pid * BLOCK + tl.arange(0, BLOCK)

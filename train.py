@@ -281,9 +281,10 @@ def save_all(args, raw, opt, sched, step, epoch, batch_idx):
 
 
 def run_settings(args):
-    """What fixes the order of the clips and the place in it: a resumed run must keep them."""
+    """What fixes the clips, their order, the place in it and the schedule: a resumed run must keep them."""
     return {"--batch-size": args.batch_size, "--seed": args.seed, "--data": list(args.data),
-            "--train-size": args.train_size}
+            "--train-size": args.train_size, "--steps": args.steps, "--lr": args.lr, "--warmup": args.warmup,
+            "--weight-decay": args.weight_decay, "--grad-clip": args.grad_clip}
 
 
 def trim_log(path, step):
@@ -292,11 +293,13 @@ def trim_log(path, step):
     kept = []
     for line in open(path):
         try:
-            if json.loads(line)["step"] <= step:
+            if line.endswith("\n") and json.loads(line)["step"] <= step:
                 kept.append(line)
         except json.JSONDecodeError:
             pass
-    path.write_text("".join(kept))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
 
 
 def read_resume(path):
@@ -470,8 +473,8 @@ def main(argv=None):
         changed = [f"{k} {v} (was {state['run'][k]})" for k, v in run_settings(args).items()
                    if "run" in state and state["run"][k] != v]
         if changed:
-            raise SystemExit(f"error: {path}: resuming with {', '.join(changed)}; the data order and position need "
-                             f"the earlier run's values")
+            raise SystemExit(f"error: {path}: resuming with {', '.join(changed)}; a resumed run keeps the earlier "
+                             f"run's data order and schedule (start a new run to change them)")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])

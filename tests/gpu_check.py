@@ -219,11 +219,10 @@ def train_benchmark(mode, batch_size, steps, compile_model, tmp, warmup=5):
             torch.cuda.reset_peak_memory_stats()
             t0 = time.time()
         loss, _ = train.stage_loss(run, model, batch, "cuda")
-        train.optimizer_step(loss, trainable, opt, sched, 1.0)
+        if not train.optimizer_step(loss, trainable, opt, sched, 1.0):     # the step train.py takes, its check included
+            raise RuntimeError(f"{mode}: non-finite loss ({loss.item()}) or gradient at step {i}")
     torch.cuda.synchronize()
     dt = (time.time() - t0) / steps
-    if not torch.isfinite(loss):
-        raise RuntimeError(f"{mode}: non-finite loss {loss.item()}")
     flops = train.train_flops(model, batch_size, batch["ids"].shape[1])
     row = {"stage": mode, "compile": "yes" if compile_model else "no", "batch": batch_size, "step ms": 1e3 * dt,
            "clips/s": batch_size / dt, "peak GiB": torch.cuda.max_memory_allocated() / 2 ** 30,
@@ -235,7 +234,8 @@ def train_benchmark(mode, batch_size, steps, compile_model, tmp, warmup=5):
             big = synthetic_batch(cfg, mode, min(b, 8), b, tmp)
             for _ in range(2):
                 loss, _ = train.stage_loss(run, model, big, "cuda")
-                train.optimizer_step(loss, trainable, opt, sched, 1.0)
+                if not train.optimizer_step(loss, trainable, opt, sched, 1.0):
+                    raise RuntimeError(f"{mode}: non-finite loss ({loss.item()}) or gradient at batch {b}")
             torch.cuda.synchronize()
             return True
         except torch.OutOfMemoryError:

@@ -428,7 +428,7 @@ def test_refcoco_pseudo_clips(tmp_path):
         data.build_dataset("refcoco", root, "train", CFG, train=False)
     d["annotations"][0]["segmentation"] = {"size": [100, 120], "counts": "PPYo1"}
     path.write_text(json.dumps(d))
-    with pytest.raises(ValueError, match=r"instances_refcoco\+_train.json: annotation 1: segmentation dict, expected pol"):
+    with pytest.raises(ValueError, match=r"_train.json: annotation 1: segmentation dict, expected polygons"):
         data.build_dataset("refcoco", root, "train", CFG, train=False)
 
 
@@ -624,14 +624,14 @@ def test_flip_moves_pixels_boxes_and_words_together():
     masks = frames[:, 0] > 0.5
     boxes, valid = data.boxes_from_masks(masks)
     item = {"frames": frames, "masks": masks, "boxes": boxes, "valid": valid, "flow": torch.zeros(4, 2, H, W),
-            "text": "the Left square, not the bright one on the right", "id": ("v", "0", 0)}
+            "owner": masks.long(), "text": "the Left square, not the bright one on the right", "id": ("v", "0", 0)}
     seed = next(s for s in range(100) if np.random.default_rng(s).random() < 0.5)   # a first draw that flips
     out = data.augment(item, np.random.default_rng(seed), crop_scale=(1.0, 1.0), jitter=0.0)
     assert out["text"] == "the Right square, not the bright one on the left"
     assert torch.allclose(out["frames"], frames.flip(-1), atol=1e-6)
     assert torch.equal(out["masks"], masks.flip(-1))
     assert torch.allclose(out["boxes"][0], torch.tensor([1 - 15 / W, 10 / H, 1 - 5 / W, 20 / H]))
-    assert "flow" not in out
+    assert "flow" not in out and "owner" not in out          # maps of the frames before the flip
 
 
 def test_crop_keeps_the_target_and_recomputes_boxes():

@@ -153,6 +153,9 @@ def test_predictions_errors_name_the_file(tmp_path):
         ev.main(["--bench", "davis17", "--davis-root", str(davis), "--predictions", str(pred)])
     with pytest.raises(SystemExit, match=r"ImageSets/2017/val.txt not found"):
         ev.main(["--bench", "davis17", "--davis-root", str(tmp_path / "nowhere"), "--predictions", str(pred)])
+    write_ids(pred / "a/00000.png", np.arange(100 * 100).reshape(100, 100) % 22)   # ids 1..21
+    with pytest.raises(SystemExit, match=r"pred/a: 21 predicted ids: more than the 20 proposals"):
+        ev.main(["--bench", "davis17", "--davis-root", str(davis), "--predictions", str(pred)])
 
 
 # ---------------------------------------------------------------------------------------------- with a model
