@@ -281,9 +281,10 @@ def save_all(args, raw, opt, sched, step, epoch, batch_idx):
 
 
 def run_settings(args):
-    """What fixes the clips, their order, the place in it and the schedule: a resumed run must keep them."""
+    """What fixes the clips, their order, the place in it and the optimizer: a resumed run must keep them (--steps
+    may change, to continue a run further: the cosine then ends at the new last step)."""
     return {"--batch-size": args.batch_size, "--seed": args.seed, "--data": list(args.data),
-            "--train-size": args.train_size, "--steps": args.steps, "--lr": args.lr, "--warmup": args.warmup,
+            "--train-size": args.train_size, "--lr": args.lr, "--warmup": args.warmup,
             "--weight-decay": args.weight_decay, "--grad-clip": args.grad_clip}
 
 
@@ -474,7 +475,7 @@ def main(argv=None):
                    if "run" in state and state["run"][k] != v]
         if changed:
             raise SystemExit(f"error: {path}: resuming with {', '.join(changed)}; a resumed run keeps the earlier "
-                             f"run's data order and schedule (start a new run to change them)")
+                             f"run's data order and optimizer (start a new run to change them)")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
