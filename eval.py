@@ -413,7 +413,8 @@ def bench_davis17(args, model, tokenizer, device):
         preds = predict(model, ds, tokenizer, args.batch_size, device)
         out = Path(args.out) / f"run{a}"
         write_object_pngs(preds, out, lambda exp_id: int(exp_id) // 4 + 1)
-        scored = [s for s in seqs if s in {vid for vid, _ in preds}]   # this run's, not a folder left from another
+        predicted = {vid for vid, _ in preds}
+        scored = [s for s in seqs if s in predicted]              # this run's, not a folder left from another
         if len(scored) < len(seqs):
             print(f"run {a}: not scored, no expression: {', '.join(s for s in seqs if s not in scored)}")
         g, rows = evaluate_davis(gt_dir, scored or seqs, out)
