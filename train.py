@@ -292,7 +292,7 @@ def trim_log(path, step):
     """Keep the lines of log.jsonl up to `step`, where a resumed run takes over: the later ones are of steps lost with
     the killed process (and its last line may be cut)."""
     kept = []
-    for line in open(path):
+    for line in path.read_text().splitlines(keepends=True):
         try:
             if line.endswith("\n") and json.loads(line)["step"] <= step:
                 kept.append(line)
