@@ -3,8 +3,8 @@ last checkpoint, two gloo processes equal one process with the same global batch
 import dataclasses
 import json
 import math
-import re
 import os
+import re
 import signal
 import subprocess
 import sys
