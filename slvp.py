@@ -89,8 +89,9 @@ class SLVPConfig:
     def tiny(cls):
         """A CPU-sized model for the default run and the tests: 32x48 frames, a 4-layer decoder of width 128 (8 heads),
         which learns the synthetic motion from Eq. (1) alone in about 2000 steps (README, "How the miniature learns
-        flow"). The text width differs from the decoder width so that the projection path is exercised."""
-        return cls(frame_size=(32, 48), patch_size=8, num_frames=4, max_text_len=24,
+        flow"). The text width differs from the decoder width so that the projection path is exercised; L = 32 pieces
+        holds the longest synthetic caption (25 with </s>) whole."""
+        return cls(frame_size=(32, 48), patch_size=8, num_frames=4, max_text_len=32,
                    vocab_size=1000, t5_dim=48, t5_layers=2, t5_heads=4, t5_d_kv=12, t5_d_ff=96,
                    vit_dim=64, vit_layers=2, vit_heads=4, vit_mlp=128,
                    dec_dim=128, dec_layers=4, dec_heads=8, dec_mlp=256)

@@ -49,8 +49,8 @@ def parse_args(argv=None):
     p.add_argument("--spm", help="sentencepiece model; default: the one next to --init/--encoders, or one fit to the data")
     p.add_argument("--init", help="finetune from this pre-training checkpoint (shared weights; fresh heads); "
                                   "without it the decoder starts random (the 'no Decoder*' rows of Table 2)")
-    p.add_argument("--encoders", help="finetune: take only the text and vision encoders from this checkpoint "
-                                      "(the decoder starts random): the control for --init with the same encoders")
+    p.add_argument("--encoders", help="finetune: take only the text and vision encoders (and the config) from this "
+                                      "checkpoint (the decoder starts random): the control for --init with the same encoders")
     p.add_argument("--freeze-text", action=argparse.BooleanOptionalAction, default=None,
                    help="freeze the text encoder (default: yes, as the paper in both stages)")
     p.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=None,
@@ -59,8 +59,7 @@ def parse_args(argv=None):
                    help="optimizer steps (default: 4500 in pretrain, where the tiny run learns the flow; 1000 in finetune)")
     p.add_argument("--batch-size", type=positive, default=8,
                    help="global batch size (clips), split over processes; the tiny config's pre-training learns the "
-                   "motion with a clearer margin at 16 (vision as query) and on more seeds at 32 (language as query; "
-                   "4500 steps, or 2000 where time is short): README, The default run (default: %(default)s)")
+                   "motion with a clearer margin at 16: README, The default run (default: %(default)s)")
     p.add_argument("--lr", type=data.number(float, 0, strict=True), default=None,
                    help="peak learning rate of AdamW (default: 1e-3 in pretrain, 5e-4 in finetune)")
     p.add_argument("--weight-decay", type=data.number(float, 0), default=0.05,
@@ -102,6 +101,8 @@ def parse_args(argv=None):
         p.error("--t5 needs --spm (the T5 checkpoint's spiece.model)")
     if args.init and (args.encoders or args.t5 or args.vit):
         p.error("--init brings its own encoders: leave out --encoders, --t5 and --vit")
+    if args.encoders and (args.t5 or args.vit):
+        p.error("--encoders brings its own encoders: leave out --t5 and --vit")
     if args.resume and args.overwrite:
         p.error("--resume continues the run in --out and --overwrite replaces it: give one of them")
     if args.train_size and not (args.mode == "finetune" and "synthetic" in args.data):
@@ -196,13 +197,15 @@ def build_training_data(args, cfg):
 
 
 def fit_tokenizer(sets, out):
-    """A small sentencepiece model (T5 conventions: <pad>=0, </s>=1, <unk>=2, no BOS) fit to the training texts."""
+    """A small sentencepiece model (T5 conventions: <pad>=0, </s>=1, <unk>=2, no BOS) fit to the training texts. BPE,
+    not T5's unigram: on the synthetic captions the unigram trainer stopped at 49 pieces, nearly letters, and most
+    captions were cut at the tiny config's length; BPE keeps each word whole (README, "The default run")."""
     import sentencepiece as spm
     texts = [t for s in sets for t in s.texts(5000)]
     corpus = out / "spm_corpus.txt"
     corpus.write_text("\n".join(texts))
     spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(out / "spm"), vocab_size=256,
-                                   hard_vocab_limit=False, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                   model_type="bpe", hard_vocab_limit=False, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
                                    character_coverage=1.0, minloglevel=2)
     corpus.unlink()
     return slvp.Tokenizer(out / "spm.model")
@@ -282,10 +285,11 @@ def save_all(args, raw, opt, sched, step, epoch, batch_idx):
 
 def run_settings(args):
     """What fixes the clips, their order, the place in it and the optimizer: a resumed run must keep them (--steps
-    may change, to continue a run further: the cosine then ends at the new last step)."""
+    may change, to continue a run further: the cosine then ends at the new last step, the warm-up stays)."""
     return {"--batch-size": args.batch_size, "--seed": args.seed, "--data": list(args.data),
             "--train-size": args.train_size, "--lr": args.lr, "--warmup": args.warmup,
-            "--weight-decay": args.weight_decay, "--grad-clip": args.grad_clip}
+            "--weight-decay": args.weight_decay, "--grad-clip": args.grad_clip,
+            "--freeze-text": args.freeze_text, "--freeze-vision": args.freeze_vision}
 
 
 def trim_log(path, step):
@@ -345,11 +349,14 @@ def build_model(args, tokenizer):
         if args.fusion and args.fusion != model.fusion:
             raise ValueError(f"--fusion {args.fusion} but {args.init} was pre-trained with fusion {model.fusion}")
         return model
+    if args.encoders:  # the checkpoint's config, as --init takes it: only the decoder differs (it starts random)
+        with torch.random.fork_rng(devices=[]):                       # loading draws nothing from the run's seed
+            src = slvp.load_checkpoint(args.encoders)
+        model = slvp.SLVP(src.cfg, args.fusion or "vision", task, **freeze)
+        model.text.load_state_dict(src.text.state_dict())
+        model.vision.load_state_dict(src.vision.state_dict())
+        return model
     model = slvp.SLVP(cfg, args.fusion or "vision", task, **freeze)
-    if args.encoders:
-        src = slvp.load_checkpoint(args.encoders)
-        for part in ("text", "vision"):
-            slvp.check_state_dict(getattr(model, part), getattr(src, part).state_dict(), f"{part} encoder of {args.encoders}")
     if text is not None:
         model.text.load_state_dict(text.state_dict())
     if vision is not None:
@@ -372,7 +379,7 @@ def build_optimizer(model, args):
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.999),
                             fused=cuda, foreach=not cuda)    # on the CPU, foreach: the for-loop's numbers, faster
-    warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
+    warmup = args.warmup
 
     def lr_factor(step):
         if step < warmup:
@@ -442,6 +449,9 @@ def main(argv=None):
                                                     if c and (Path(c).parent / "spm.model").is_file()), None)
         if spm is None and (args.out / "spm.model").is_file() and args.resume:
             spm = args.out / "spm.model"
+        if spm is None and (args.init or args.encoders):   # a new tokenizer would give its text encoder other ids
+            raise ValueError(f"no spm.model beside {args.init or args.encoders}: pass the sentencepiece model it was "
+                             f"trained with as --spm")
         if spm is not None:
             tokenizer = slvp.Tokenizer(spm)
             if spm.resolve() != (args.out / "spm.model").resolve() and main_proc:
@@ -463,6 +473,10 @@ def main(argv=None):
         raise SystemExit(f"error: {e}")
     cfg = model.cfg
     model.to(device)
+    args.freeze_text, args.freeze_vision = model.freeze_text, model.freeze_vision    # the choices made, recorded
+    if args.warmup is None:  # 5% of the steps; a resumed run keeps its own when --steps changes
+        recorded = (state or {}).get("run", {}).get("--warmup")                  # None before it was recorded
+        args.warmup = max(1, args.steps // 20) if recorded is None else recorded
     trainable, opt, sched = build_optimizer(model, args)
 
     step, epoch, batch_idx = 0, 0, 0
@@ -472,7 +486,7 @@ def main(argv=None):
             raise SystemExit(f"error: {path} is a {state['task']}/{state['fusion']} checkpoint of another config "
                              f"than this run's {model.task}/{model.fusion} {args.config}")
         changed = [f"{k} {v} (was {state['run'][k]})" for k, v in run_settings(args).items()
-                   if "run" in state and state["run"][k] != v]
+                   if "run" in state and state["run"].get(k, v) != v]
         if changed:
             raise SystemExit(f"error: {path}: resuming with {', '.join(changed)}; a resumed run keeps the earlier "
                              f"run's data order and optimizer (start a new run to change them)")
@@ -480,6 +494,8 @@ def main(argv=None):
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         step, epoch, batch_idx = state["step"], state["epoch"], state["batch"]
+        for group, base, f in zip(opt.param_groups, sched.base_lrs, sched.lr_lambdas):
+            group["lr"] = base * f(step)            # the next step's rate on this run's schedule (--steps may change)
         torch.set_rng_state(state["rng"])
         if cuda and state["cuda_rng"]:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -522,7 +538,7 @@ def main(argv=None):
                                              num_workers=args.workers, pin_memory=cuda)
         for batch in read_batches(loader):
             loss, parts = stage_loss(model, raw, batch, device)
-            lr = sched.get_last_lr()[0]                                 # this step's learning rate
+            lr = opt.param_groups[0]["lr"]                              # this step's learning rate
             if not optimizer_step(loss, trainable, opt, sched, args.grad_clip):
                 last = args.out / "ckpt.safetensors"
                 what = f"loss ({loss.item()})" if not torch.isfinite(loss) else f"gradient (loss {loss.item():.4g})"

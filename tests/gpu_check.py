@@ -205,7 +205,7 @@ def train_benchmark(mode, batch_size, steps, compile_model, tmp, warmup=5):
     import train
     cfg = slvp.SLVPConfig.paper()
     model = slvp.SLVP(cfg, "vision", "pretrain" if mode == "pretrain" else "rvos").cuda()
-    trainable, opt, sched = train.build_optimizer(model, SimpleNamespace(lr=1e-4, weight_decay=0.05, warmup=None,
+    trainable, opt, sched = train.build_optimizer(model, SimpleNamespace(lr=1e-4, weight_decay=0.05, warmup=1,
                                                                          steps=warmup + steps))
     run = torch.compile(model) if compile_model else model
     batch = synthetic_batch(cfg, mode, min(batch_size, 8), batch_size, tmp)

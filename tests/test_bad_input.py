@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 import eval as ev
 import slvp
@@ -44,7 +45,9 @@ def d(tmp_path_factory, spm_model):
     for name, model in (("good", slvp.SLVP(cfg, task="rvos")), ("pre", slvp.SLVP(cfg)),
                         ("small-vocab", slvp.SLVP(dataclasses.replace(cfg, vocab_size=8), task="rvos"))):
         slvp.save_checkpoint(d / f"{name}.safetensors", model)
-    shutil.copy(spm_model, d / "spm.model")                       # the tokenizer next to every checkpoint
+    shutil.copy(spm_model, d / "spm.model")                       # the tokenizer next to every checkpoint but one
+    (d / "no-spm").mkdir()
+    shutil.copy(d / "pre.safetensors", d / "no-spm/pre.safetensors")
     good = (d / "good.safetensors").read_bytes()
     (d / "truncated.safetensors").write_bytes(good[:len(good) // 2])
     (d / "empty.safetensors").touch()
@@ -151,6 +154,10 @@ CASES = [
     ("train", "--train-size 64", ["--train-size", "needs --mode finetune"]),
     ("train", "--steps 10 --warmup 50", ["--warmup 50 is longer than the run"]),
     ("train", "--mode pretrain --init {d}/pre.safetensors", ["--init and --encoders are for --mode finetune"]),
+    ("train", "--mode finetune --encoders {d}/pre.safetensors --vit {d}/vit.bin", ["--encoders brings its own encoders"]),
+    # a checkpoint without its tokenizer: a new one would give its text encoder other ids
+    ("train", "--mode finetune --init {d}/no-spm/pre.safetensors", ["no spm.model beside", "no-spm/pre.safetensors"]),
+    ("train", "--mode finetune --encoders {d}/no-spm/pre.safetensors", ["no spm.model beside", "no-spm/pre.safetensors"]),
     ("eval", "--bench davis17 --davis-root {d}/davis --predictions {d}/pred --ckpt {good}",
      ["--predictions", "or --ckpt to score the folder"]),
     ("eval", "--bench synthetic --ckpt {good} --video {d}/frames --text the", ["--video and --text"]),
@@ -197,6 +204,25 @@ def test_a_run_into_a_used_folder_leaves_its_checkpoint_byte_for_byte(tmp_path, 
     train.main([*first, "--overwrite"])                                            # or replace it on purpose
     assert slvp.read_checkpoint_metadata(out / "ckpt.safetensors")["extra"] == '{"step": 2}'
     assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [2, 2]
+
+
+def test_encoders_take_the_checkpoints_config(d, tmp_path, monkeypatch):
+    """--encoders builds the model of the checkpoint's config, as --init does, also where its vocabulary is larger than
+    its tokenizer (T5's 32128 rows for 32000 pieces; here 64 for 37): the encoders are the checkpoint's, the decoder
+    is random, drawn as if nothing had been loaded."""
+    monkeypatch.delenv("TRITON_INTERPRET")       # the torch path of the warp: the interpreter is slow (SPEC §2)
+    src = slvp.load_checkpoint(d / "pre.safetensors")
+    argv = ["--mode", "finetune", "--encoders", str(d / "pre.safetensors"), "--freeze-vision"]
+    torch.manual_seed(0)
+    model = train.build_model(train.parse_args(argv), slvp.Tokenizer(d / "spm.model"))
+    torch.manual_seed(0)
+    fresh = slvp.SLVP(src.cfg, "vision", "rvos")
+    assert model.cfg == src.cfg and src.cfg.vocab_size > len(slvp.Tokenizer(d / "spm.model"))
+    assert all(torch.equal(v, fresh.decoder.state_dict()[k]) for k, v in model.decoder.state_dict().items())
+    train.main([*argv, "--steps", "1", *FAST, "--out", str(tmp_path / "ft")])   # and it trains
+    tuned = slvp.load_checkpoint(tmp_path / "ft/ckpt.safetensors")
+    for part in ("text", "vision"):                                              # both frozen here
+        assert all(torch.equal(v, getattr(src, part).state_dict()[k]) for k, v in getattr(tuned, part).state_dict().items())
 
 
 @pytest.mark.parametrize("argv, name", [(["eval.py", "--bench", "synthetic", "--ckpt", "{d}/truncated.safetensors"],

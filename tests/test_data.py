@@ -145,9 +145,11 @@ def test_synthetic_words_are_needed():
     # same colour, different sizes: a comparative
     s = scene(("circle", "blue", "large", 9, (20, 20), (1, 0)), ("square", "blue", "small", 4, (40, 20), (1, 0)))
     assert data.referring_expression(s, np.random.default_rng(1)) in ("the circle", "the larger blue shape")
-    assert data.caption(s) == "a large blue circle moves right while a small blue square moves right"
-    assert data.caption(scene(("triangle", "red", "small", 4, (20, 20), (0, 2)), pan=(-1, 0))) == \
-        "a small red triangle falls, as the camera pans right"
+    # a caption says what moves, not where: directions in words would be flow labels (README)
+    assert data.caption(s) == "a large blue circle moves while a small blue square moves"
+    assert data.caption(scene(("triangle", "red", "small", 4, (20, 20), (0, 2)), ("circle", "white", "large", 9,
+                                                                                 (40, 20), (0, 0)), pan=(-1, 0))) == \
+        "a small red triangle moves while a large white circle stays still, as the camera pans"
 
 
 def test_synthetic_pixels_follow_the_scene_pixel_by_pixel():
@@ -580,7 +582,7 @@ def test_refs_pickle_that_would_run_code_fails_and_runs_nothing(tmp_path):
 
 
 @pytest.mark.parametrize("as_mp4", [False, True])
-def test_smit_clips_stride_6(tmp_path, as_mp4):
+def test_smit_clips_stride_6(tmp_path, as_mp4, spm_model):
     root = tmp_path / "smit"
     n = 40
     if as_mp4:
@@ -614,6 +616,10 @@ def test_smit_clips_stride_6(tmp_path, as_mp4):
         assert "masks" not in item and "flow" not in item
         levels = (item["frames"].mean((1, 2, 3)) * 255).tolist()
         assert np.allclose(levels, [5 + 6 * t for t in idx], atol=4 if as_mp4 else 2), levels
+    # pre-trained jointly with synthetic clips (--data synthetic smit): a batch keeps what both kinds of clip have
+    synthetic = data.build_dataset("synthetic", None, "pretrain", CFG, train=True)
+    batch = data.Collate(slvp.Tokenizer(spm_model), CFG.max_text_len)([synthetic[0], ds[0]])
+    assert sorted(batch) == ["frames", "id", "ids", "mask", "text"] and batch["frames"].shape == (2, 4, 3, H, W)
 
 
 # ---------------------------------------------------------------------------------------------- transforms

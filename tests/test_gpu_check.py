@@ -108,7 +108,7 @@ def test_paper_config_trains_a_step_on_the_cpu(mode, spm_model, monkeypatch):
     else:
         assert all(g is not None for g in vision_grads)
     before = {k: v.clone() for k, v in model.decoder.state_dict().items()}
-    trainable, opt, sched = train.build_optimizer(model, train.parse_args(["--steps", "1"]))
+    trainable, opt, sched = train.build_optimizer(model, train.parse_args(["--steps", "1", "--warmup", "1"]))
     opt.step()
     assert any(not torch.equal(before[k], v) for k, v in model.decoder.state_dict().items())
 
