@@ -38,7 +38,8 @@ def parse_args(argv=None):
                    help="vision as query (Eq. (2), the default) or language as query (Eq. (8)); --init fixes it")
     p.add_argument("--config", choices=["tiny", "small", "paper"], default="tiny",
                    help="tiny: CPU-sized, 32x48 frames; small: tiny at 64x96 frames; "
-                        "paper: 360x648, p=18, T=4, L=64, T5-base + ViT-B + 8-layer decoder")
+                        "paper: 360x648, p=18, T=4, L=64, T5-base + ViT-B + 8-layer decoder (--init and --encoders "
+                        "take their checkpoint's)")
     p.add_argument("--data", nargs="+", default=["synthetic"],
                    help="datasets (synthetic, smit, ytvos, davis17, refcoco, visor); several train jointly")
     p.add_argument("--data-root", nargs="+", default=None, help="one root folder per --data entry except synthetic")
@@ -475,7 +476,7 @@ def main(argv=None):
     model.to(device)
     args.freeze_text, args.freeze_vision = model.freeze_text, model.freeze_vision    # the choices made, recorded
     if args.warmup is None:  # 5% of the steps; a resumed run keeps its own when --steps changes
-        recorded = (state or {}).get("run", {}).get("--warmup")                  # None before it was recorded
+        recorded = (state or {}).get("run", {}).get("--warmup")  # None in a resume.pt written before it was recorded
         args.warmup = max(1, args.steps // 20) if recorded is None else recorded
     trainable, opt, sched = build_optimizer(model, args)
 
@@ -485,8 +486,9 @@ def main(argv=None):
         if state["config"] != dataclasses.asdict(cfg) or state["task"] != model.task or state["fusion"] != model.fusion:
             raise SystemExit(f"error: {path} is a {state['task']}/{state['fusion']} checkpoint of another config "
                              f"than this run's {model.task}/{model.fusion} {args.config}")
-        changed = [f"{k} {v} (was {state['run'][k]})" for k, v in run_settings(args).items()
-                   if "run" in state and state["run"].get(k, v) != v]
+        recorded = state.get("run", {})
+        changed = [f"{k} {v} (was {recorded[k]})" for k, v in run_settings(args).items()
+                   if recorded.get(k, v) != v and not (k == "--warmup" and recorded[k] is None)]  # None: not recorded
         if changed:
             raise SystemExit(f"error: {path}: resuming with {', '.join(changed)}; a resumed run keeps the earlier "
                              f"run's data order and optimizer (start a new run to change them)")

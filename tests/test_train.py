@@ -123,6 +123,11 @@ def test_a_resumed_run_keeps_its_warmup(tmp_path, spm_model, monkeypatch):
           if r["kind"] == "train"}
     assert lr[1] == pytest.approx(1e-3)                                          # the first run's warm-up: 1 step
     assert lr[3] == pytest.approx(1e-3 * (0.1 + 0.45 * (1 + math.cos(math.pi * (2 - 1) / (100 - 1)))))   # cosine
+    # a resume.pt written before the warm-up and the freeze flags were recorded still resumes
+    state = torch.load(tmp_path / "run/resume.pt", weights_only=True)
+    state["run"] = {**{k: v for k, v in state["run"].items() if not k.startswith("--freeze")}, "--warmup": None}
+    torch.save(state, tmp_path / "run/resume.pt")
+    train.main([*first, "--steps", "101", "--resume"])
 
 
 @pytest.mark.parametrize("poison", ["loss", "gradient"])
