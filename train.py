@@ -331,18 +331,6 @@ def read_batches(loader):
 
 
 def build_model(args, tokenizer):
-    cfg = getattr(slvp.SLVPConfig, args.config)()
-    text = vision = None
-    if args.t5:
-        text = slvp.load_t5(args.t5)
-        cfg = dataclasses.replace(cfg, **{f.name: getattr(text.cfg, f.name) for f in dataclasses.fields(cfg)
-                                          if f.name.startswith("t5_") or f.name == "vocab_size"})
-    else:
-        cfg = dataclasses.replace(cfg, vocab_size=len(tokenizer))
-    if args.vit:
-        vision = slvp.load_vit(args.vit, cfg)
-        cfg = dataclasses.replace(cfg, **{f.name: getattr(vision.cfg, f.name) for f in dataclasses.fields(cfg)
-                                          if f.name.startswith("vit_")})
     task = "pretrain" if args.mode == "pretrain" else "rvos"
     freeze = {"freeze_text": args.freeze_text, "freeze_vision": args.freeze_vision}
     if args.init:
@@ -357,6 +345,18 @@ def build_model(args, tokenizer):
         model.text.load_state_dict(src.text.state_dict())
         model.vision.load_state_dict(src.vision.state_dict())
         return model
+    cfg = getattr(slvp.SLVPConfig, args.config)()
+    text = vision = None
+    if args.t5:
+        text = slvp.load_t5(args.t5)
+        cfg = dataclasses.replace(cfg, **{f.name: getattr(text.cfg, f.name) for f in dataclasses.fields(cfg)
+                                          if f.name.startswith("t5_") or f.name == "vocab_size"})
+    else:
+        cfg = dataclasses.replace(cfg, vocab_size=len(tokenizer))
+    if args.vit:
+        vision = slvp.load_vit(args.vit, cfg)
+        cfg = dataclasses.replace(cfg, **{f.name: getattr(vision.cfg, f.name) for f in dataclasses.fields(cfg)
+                                          if f.name.startswith("vit_")})
     model = slvp.SLVP(cfg, args.fusion or "vision", task, **freeze)
     if text is not None:
         model.text.load_state_dict(text.state_dict())
