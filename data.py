@@ -439,7 +439,9 @@ class SyntheticClips(ClipDataset):
         self.summary = {"clips": len(self.items), "frames": len(self.items) * cfg.num_frames}
 
     def rng(self, index):  # the scene depends on (seed, split, index) only; augmentation also on the epoch
-        return np.random.default_rng([self.seed, self.code, index, self.epoch])
+        # epoch + 1: numpy seeds [s, c, i, 0] and [s, c, i] are one stream, so epoch 0's flips and crops would
+        # repeat the scene's own draws (the target's box centre then averaged 0.70 of the width, not 0.5)
+        return np.random.default_rng([self.seed, self.code, index, self.epoch + 1])
 
     def scene(self, index):
         H, W = self.cfg.frame_size

@@ -207,15 +207,27 @@ def split_ids(frames, n=None):
     return frames[None] == np.arange(1, n + 1)[:, None, None, None]
 
 
+def gt_frames(gt_dir, seq):
+    """The names of a sequence's annotated frames, gt_dir/<seq>/<name>.png, in the evaluator's order."""
+    names = sorted(p.stem for p in (Path(gt_dir) / seq).glob("*.png"))
+    if not names:
+        raise FileNotFoundError(f"{Path(gt_dir) / seq}: no ground-truth PNGs")
+    return names
+
+
+def first_frame_objects(gt_dir, seq):
+    """How many objects the evaluator scores in a sequence: the largest id of its first annotated frame (void aside)."""
+    first = data.read_index_png(Path(gt_dir) / seq / f"{gt_frames(gt_dir, seq)[0]}.png")
+    return int(np.where(first == 255, 0, first).max())
+
+
 def evaluate_davis(gt_dir, sequences, pred_dir, match=True, progress=True):
     """The DAVIS 2017 evaluation of pred_dir/<seq>/<frame>.png against gt_dir/<seq>/<frame>.png (255 = void).
     Returns (global row dict, per-object rows)."""
     J, F, rows = {"M": [], "R": [], "D": []}, {"M": [], "R": [], "D": []}, []
     t0 = time.time()
     for s, seq in enumerate(sequences):
-        names = sorted(p.stem for p in (Path(gt_dir) / seq).glob("*.png"))
-        if not names:
-            raise FileNotFoundError(f"{Path(gt_dir) / seq}: no ground-truth PNGs")
+        names = gt_frames(gt_dir, seq)
         gt = np.stack([data.read_index_png(Path(gt_dir) / seq / f"{n}.png") for n in names])
         void = gt == 255
         gt = np.where(void, 0, gt)
@@ -446,13 +458,22 @@ def bench_ytvos(args, model, tokenizer, device):
 
 def bench_visor(args, model, tokenizer, device):
     """VISOR val: each object's name is its expression; masks are scored against the object's own ground truth
-    (ids known, no matching), on every annotated frame."""
+    (ids known, no matching), on every annotated frame. The objects scored are those the DAVIS evaluator counts,
+    ids up to the largest of the sequence's first annotated frame: an object of the mapping missing there (too small
+    at 480p, or covered) is predicted, not scored, and left out of the written PNGs, where it would cover others."""
     ds = data.build_dataset("visor", args.data_root, "val", model.cfg, train=False)
     preds = predict(model, ds, tokenizer, args.batch_size, device)
+    gt_dir = Path(args.data_root) / "Annotations" / "480p"
+    counted = {seq: first_frame_objects(gt_dir, seq) for seq in {v for v, _ in preds}}
+    left_out = sorted((v, o) for v, o in preds if int(o) > counted[v])
+    if left_out:
+        print(f"not scored, not in their sequence's first annotated frame: {len(left_out)} objects ("
+              + ", ".join(f"{v} {o}" for v, o in left_out[:5]) + (", ..." if len(left_out) > 5 else "") + ")")
+    preds = {k: v for k, v in preds.items() if k not in left_out}
     out = Path(args.out) / "visor"
     write_object_pngs(preds, out, int)
     seqs = sorted({v for v, _ in preds})
-    g, rows = evaluate_davis(Path(args.data_root) / "Annotations" / "480p", seqs, out, match=False)
+    g, rows = evaluate_davis(gt_dir, seqs, out, match=False)
     write_tables(out, g, rows)
     print_table(g, "VISOR val")
     return g

@@ -43,6 +43,9 @@ def parse_args(argv=None):
     p.add_argument("--data", nargs="+", default=["synthetic"],
                    help="datasets (synthetic, smit, ytvos, davis17, refcoco, visor); several train jointly")
     p.add_argument("--data-root", nargs="+", default=None, help="one root folder per --data entry except synthetic")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="real datasets: skip a clip whose file is unreadable or missing, counting them in a warning, "
+                        "instead of stopping at the first with its name")
     p.add_argument("--train-size", type=positive, default=None,
                    help="synthetic finetuning: number of labelled clips (default: the split's 256)")
     p.add_argument("--t5", help="a Hugging Face T5 folder for the text encoder (needs --spm)")
@@ -96,6 +99,9 @@ def parse_args(argv=None):
         p.error("give one --data-root per non-synthetic --data entry, in the same order")
     if any(d != "synthetic" for d in args.data) and args.data_root is None:
         p.error(f"--data {' '.join(args.data)} needs --data-root")
+    if args.mode == "finetune" and "smit" in args.data:
+        p.error("--data smit has captions, no masks or boxes: it is for --mode pretrain (fine-tune on synthetic, "
+                "ytvos, davis17, refcoco or visor)")
     if args.mode == "pretrain" and (args.init or args.encoders):
         p.error("--init and --encoders are for --mode finetune")
     if args.t5 and not args.spm:
@@ -192,6 +198,8 @@ def build_training_data(args, cfg):
         opts = {"seed": args.seed}
         if name == "synthetic" and args.mode == "finetune" and args.train_size:
             opts["size"] = args.train_size
+        if name != "synthetic":                                         # generated clips have no files
+            opts["skip_bad"] = args.skip_bad
         sets.append(data.build_dataset(name, None if name == "synthetic" else next(roots),
                                        split if name == "synthetic" else "train", cfg, train=True, **opts))
     return sets
@@ -548,11 +556,16 @@ def main(argv=None):
                                  f"{last if last.is_file() else 'none yet'}, is left as it was.")
             step, batch_idx, steps_since = step + 1, batch_idx + 1, steps_since + 1
 
+            if step % args.log_every == 0 or step == args.steps:
+                shown = torch.stack([loss.detach(), *parts.values()]).float()
+                if ddp:  # the whole batch's loss and parts: the mean of the processes' (each has an equal share)
+                    dist.all_reduce(shown)
+                    shown /= world
+                shown = dict(zip(["loss", *parts], shown.tolist()))
             if main_proc and (step % args.log_every == 0 or step == args.steps):
                 dt = (time.time() - t_last) / steps_since
-                line = {"kind": "train", "step": step, "loss": loss.item(), **{k: v.item() for k, v in parts.items()},
-                        "lr": lr, "it_per_s": 1 / dt}
-                msg = f"step {step:5d} | loss {loss.item():.4f}" + "".join(f" | {k} {v.item():.3f}" for k, v in parts.items())
+                line = {"kind": "train", "step": step, **shown, "lr": lr, "it_per_s": 1 / dt}
+                msg = f"step {step:5d} | loss {shown['loss']:.4f}" + "".join(f" | {k} {shown[k]:.3f}" for k in parts)
                 msg += f" | lr {line['lr']:.2e} | {1 / dt:.2f} it/s"
                 if peak:
                     line["mfu"] = train_flops(raw, args.batch_size // world, batch["ids"].shape[1]) / dt / peak

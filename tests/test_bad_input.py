@@ -154,6 +154,7 @@ CASES = [
     ("train", "--train-size 64", ["--train-size", "needs --mode finetune"]),
     ("train", "--steps 10 --warmup 50", ["--warmup 50 is longer than the run"]),
     ("train", "--mode pretrain --init {d}/pre.safetensors", ["--init and --encoders are for --mode finetune"]),
+    ("train", "--mode finetune --data synthetic smit --data-root {d}", ["--data smit has captions, no masks or boxes"]),
     ("train", "--mode finetune --encoders {d}/pre.safetensors --vit {d}/vit.bin", ["--encoders brings its own encoders"]),
     # a checkpoint without its tokenizer: a new one would give its text encoder other ids
     ("train", "--mode finetune --init {d}/no-spm/pre.safetensors", ["no spm.model beside", "no-spm/pre.safetensors"]),
@@ -183,6 +184,16 @@ def test_bad_input_gives_one_error_line(program, args, names, d, tmp_path, capsy
     assert text.startswith("error: ") and len(text.strip().splitlines()) == 1 and "Traceback" not in text, text
     for name in names:
         assert name in text, text
+
+
+def test_skip_bad_trains_past_an_unreadable_frame(d, tmp_path):
+    """With --skip-bad the run that stops at vid_b/00003.jpg (the table above) trains on: every clip of vid_b holds
+    that frame, so each is skipped for the next good one and counted in a warning."""
+    argv = [*FAST, "--mode", "finetune", "--data", "ytvos", "--data-root", str(d / "ytvos-truncated-frame"),
+            "--spm", str(d / "spm.model"), "--steps", "4", "--batch-size", "2", "--out", str(tmp_path / "out")]
+    with pytest.warns(UserWarning, match=r"skipped a bad clip \(\d+ so far in this worker\): .*vid_b/00003.jpg: unreadable"):
+        train.main([*argv, "--skip-bad"])
+    assert (tmp_path / "out/ckpt.safetensors").is_file()
 
 
 def test_a_run_into_a_used_folder_leaves_its_checkpoint_byte_for_byte(tmp_path, spm_model, monkeypatch):

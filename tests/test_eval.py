@@ -222,6 +222,28 @@ def test_davis17_from_the_original_downloads_needs_no_davis_root(tmp_path, tiny_
     assert "on the converted layout needs --davis-root" in capsys.readouterr().err
 
 
+def test_visor_objects_not_in_the_first_frame_are_not_scored(tmp_path, tiny_ckpt, capsys):
+    """VISOR val through the model: object 2 of the mapping is missing from the sequence's first annotated frame (as
+    an object too small at 480p is), so the evaluator counts object 1 alone. Its prediction is left out of the PNGs
+    and of the scores, with a line saying so, where the run used to stop ("predictions use id 2, above the 1
+    objects")."""
+    import json
+    from test_data import write_jpeg, write_palette_png
+    root, seq = tmp_path / "VISOR_2022", "P01_107_seq_00001"
+    for t in range(5):
+        write_jpeg(root / f"JPEGImages/480p/{seq}/{t:05d}.jpg", 40 + 20 * t)
+        write_palette_png(root / f"Annotations/480p/{seq}/{t:05d}.png", {1: (2, 2, 12, 12), 2: None if t == 0 else (20, 8, 30, 18)})
+    (root / "ImageSets/2022").mkdir(parents=True)
+    (root / "ImageSets/2022/val.txt").write_text(seq + "\n")
+    (root / "val_data_mapping.json").write_text(json.dumps({seq: {"1": "hand:left", "2": "board:chopping"}}))
+    g = ev.main(["--bench", "visor", "--ckpt", str(tiny_ckpt), "--data-root", str(root), "--out", str(tmp_path / "o")])
+    assert f"not in their sequence's first annotated frame: 1 objects ({seq} 2)" in capsys.readouterr().out
+    out = tmp_path / "o/visor"
+    assert [r[0] for r in csv.reader(open(out / "per-sequence_results-val.csv"))] == ["Sequence", f"{seq}_1"]
+    assert all(np.asarray(Image.open(p)).max() <= 1 for p in (out / seq).glob("*.png"))   # object 2 not painted
+    assert 0 <= g["J&F-Mean"] <= 1
+
+
 def test_synthetic_bench_and_demo(tmp_path, tiny_ckpt):
     s = ev.main(["--bench", "synthetic", "--ckpt", str(tiny_ckpt), "--num-clips", "4"])
     assert set(s) == {"J", "F", "J&F"} and all(0 <= v <= 1 for v in s.values())

@@ -169,6 +169,11 @@ def test_two_gloo_processes_equal_one_process(tmp_path, mode):
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
     diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
     assert diff < 1e-5, diff
+    logs = [[json.loads(line) for line in open(tmp_path / out / "log.jsonl") if '"train"' in line] for out in ("one", "two")]
+    assert [r["step"] for r in logs[1]] == [2, 4]                  # the whole batch's loss (and parts), as one process logs it
+    for r1, r2 in zip(*logs):
+        for k in set(r1) - {"it_per_s"}:
+            assert r2[k] == pytest.approx(r1[k], rel=1e-5), k
 
 
 def test_clear_errors(tmp_path):
