@@ -76,6 +76,14 @@ class BadFile(ValueError):
     clip's files are read, so that a bug's ValueError there keeps its traceback."""
 
 
+def frame_order(path):
+    """Sort key of a frame file: by the numbers in its name, so that frames named without zero padding (ffmpeg's
+    %d: 1.jpg, 2.jpg, ..., 10.jpg) keep their order; zero-padded names sort as their text does. re.split with a group
+    alternates text and digits, so a number is only ever compared with a number; the name breaks ties (1 and 01)."""
+    name = Path(path).name
+    return [int(t) if k % 2 else t for k, t in enumerate(re.split(r"([0-9]+)", name))], name
+
+
 def read_image(path):
     """An image file as a PIL RGB image; a missing, truncated or non-image file fails naming it."""
     try:
@@ -255,8 +263,9 @@ class ClipDataset(torch.utils.data.Dataset):
                     raise
                 self.bad += 1
                 warnings.warn(f"skipped a bad clip ({self.bad} so far in this worker): {e}")
+                last = e
         else:
-            raise RuntimeError("every clip of the dataset is bad")
+            raise BadFile(f"every clip of the dataset is bad, the last: {last}")
         if self.train and self.rvos:
             item = augment(item, rng)
         return item
@@ -500,7 +509,7 @@ class SMiT(ClipDataset):
             if not text:
                 self.empty += 1
                 continue
-            source = sorted((root / "frames" / name).glob("*.jpg")) or root / "videos" / f"{name}.mp4"
+            source = sorted((root / "frames" / name).glob("*.jpg"), key=frame_order) or root / "videos" / f"{name}.mp4"
             if isinstance(source, Path) and not source.is_file():
                 if skip_bad:
                     self.bad += 1
@@ -620,7 +629,7 @@ class VideoExpressions(ClipDataset):
 
 def _video_frames(jpeg_dir, anno_dir, vid, names=None):
     jdir = jpeg_dir / vid
-    frames = [jdir / f"{n}.jpg" for n in names] if names else sorted(jdir.glob("*.jpg"))
+    frames = [jdir / f"{n}.jpg" for n in names] if names else sorted(jdir.glob("*.jpg"), key=frame_order)
     if not frames:
         raise FileNotFoundError(f"{jdir}: no JPEG frames")
     annos = [anno_dir / vid / f"{f.stem}.png" for f in frames] if anno_dir is not None else None

@@ -459,17 +459,21 @@ def bench_ytvos(args, model, tokenizer, device):
 def bench_visor(args, model, tokenizer, device):
     """VISOR val: each object's name is its expression; masks are scored against the object's own ground truth
     (ids known, no matching), on every annotated frame. The objects scored are those the DAVIS evaluator counts,
-    ids up to the largest of the sequence's first annotated frame: an object of the mapping missing there (too small
-    at 480p, or covered) is predicted, not scored, and left out of the written PNGs, where it would cover others."""
+    ids 1 up to the largest id of the sequence's first annotated frame: an object of the mapping whose id is above it
+    (missing there: too small at 480p, or covered) is predicted, not scored, and left out of the written PNGs, where it
+    would cover others."""
     ds = data.build_dataset("visor", args.data_root, "val", model.cfg, train=False)
     preds = predict(model, ds, tokenizer, args.batch_size, device)
     gt_dir = Path(args.data_root) / "Annotations" / "480p"
     counted = {seq: first_frame_objects(gt_dir, seq) for seq in {v for v, _ in preds}}
-    left_out = sorted((v, o) for v, o in preds if int(o) > counted[v])
+    left_out = sorted(((v, o) for v, o in preds if int(o) > counted[v]), key=lambda k: (k[0], int(k[1])))
     if left_out:
-        print(f"not scored, not in their sequence's first annotated frame: {len(left_out)} objects ("
+        print(f"not scored, ids above their sequence's first annotated frame's: {len(left_out)} objects ("
               + ", ".join(f"{v} {o}" for v, o in left_out[:5]) + (", ..." if len(left_out) > 5 else "") + ")")
     preds = {k: v for k, v in preds.items() if k not in left_out}
+    if not preds:
+        raise ValueError(f"{gt_dir}: no object of the mapping file is in its sequence's first annotated frame; nothing "
+                         f"to score")
     out = Path(args.out) / "visor"
     write_object_pngs(preds, out, int)
     seqs = sorted({v for v, _ in preds})
@@ -484,7 +488,7 @@ def demo(args, model, tokenizer, device):
     video = Path(args.video)
     cfg = model.cfg
     if video.is_dir():
-        paths = sorted(p for p in video.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+        paths = sorted((p for p in video.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png")), key=data.frame_order)
         if not paths:
             raise FileNotFoundError(f"{video}: no .jpg/.png frames")
         originals = [np.asarray(data.read_image(p)) for p in paths]

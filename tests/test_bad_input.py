@@ -4,6 +4,7 @@ line `error: ...` naming the file or flag, never a traceback; a new run never re
 The programs run in-process (main(argv)): any exception other than SystemExit fails the test with its traceback."""
 import dataclasses
 import json
+import re
 import shlex
 import shutil
 import subprocess
@@ -194,6 +195,12 @@ def test_skip_bad_trains_past_an_unreadable_frame(d, tmp_path):
     with pytest.warns(UserWarning, match=r"skipped a bad clip \(\d+ so far in this worker\): .*vid_b/00003.jpg: unreadable"):
         train.main([*argv, "--skip-bad"])
     assert (tmp_path / "out/ckpt.safetensors").is_file()
+    root = shutil.copytree(d / "ytvos-truncated-frame", tmp_path / "all-bad")
+    truncate(root / "train/JPEGImages/vid_a/00003.jpg")                # now every clip holds a bad frame
+    argv[argv.index("--data-root") + 1], argv[-1] = str(root), str(tmp_path / "out2")
+    with pytest.warns(UserWarning), pytest.raises(SystemExit) as e:
+        train.main([*argv, "--skip-bad"])
+    assert re.fullmatch(r"error: every clip of the dataset is bad, the last: .*/00003.jpg: unreadable image .*", str(e.value))
 
 
 def test_a_run_into_a_used_folder_leaves_its_checkpoint_byte_for_byte(tmp_path, spm_model, monkeypatch):

@@ -613,9 +613,9 @@ def test_smit_clips_stride_6(tmp_path, as_mp4, spm_model):
                     c.mux(p)
             for p in s.encode():
                 c.mux(p)
-    else:
+    else:  # named as ffmpeg's %d names them, without zero padding: 1.jpg, 2.jpg, ..., 10.jpg (a text sort misorders)
         for t in range(n):
-            write_jpeg(root / f"frames/clip_a/{t:05d}.jpg", 5 + 6 * t)
+            write_jpeg(root / f"frames/clip_a/{t + 1}.jpg", 5 + 6 * t)
     (root / "transcriptions").mkdir(parents=True)
     (root / "transcriptions/clip_a.txt").write_text("a man throws a ball\nsecond line\n")
     (root / "transcriptions/clip_b.txt").write_text("\n")

@@ -237,11 +237,14 @@ def test_visor_objects_not_in_the_first_frame_are_not_scored(tmp_path, tiny_ckpt
     (root / "ImageSets/2022/val.txt").write_text(seq + "\n")
     (root / "val_data_mapping.json").write_text(json.dumps({seq: {"1": "hand:left", "2": "board:chopping"}}))
     g = ev.main(["--bench", "visor", "--ckpt", str(tiny_ckpt), "--data-root", str(root), "--out", str(tmp_path / "o")])
-    assert f"not in their sequence's first annotated frame: 1 objects ({seq} 2)" in capsys.readouterr().out
+    assert f"not scored, ids above their sequence's first annotated frame's: 1 objects ({seq} 2)" in capsys.readouterr().out
     out = tmp_path / "o/visor"
     assert [r[0] for r in csv.reader(open(out / "per-sequence_results-val.csv"))] == ["Sequence", f"{seq}_1"]
     assert all(np.asarray(Image.open(p)).max() <= 1 for p in (out / seq).glob("*.png"))   # object 2 not painted
     assert 0 <= g["J&F-Mean"] <= 1
+    (root / "val_data_mapping.json").write_text(json.dumps({seq: {"2": "board:chopping"}}))   # nothing left to score
+    with pytest.raises(SystemExit, match="no object of the mapping file is in its sequence's first annotated frame"):
+        ev.main(["--bench", "visor", "--ckpt", str(tiny_ckpt), "--data-root", str(root), "--out", str(tmp_path / "o2")])
 
 
 def test_synthetic_bench_and_demo(tmp_path, tiny_ckpt):
