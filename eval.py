@@ -488,7 +488,8 @@ def demo(args, model, tokenizer, device):
     video = Path(args.video)
     cfg = model.cfg
     if video.is_dir():
-        paths = sorted((p for p in video.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png")), key=data.frame_order)
+        paths = sorted((p for p in video.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png")),
+                       key=data.frame_order)
         if not paths:
             raise FileNotFoundError(f"{video}: no .jpg/.png frames")
         originals = [np.asarray(data.read_image(p)) for p in paths]

@@ -562,18 +562,20 @@ def main(argv=None):
                     dist.all_reduce(shown)
                     shown /= world
                 shown = dict(zip(["loss", *parts], shown.tolist()))
-            if main_proc and (step % args.log_every == 0 or step == args.steps):
-                dt = (time.time() - t_last) / steps_since
-                line = {"kind": "train", "step": step, **shown, "lr": lr, "it_per_s": 1 / dt}
-                msg = f"step {step:5d} | loss {shown['loss']:.4f}" + "".join(f" | {k} {shown[k]:.3f}" for k in parts)
-                msg += f" | lr {line['lr']:.2e} | {1 / dt:.2f} it/s"
-                if peak:
-                    line["mfu"] = train_flops(raw, args.batch_size // world, batch["ids"].shape[1]) / dt / peak
-                    msg += f" | mfu {100 * line['mfu']:.1f}% | mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
-                print(msg, flush=True)
-                log.write(json.dumps(line) + "\n")
-                log.flush()
-                t_last, steps_since = time.time(), 0
+                if main_proc:
+                    dt = (time.time() - t_last) / steps_since
+                    line = {"kind": "train", "step": step, **shown, "lr": lr, "it_per_s": 1 / dt}
+                    msg = f"step {step:5d} | loss {shown['loss']:.4f}"
+                    msg += "".join(f" | {k} {shown[k]:.3f}" for k in parts)
+                    msg += f" | lr {line['lr']:.2e} | {1 / dt:.2f} it/s"
+                    if peak:
+                        line["mfu"] = train_flops(raw, args.batch_size // world, batch["ids"].shape[1]) / dt / peak
+                        msg += (f" | mfu {100 * line['mfu']:.1f}%"
+                                f" | mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+                    print(msg, flush=True)
+                    log.write(json.dumps(line) + "\n")
+                    log.flush()
+                    t_last, steps_since = time.time(), 0
             if main_proc and (step % args.eval_every == 0 or step == args.steps):
                 t_eval = time.time()
                 scores = evaluate()
