@@ -11,6 +11,7 @@ RNG state for --resume), spm.model (the tokenizer), log.jsonl (one JSON line per
 """
 import argparse
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -23,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.nn  # noqa: F401  imported before init_process_group (DDP imports it): its functions'
+#                               default group, read at import, would hold the process group and gloo's threads to exit
 from PIL import Image
 
 import data
@@ -596,6 +599,10 @@ def main(argv=None):
         log.close()
     if ddp:
         dist.barrier()
+        # DDP (kept by reference cycles) holds the process group: freed first, so destroy_process_group joins gloo's
+        # threads, which left running could free a task during the interpreter's exit and abort it
+        del model
+        gc.collect()
         dist.destroy_process_group()
 
 
