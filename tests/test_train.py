@@ -162,19 +162,19 @@ def test_two_gloo_processes_equal_one_process(tmp_path, mode):
     one = run([*args, "--out", str(tmp_path / "one")])
     assert one.returncode == 0, one.stderr
     # train.main, then the names of the process's threads: gloo's must be gone before the interpreter exits (where one
-    # of them, still running, aborted a run now and then: "terminate called without an active exception"). One
-    # os.write each: the two processes share stdout, and print() under PYTHONUNBUFFERED writes the text and its
-    # newline apart, so the other process's line could land between them
+    # of them, still running, aborted a run now and then: "terminate called without an active exception")
     launch = tmp_path / "launch.py"
-    launch.write_text("import glob, os, sys, train\ntrain.main(sys.argv[1:])\n"
+    launch.write_text("import glob, sys, train\ntrain.main(sys.argv[1:])\n"
                       "names = sorted(open(t + '/comm').read().strip() for t in glob.glob('/proc/self/task/*'))\n"
-                      "os.write(1, ('threads ' + str(names) + '\\n').encode())\n")
+                      "print('threads ' + str(names))\n")
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                           "29517", str(launch), *args, "--out", str(tmp_path / "two")],
                          env=ENV, cwd=ROOT, capture_output=True, text=True)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "on 2 process(es)" in two.stdout
-    threads = re.findall(r"threads \[[^]]*\]", two.stdout)       # anywhere: rank 0's last print may be split too
+    # found anywhere: the two processes share stdout, and under PYTHONUNBUFFERED print() writes a line's text and its
+    # newline apart, so one process's line can land before the other's newline
+    threads = re.findall(r"threads \[[^]]*\]", two.stdout)
     assert len(threads) == 2 and not any("gloo" in line for line in threads), threads
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
     diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
