@@ -551,8 +551,9 @@ class SLVP(nn.Module):
         self.text_proj = nn.Linear(cfg.t5_dim, d) if cfg.t5_dim != d else nn.Identity()
         self.vision_proj = nn.Linear(cfg.vit_dim, d) if cfg.vit_dim != d else nn.Identity()
         # learnable (Eq. (2)); initialized as sin-cos of the patch row and column (E_pos) and of the frame index
-        # (E_tem), as in MAE, so that attention can tell positions apart from the first step (README, "How the
-        # miniature learns flow"); language as query re-initializes them below
+        # (E_tem), as in MAE, so that attention can tell positions apart from the first step; the Gaussian codes
+        # that language as query starts from (below) bring vision as query's flow sooner but transfer less (README,
+        # "How the miniature learns flow")
         self.E_pos = nn.Parameter(sincos_2d(*cfg.grid, d))                  # N x d
         self.E_tem = nn.Parameter(sincos_1d(torch.arange(cfg.num_frames), d))   # T x d
         self.decoder = Decoder(cfg)
