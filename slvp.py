@@ -505,17 +505,22 @@ class Decoder(nn.Module):
         return self.norm(query)
 
 
-def sincos_1d(pos, d):
-    """[n] positions -> [n, d]: sin(pos * w_k) then cos(pos * w_k), w_k = 10000^(-k / (d/2)) (Vaswani et al.)."""
-    w = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64) / (d / 2))
-    angle = pos.double()[:, None] * w[None]
+def sincos_1d(n, d):
+    """[n, d] codes of the positions 0..n-1: sin(pos * w_k) then cos(pos * w_k), with d/2 frequencies w_k spread
+    geometrically from 0.9 pi rad per step (just under the pi at which sin vanishes on a grid) down to pi / n (half a
+    period over the n positions). The codes of Vaswani et al. and MAE (w_k = 10000^(-2k/d), 1 rad down to 1e-4) are
+    flat over a few positions: on the tiny config's 4x6 grid two neighbouring patches' codes are 0.98 alike (0.59
+    here), and the decoder was slower to learn to read frame 1 at a token's own place, which the flow waits for
+    (README, "How the miniature learns flow")."""
+    w = 0.9 * math.pi * (1 / (0.9 * n)) ** (torch.arange(d // 2, dtype=torch.float64) / (d // 2 - 1))
+    angle = torch.arange(n, dtype=torch.float64)[:, None] * w[None]
     return torch.cat([angle.sin(), angle.cos()], dim=1).float()
 
 
 def sincos_2d(gh, gw, d):
     """[gh*gw, d] for a gh x gw grid, row-major: half the channels encode the row, half the column (MAE)."""
-    rows = sincos_1d(torch.arange(gh), d // 2)[:, None, :].expand(gh, gw, d // 2)
-    cols = sincos_1d(torch.arange(gw), d // 2)[None, :, :].expand(gh, gw, d // 2)
+    rows = sincos_1d(gh, d // 2)[:, None, :].expand(gh, gw, d // 2)
+    cols = sincos_1d(gw, d // 2)[None, :, :].expand(gh, gw, d // 2)
     return torch.cat([rows, cols], dim=-1).reshape(gh * gw, d)
 
 
@@ -551,18 +556,17 @@ class SLVP(nn.Module):
         self.text_proj = nn.Linear(cfg.t5_dim, d) if cfg.t5_dim != d else nn.Identity()
         self.vision_proj = nn.Linear(cfg.vit_dim, d) if cfg.vit_dim != d else nn.Identity()
         # learnable (Eq. (2)); initialized as sin-cos of the patch row and column (E_pos) and of the frame index
-        # (E_tem), as in MAE, so that attention can tell positions apart from the first step; the Gaussian codes
-        # that language as query starts from (below) bring vision as query's flow sooner but transfer less (README,
-        # "How the miniature learns flow")
+        # (E_tem), at frequencies the grid can show (sincos_1d), so that attention can tell positions apart from
+        # the first step
         self.E_pos = nn.Parameter(sincos_2d(*cfg.grid, d))                  # N x d
-        self.E_tem = nn.Parameter(sincos_1d(torch.arange(cfg.num_frames), d))   # T x d
+        self.E_tem = nn.Parameter(sincos_1d(cfg.num_frames, d))             # T x d
         self.decoder = Decoder(cfg)
         if fusion == "language":
             self.q = nn.Parameter(torch.zeros(d))                           # shared learnable query token
             nn.init.trunc_normal_(self.q, std=0.02)
-            # q^ holds no content: it finds its patch in f_v by position alone (Eq. (8)), which the sin-cos grid,
-            # nearly flat over a few patches, cannot do by a dot product. So here E_pos and E_tem start as
-            # Gaussian codes (nearly orthogonal) and the first cross-attention with k = q, scaled 4x, so that
+            # q^ holds no content: it finds its patch in f_v by position alone (Eq. (8)), which MAE's sin-cos
+            # codes, nearly flat over a few patches, could not do by a dot product. So here E_pos and E_tem start
+            # as Gaussian codes (nearly orthogonal) and the first cross-attention with k = q, scaled 4x, so that
             # q^ + E_pos + E_tem reads its own patch of f_v from the first step (README, "How the miniature learns
             # flow": without it, language as query learned no flow)
             nn.init.normal_(self.E_pos)

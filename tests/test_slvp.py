@@ -277,8 +277,9 @@ def test_fusion_shapes_gradients_and_padding(fusion):
 def test_language_query_reads_its_own_patch_at_init():
     """Language as query: at initialization the first cross-attention of each q^ + E_pos + E_tem token already
     puts most of its weight on its own patch of f_v (softmax(q k^T / sqrt(d_head)) worked out from the layer's
-    inputs); with the sin-cos grid of vision as query in place of the Gaussian codes (k = q and the 4x kept) it
-    stays within a few times the uniform 1/96."""
+    inputs); with the sin-cos codes of MAE (w_k = 10000^(-2k/d), written out here) in place of the Gaussian codes
+    (k = q and the 4x kept) it stays within a few times the uniform 1/96: the start with which language as query
+    learned no flow (README, "How the miniature learns flow", row 50)."""
     cfg, frames, ids, mask = tiny_batch()
     TN = cfg.num_frames * cfg.num_patches
 
@@ -297,10 +298,38 @@ def test_language_query_reads_its_own_patch_at_init():
     model = slvp.SLVP(cfg, "language").eval()
     assert torch.equal(model.decoder.layers[0].cross_attn.k.weight, model.decoder.layers[0].cross_attn.q.weight)
     assert own_patch_weight(model) > 30 / TN                   # measured 0.50-0.54 over 4 seeds; uniform is 1/96
+    d, (gh, gw) = cfg.dec_dim, cfg.grid
+
+    def mae(n, d):                                             # [n, d]: sin then cos of pos * 10000^(-2k/d)
+        angle = torch.arange(n, dtype=torch.float64)[:, None] * 10000 ** (-torch.arange(d // 2) / (d // 2))
+        return torch.cat([angle.sin(), angle.cos()], 1).float()
+
     with torch.no_grad():
-        model.E_pos.copy_(slvp.sincos_2d(*cfg.grid, cfg.dec_dim))
-        model.E_tem.copy_(slvp.sincos_1d(torch.arange(cfg.num_frames), cfg.dec_dim))
+        model.E_pos.copy_(torch.cat([mae(gh, d // 2)[:, None].expand(gh, gw, -1),
+                                     mae(gw, d // 2)[None].expand(gh, gw, -1)], -1).reshape(gh * gw, d))
+        model.E_tem.copy_(mae(cfg.num_frames, d))
     assert own_patch_weight(model) < 5 / TN                    # measured 0.025-0.033
+
+
+def test_sincos_codes_hand_worked():
+    """sincos_1d(n, d): d/2 frequencies from 0.9 pi down to pi / n, geometrically; sin then cos. With n = 4 and d = 4
+    the two are 0.9 pi and pi / 4, so position 2 is (sin 1.8 pi, sin pi/2, cos 1.8 pi, cos pi/2). sincos_2d puts the
+    row's code in the first half of the channels and the column's in the second, row-major. On the tiny config's
+    4x6 grid two neighbouring patches' codes are far less alike than with MAE's frequencies (1 rad down to 1e-4),
+    which is what lets the decoder learn the lookup of frame 1 sooner (README)."""
+    import math
+    got = slvp.sincos_1d(4, 4)
+    assert torch.allclose(got[2], torch.tensor([math.sin(1.8 * math.pi), 1.0, math.cos(1.8 * math.pi), 0.0]), atol=1e-6)
+    assert torch.equal(got[0], torch.tensor([0.0, 0.0, 1.0, 1.0]))
+    grid = slvp.sincos_2d(2, 3, 8)                             # row r, column c at index 3 r + c
+    assert torch.equal(grid[4, :4], slvp.sincos_1d(2, 4)[1]) and torch.equal(grid[4, 4:], slvp.sincos_1d(3, 4)[1])
+    cfg = slvp.SLVPConfig.tiny()
+    cos = torch.nn.functional.cosine_similarity
+    codes = slvp.sincos_2d(*cfg.grid, cfg.dec_dim)
+    assert cos(codes[0], codes[1], dim=0) < 0.6 and cos(codes[0], codes[cfg.grid[1]], dim=0) < 0.6   # 0.590, 0.495
+    angle = torch.arange(2)[:, None] * 10000 ** (-torch.arange(32) / 32)   # MAE's, one axis of d/2 = 64 channels
+    mae = torch.cat([angle.sin(), angle.cos()], 1)
+    assert cos(mae[0], mae[1], dim=0) > 0.95                   # 0.966 per axis (0.983 for neighbouring patches)
 
 
 # ---------------------------------------------------------------------------------------------- losses
