@@ -88,7 +88,7 @@ class SLVPConfig:
     @classmethod
     def tiny(cls):
         """A CPU-sized model for the default run and the tests: 32x48 frames, a 4-layer decoder of width 128 (8 heads),
-        which learns the synthetic motion from Eq. (1) alone, its onset at step 1500-4250 on 12 of 13 seeds (README,
+        which learns the synthetic motion from Eq. (1) alone, its onset at step 750-2500 on each of 13 seeds (README,
         "The default run"). The text width differs from the decoder width so that the projection path is exercised;
         L = 32 pieces holds the longest synthetic caption (25 with </s>) whole."""
         return cls(frame_size=(32, 48), patch_size=8, num_frames=4, max_text_len=32,
@@ -506,13 +506,13 @@ class Decoder(nn.Module):
 
 
 def sincos_1d(n, d):
-    """[n, d] codes of the positions 0..n-1: sin(pos * w_k) then cos(pos * w_k), with d/2 frequencies w_k spread
+    """[n, d] codes of the positions 0..n-1 (d even): sin(pos * w_k) then cos(pos * w_k), with d/2 frequencies w_k spread
     geometrically from 0.9 pi rad per step (just under the pi at which sin vanishes on a grid) down to pi / n (half a
     period over the n positions). The codes of Vaswani et al. and MAE (w_k = 10000^(-2k/d), 1 rad down to 1e-4) are
     flat over a few positions: on the tiny config's 4x6 grid two neighbouring patches' codes are 0.98 alike (0.59
     here), and the decoder was slower to learn to read frame 1 at a token's own place, which the flow waits for
     (README, "How the miniature learns flow")."""
-    w = 0.9 * math.pi * (1 / (0.9 * n)) ** (torch.arange(d // 2, dtype=torch.float64) / (d // 2 - 1))
+    w = 0.9 * math.pi * (1 / (0.9 * n)) ** torch.linspace(0, 1, d // 2, dtype=torch.float64)
     angle = torch.arange(n, dtype=torch.float64)[:, None] * w[None]
     return torch.cat([angle.sin(), angle.cos()], dim=1).float()
 

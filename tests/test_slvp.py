@@ -313,23 +313,23 @@ def test_language_query_reads_its_own_patch_at_init():
 
 def test_sincos_codes_hand_worked():
     """sincos_1d(n, d): d/2 frequencies from 0.9 pi down to pi / n, geometrically; sin then cos. With n = 4 and d = 4
-    the two are 0.9 pi and pi / 4, so position 2 is (sin 1.8 pi, sin pi/2, cos 1.8 pi, cos pi/2). sincos_2d puts the
-    row's code in the first half of the channels and the column's in the second, row-major. On the tiny config's
-    4x6 grid two neighbouring patches' codes are far less alike than with MAE's frequencies (1 rad down to 1e-4),
-    which is what lets the decoder learn the lookup of frame 1 sooner (README)."""
+    the two are 0.9 pi and pi / 4, so position 2 is (sin 1.8 pi, sin pi/2, cos 1.8 pi, cos pi/2); with d = 6 a third
+    lies between them at their geometric mean, pi sqrt(0.9 / 4). sincos_2d puts the row's code in the first half of
+    the channels and the column's in the second, row-major. On the tiny config's 4x6 grid two neighbouring patches'
+    codes are far less alike than with MAE's frequencies (1 rad down to 1e-4: 0.98), which is what lets the decoder
+    learn the lookup of frame 1 sooner (README)."""
     import math
     got = slvp.sincos_1d(4, 4)
     assert torch.allclose(got[2], torch.tensor([math.sin(1.8 * math.pi), 1.0, math.cos(1.8 * math.pi), 0.0]), atol=1e-6)
     assert torch.equal(got[0], torch.tensor([0.0, 0.0, 1.0, 1.0]))
+    w = torch.tensor([0.9 * math.pi, math.pi * (0.9 / 4) ** 0.5, math.pi / 4])
+    assert torch.allclose(slvp.sincos_1d(4, 6)[1], torch.cat([w.sin(), w.cos()]), atol=1e-6)
     grid = slvp.sincos_2d(2, 3, 8)                             # row r, column c at index 3 r + c
     assert torch.equal(grid[4, :4], slvp.sincos_1d(2, 4)[1]) and torch.equal(grid[4, 4:], slvp.sincos_1d(3, 4)[1])
     cfg = slvp.SLVPConfig.tiny()
     cos = torch.nn.functional.cosine_similarity
     codes = slvp.sincos_2d(*cfg.grid, cfg.dec_dim)
     assert cos(codes[0], codes[1], dim=0) < 0.6 and cos(codes[0], codes[cfg.grid[1]], dim=0) < 0.6   # 0.590, 0.495
-    angle = torch.arange(2)[:, None] * 10000 ** (-torch.arange(32) / 32)   # MAE's, one axis of d/2 = 64 channels
-    mae = torch.cat([angle.sin(), angle.cos()], 1)
-    assert cos(mae[0], mae[1], dim=0) > 0.95                   # 0.966 per axis (0.983 for neighbouring patches)
 
 
 # ---------------------------------------------------------------------------------------------- losses
