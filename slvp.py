@@ -568,7 +568,7 @@ class SLVP(nn.Module):
             # codes, nearly flat over a few patches, could not do by a dot product. So here E_pos and E_tem start
             # as Gaussian codes (nearly orthogonal) and the first cross-attention with k = q, scaled 4x, so that
             # q^ + E_pos + E_tem reads its own patch of f_v from the first step (README, "How the miniature learns
-            # flow": without it, language as query learned no flow)
+            # flow": without it, language as query learned no flow; from sincos_2d, a later and weaker one)
             nn.init.normal_(self.E_pos)
             nn.init.normal_(self.E_tem)
             read = self.decoder.layers[0].cross_attn
