@@ -65,8 +65,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=positive, default=None,
                    help="optimizer steps (default: 4500 in pretrain, where the tiny run learns the flow; 1000 in finetune)")
     p.add_argument("--batch-size", type=positive, default=8,
-                   help="global batch size (clips), split over processes; the tiny config's pre-training learns the "
-                   "motion with a clearer margin at 16: README, The default run (default: %(default)s)")
+                   help="global batch size (clips), split over processes (default: %(default)s)")
     p.add_argument("--lr", type=data.number(float, 0, strict=True), default=None,
                    help="peak learning rate of AdamW (default: 1e-3 in pretrain, 5e-4 in finetune)")
     p.add_argument("--weight-decay", type=data.number(float, 0), default=0.05,
