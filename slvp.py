@@ -98,8 +98,9 @@ class SLVPConfig:
 
     @classmethod
     def small(cls):
-        """The tiny config at 64x96 frames (an 8x12 patch grid). With today's synthetic captions its pre-training found
-        no motion in 6000 steps; with earlier captions it did (README, "How the miniature learns flow")."""
+        """The tiny config at 64x96 frames (an 8x12 patch grid). With today's synthetic captions and tokenizer its
+        pre-training found no motion in 6000 steps; with the earlier ones it did (README, "How the miniature learns
+        flow")."""
         return dataclasses.replace(cls.tiny(), frame_size=(64, 96))
 
 
