@@ -1,6 +1,7 @@
 """slvp.py against the libraries it replaces (transformers, timm, open_clip, sentencepiece) and against hand-worked
 values. Every reference model is random-init and built here; nothing is downloaded."""
 import dataclasses
+import math
 import shutil
 
 import pytest
@@ -318,7 +319,6 @@ def test_sincos_codes_hand_worked():
     the channels and the column's in the second, row-major. On the tiny config's 4x6 grid two neighbouring patches'
     codes are far less alike than with MAE's frequencies (1 rad down to 1e-4: 0.98), which is what lets the decoder
     learn the lookup of frame 1 sooner (README)."""
-    import math
     got = slvp.sincos_1d(4, 4)
     assert torch.allclose(got[2], torch.tensor([math.sin(1.8 * math.pi), 1.0, math.cos(1.8 * math.pi), 0.0]), atol=1e-6)
     assert torch.equal(got[0], torch.tensor([0.0, 0.0, 1.0, 1.0]))
