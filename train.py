@@ -435,14 +435,30 @@ def optimizer_step(loss, params, opt, sched, grad_clip):
 def main(argv=None):
     args = parse_args(argv)
     ddp = int(os.environ.get("RANK", -1)) != -1                           # launched by torchrun
-    if ddp:
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}" if torch.cuda.is_available() else "cpu"
-        if torch.cuda.is_available():
-            torch.cuda.set_device(device)
-    else:
-        rank, world, device = 0, 1, "cuda" if torch.cuda.is_available() else "cpu"
+    if not ddp:
+        return run(args, False, 0, 1, "cuda" if torch.cuda.is_available() else "cpu")
+    dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    device = f"cuda:{int(os.environ['LOCAL_RANK'])}" if torch.cuda.is_available() else "cpu"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(device)
+    error = None
+    try:
+        run(args, True, dist.get_rank(), dist.get_world_size(), device)
+        dist.barrier()
+    except SystemExit as e:  # a clear error, met by every process (the gradients are averaged: a NaN reaches all)
+        error = e.code       # the exception is dropped here, and with its traceback the run's frame
+    # The run's DDP model (unreachable now but for reference cycles) holds the process group: collected first, so that
+    # destroy_process_group joins gloo's threads, which left running could free a task during the interpreter's exit
+    # and abort it; on success and on error alike
+    gc.collect()
+    dist.destroy_process_group()
+    if error is not None:
+        raise SystemExit(error)
+
+
+def run(args, ddp, rank, world, device):
+    """The whole run in this process: data, tokenizer, model, optional resume, then the training loop with its
+    evaluations and checkpoints."""
     main_proc = rank == 0
     if args.batch_size % world:
         raise SystemExit(f"error: --batch-size {args.batch_size} does not split over the {world} processes; "
@@ -596,13 +612,6 @@ def main(argv=None):
     if main_proc:
         print(f"done: {args.out / 'ckpt.safetensors'}")
         log.close()
-    if ddp:
-        dist.barrier()
-        # DDP (kept by reference cycles) holds the process group: freed first, so destroy_process_group joins gloo's
-        # threads, which left running could free a task during the interpreter's exit and abort it
-        del model
-        gc.collect()
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """train.py: FLOP count against torch's counter, exact resume after SIGKILL, a NaN stops the run and keeps the
-last checkpoint, two gloo processes equal one process with the same global batch, clear errors."""
+last checkpoint, two gloo processes equal one process with the same global batch and leave no gloo thread (also when
+an error stops them), clear errors."""
 import dataclasses
 import json
 import math
@@ -184,6 +185,29 @@ def test_two_gloo_processes_equal_one_process(tmp_path, mode):
     for r1, r2 in zip(*logs):
         for k in set(r1) - {"it_per_s"}:
             assert r2[k] == pytest.approx(r1[k], rel=1e-5), k
+
+
+def test_a_ddp_run_stopped_by_an_error_leaves_no_gloo_thread(tmp_path):
+    """A run under torchrun that stops with a clear error (here a NaN loss at its 3rd step, on both processes) still
+    destroys the process group: gloo's threads are gone when train.main returns its error. Before, the error left
+    through the interpreter's exit with them running, where one could abort it (the test above)."""
+    launch = tmp_path / "launch.py"
+    launch.write_text("import glob, sys, slvp, train\n"
+                      "real, calls = slvp.photometric_objective, [0]\n"
+                      "def poisoned(frames, flow):\n"
+                      "    calls[0] += 1\n"
+                      "    return real(frames, flow) * (float('nan') if calls[0] == 3 else 1.0)\n"
+                      "slvp.photometric_objective = poisoned\n"
+                      "try:\n    train.main(sys.argv[1:])\nexcept SystemExit as e:\n    print('stopped: ' + str(e.code))\n"
+                      "names = sorted(open(t + '/comm').read().strip() for t in glob.glob('/proc/self/task/*'))\n"
+                      "print('threads ' + str(names))\n")
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29518", str(launch), "--mode", "pretrain", "--steps", "6", *FAST, "--out", str(tmp_path / "o")],
+                         env=ENV, cwd=ROOT, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("stopped: error: non-finite loss (nan) at step 2") == 2, two.stdout
+    threads = re.findall(r"threads \[[^]]*\]", two.stdout)
+    assert len(threads) == 2 and not any("gloo" in line for line in threads), threads
 
 
 def test_clear_errors(tmp_path):
