@@ -157,26 +157,34 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, poi
     assert not list(out.glob("*.tmp"))
 
 
+def two_gloo_processes(tmp_path, args, port, prelude=""):
+    """train.main under torchrun in 2 gloo processes, through a launcher that runs `prelude` first, prints a
+    SystemExit's message as "stopped: ...", then the names of the process's threads: gloo's must be gone before the
+    interpreter exits (where one of them, still running, aborted a run now and then: "terminate called without an
+    active exception")."""
+    launch = tmp_path / "launch.py"
+    launch.write_text("import glob, sys, slvp, train\n" + prelude +
+                      "try:\n    train.main(sys.argv[1:])\n"
+                      "except SystemExit as e:\n    print('stopped: ' + str(e.code))\n"
+                      "names = sorted(open(t + '/comm').read().strip() for t in glob.glob('/proc/self/task/*'))\n"
+                      "print('threads ' + str(names))\n")
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(port), str(launch), *args], env=ENV, cwd=ROOT, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    # found anywhere: the two processes share stdout, and under PYTHONUNBUFFERED print() writes a line's text and its
+    # newline apart, so one process's line can land before the other's newline
+    threads = re.findall(r"threads \[[^]]*\]", two.stdout)
+    assert len(threads) == 2 and not any("gloo" in line for line in threads), threads
+    return two.stdout
+
+
 @pytest.mark.parametrize("mode", ["pretrain", "finetune"])  # frozen encoders; the flow head dropped, vision trained
 def test_two_gloo_processes_equal_one_process(tmp_path, mode):
     args = ["--mode", mode, "--steps", "4", "--ckpt-every", "4", *FAST]
     one = run([*args, "--out", str(tmp_path / "one")])
     assert one.returncode == 0, one.stderr
-    # train.main, then the names of the process's threads: gloo's must be gone before the interpreter exits (where one
-    # of them, still running, aborted a run now and then: "terminate called without an active exception")
-    launch = tmp_path / "launch.py"
-    launch.write_text("import glob, sys, train\ntrain.main(sys.argv[1:])\n"
-                      "names = sorted(open(t + '/comm').read().strip() for t in glob.glob('/proc/self/task/*'))\n"
-                      "print('threads ' + str(names))\n")
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          "29517", str(launch), *args, "--out", str(tmp_path / "two")],
-                         env=ENV, cwd=ROOT, capture_output=True, text=True)
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert "on 2 process(es)" in two.stdout
-    # found anywhere: the two processes share stdout, and under PYTHONUNBUFFERED print() writes a line's text and its
-    # newline apart, so one process's line can land before the other's newline
-    threads = re.findall(r"threads \[[^]]*\]", two.stdout)
-    assert len(threads) == 2 and not any("gloo" in line for line in threads), threads
+    stdout = two_gloo_processes(tmp_path, [*args, "--out", str(tmp_path / "two")], 29517)
+    assert "on 2 process(es)" in stdout and "stopped" not in stdout
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
     diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
     assert diff < 1e-5, diff
@@ -191,23 +199,14 @@ def test_a_ddp_run_stopped_by_an_error_leaves_no_gloo_thread(tmp_path):
     """A run under torchrun that stops with a clear error (here a NaN loss at its 3rd step, on both processes) still
     destroys the process group: gloo's threads are gone when train.main returns its error. Before, the error left
     through the interpreter's exit with them running, where one could abort it (the test above)."""
-    launch = tmp_path / "launch.py"
-    launch.write_text("import glob, sys, slvp, train\n"
-                      "real, calls = slvp.photometric_objective, [0]\n"
-                      "def poisoned(frames, flow):\n"
-                      "    calls[0] += 1\n"
-                      "    return real(frames, flow) * (float('nan') if calls[0] == 3 else 1.0)\n"
-                      "slvp.photometric_objective = poisoned\n"
-                      "try:\n    train.main(sys.argv[1:])\nexcept SystemExit as e:\n    print('stopped: ' + str(e.code))\n"
-                      "names = sorted(open(t + '/comm').read().strip() for t in glob.glob('/proc/self/task/*'))\n"
-                      "print('threads ' + str(names))\n")
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          "29518", str(launch), "--mode", "pretrain", "--steps", "6", *FAST, "--out", str(tmp_path / "o")],
-                         env=ENV, cwd=ROOT, capture_output=True, text=True)
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert two.stdout.count("stopped: error: non-finite loss (nan) at step 2") == 2, two.stdout
-    threads = re.findall(r"threads \[[^]]*\]", two.stdout)
-    assert len(threads) == 2 and not any("gloo" in line for line in threads), threads
+    poison = ("real, calls = slvp.photometric_objective, [0]\n"
+              "def poisoned(frames, flow):\n"
+              "    calls[0] += 1\n"
+              "    return real(frames, flow) * (float('nan') if calls[0] == 3 else 1.0)\n"
+              "slvp.photometric_objective = poisoned\n")
+    stdout = two_gloo_processes(tmp_path, ["--mode", "pretrain", "--steps", "6", *FAST, "--out", str(tmp_path / "o")],
+                                29518, prelude=poison)
+    assert stdout.count("stopped: error: non-finite loss (nan) at step 2") == 2, stdout
 
 
 def test_clear_errors(tmp_path):
