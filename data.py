@@ -391,8 +391,8 @@ def make_scene(rng, H, W, T):
 def caption(scene):
     """'a small red circle moves while a large blue square stays still, as the camera pans': what moves, not where.
     A caption that named each object's direction would be a flow label in words: read whole, the decoder takes the
-    flow from it instead of from the frames; at 64x96 even saying which objects move kept the decoder from the frames
-    for 5500 steps (README, "How the miniature learns flow")."""
+    flow from it instead of from the frames; at 64x96 even "as the camera pans" kept the decoder from the frames for
+    5500 steps (it smeared the background), against 3000-3500 without it (README, "How the miniature learns flow")."""
     parts = [f"a {o['size']} {o['color']} {o['kind']} {'stays still' if direction(o['vel']) == 'still' else 'moves'}"
              for o in scene["objects"]]
     text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " while " + parts[-1]

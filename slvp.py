@@ -98,9 +98,10 @@ class SLVPConfig:
 
     @classmethod
     def small(cls):
-        """The tiny config at 64x96 frames (an 8x12 patch grid). With today's synthetic captions, which say what moves,
-        its pre-training found no motion in 6000 steps and found it at step 5500-6000 of 12000; with captions that say
-        nothing of the motion, at step 3000-3500 on 5 of 5 runs (README, "How the miniature learns flow")."""
+        """The tiny config at 64x96 frames (an 8x12 patch grid). With today's synthetic captions its pre-training found
+        no motion on a 6000-step cosine schedule, and found it at step 5500-6000 of 12000 (or of 6000 at a constant
+        rate); with captions that say nothing of the motion, or today's without "as the camera pans", at step
+        3000-3500 (README, "How the miniature learns flow")."""
         return dataclasses.replace(cls.tiny(), frame_size=(64, 96))
 
 
