@@ -17,6 +17,7 @@ quarter minus last quarter); global numbers are means over all objects of all se
 """
 import argparse
 import csv
+import itertools
 import json
 import math
 import sys
@@ -346,24 +347,29 @@ def to_uint8(frames):
 
 @torch.no_grad()
 def predict(model, dataset, tokenizer, batch_size=4, device="cpu", progress=True):
-    """Runs the model over an evaluation dataset (clips covering every frame). Returns
-    {(video, exp_id): {frame name: Bool[H0, W0] numpy}} with masks resized (bilinear on the logits) back to the
-    original frame size."""
+    """Runs the model over an evaluation dataset (clips covering every frame; an expression's clips come one after
+    another, and a video's expressions too). Yields ((video, exp_id), {frame name: Float[H0, W0] numpy}) as each
+    expression is done: the mask logits resized (bilinear) back to the original frame size; the mask is logits > 0.
+    One expression at a time, so the full-size masks of a whole benchmark are never held together."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size,
                                          collate_fn=data.Collate(tokenizer, model.cfg.max_text_len))
     model.eval()
-    out, t0, done = {}, time.time(), 0
+    key, per, done_keys, t0, done = None, {}, set(), time.time(), 0
     for batch in loader:
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=str(device).startswith("cuda")):
             logits = model(batch["frames"].to(device), batch["ids"].to(device), batch["mask"].to(device))["masks"]
         for b in range(len(logits)):
             vid, exp_id, _ = batch["id"][b]
+            if (vid, exp_id) != key:
+                if key is not None:
+                    yield key, per
+                assert (vid, exp_id) not in done_keys, f"the clips of {vid} {exp_id} are not one after another"
+                key, per = (vid, exp_id), {}
+                done_keys.add(key)
             H0, W0 = batch["orig_size"][b]
             n = batch["num_real"][b]
             up = F.interpolate(logits[b, :n, None].float(), size=(H0, W0), mode="bilinear", align_corners=False)
-            masks = (up[:, 0] > 0).cpu().numpy()
-            per = out.setdefault((vid, exp_id), {})
-            for name, m in zip(batch["frame_names"][b][:n], masks):
+            for name, m in zip(batch["frame_names"][b][:n], up[:, 0].cpu().numpy()):
                 per[name] = m
         done += len(logits)
         if progress:
@@ -371,7 +377,17 @@ def predict(model, dataset, tokenizer, batch_size=4, device="cpu", progress=True
             print(f"\r{done}/{len(dataset)} clips, ETA {eta:.0f}s", end="", file=sys.stderr, flush=True)
     if progress:
         print(file=sys.stderr)
-    return out
+    if key is not None:
+        yield key, per
+
+
+def by_video(preds):
+    """predict's expressions grouped by video: yields (video, {exp_id: {frame name: logits}})."""
+    seen = set()
+    for vid, group in itertools.groupby(preds, key=lambda kv: kv[0][0]):
+        assert vid not in seen, f"the expressions of {vid} are not one after another"
+        seen.add(vid)
+        yield vid, {exp_id: frames for (_, exp_id), frames in group}
 
 
 def write_indexed(path, ids):
@@ -382,17 +398,21 @@ def write_indexed(path, ids):
     im.save(path)
 
 
-def write_object_pngs(preds, out_dir, obj_of):
-    """One indexed PNG per frame: each expression's mask painted with its object id obj_of(exp_id), in id order."""
-    videos = {}
-    for (vid, exp_id), frames in preds.items():
-        videos.setdefault(vid, []).append((obj_of(exp_id), frames))
-    for vid, objs in videos.items():
-        for name in objs[0][1]:
-            ids = np.zeros(objs[0][1][name].shape, np.uint8)
-            for obj, frames in sorted(objs, key=lambda o: o[0]):
-                ids[frames[name]] = obj
-            write_indexed(Path(out_dir) / vid / f"{name}.png", ids)
+def merge_objects(logits):
+    """One frame's objects {id: Float[H, W] logits} -> Uint8[H, W] ids: each pixel goes to the object of the highest
+    probability among those whose mask covers it (logit > 0), 0 where none does; ties to the lower id. This is how
+    ReferFormer's Ref-DAVIS17 inference composes its objects, behind the published numbers."""
+    ids = sorted(logits)
+    stack = np.stack([logits[i] for i in ids])                          # [K, H, W]
+    return np.where(stack.max(0) > 0, np.asarray(ids, np.uint8)[stack.argmax(0)], 0).astype(np.uint8)
+
+
+def write_object_pngs(vid, exps, out_dir, obj_of):
+    """A video's expressions {exp_id: {frame name: logits}} as one indexed PNG per frame, each expression's mask
+    under its object id obj_of(exp_id), overlaps resolved by merge_objects."""
+    for name in next(iter(exps.values())):
+        ids = merge_objects({obj_of(e): frames[name] for e, frames in exps.items()})
+        write_indexed(Path(out_dir) / vid / f"{name}.png", ids)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -402,11 +422,11 @@ def write_object_pngs(preds, out_dir, obj_of):
 def synthetic_scores(model, tokenizer, n=64, batch_size=8, device="cpu", seed=0):
     """The embedded benchmark: a fixed held-out set of synthetic R-VOS clips; J, F, J&F means over clips."""
     ds = data.build_dataset("synthetic", None, "val", model.cfg, train=False, size=n, seed=seed)
-    preds = predict(model, ds, tokenizer, batch_size, device, progress=False)
+    preds = dict(predict(model, ds, tokenizer, batch_size, device, progress=False))
     js, fs = [], []
     for i in range(len(ds)):
         it = ds[i]
-        pred = np.stack([preds[(it["id"][0], it["id"][1])][name] for name in it["frame_names"]])
+        pred = np.stack([preds[(it["id"][0], it["id"][1])][name] > 0 for name in it["frame_names"]])
         gt = it["masks"].numpy()
         j, f = evaluate_objects(gt[None], pred[None], match=False)
         js.append(j.mean()), fs.append(f.mean())
@@ -422,10 +442,10 @@ def bench_davis17(args, model, tokenizer, device):
     for a, run in enumerate(data.RefDAVIS17.RUNS):
         ds = data.build_dataset("davis17", args.data_root, "valid", model.cfg, train=False, annotation=a)
         print(f"run {a}: {run}, {len(ds)} clips")
-        preds = predict(model, ds, tokenizer, args.batch_size, device)
-        out = Path(args.out) / f"run{a}"
-        write_object_pngs(preds, out, lambda exp_id: int(exp_id) // 4 + 1)
-        predicted = {vid for vid, _ in preds}
+        out, predicted = Path(args.out) / f"run{a}", set()
+        for vid, exps in by_video(predict(model, ds, tokenizer, args.batch_size, device)):
+            write_object_pngs(vid, exps, out, lambda exp_id: int(exp_id) // 4 + 1)
+            predicted.add(vid)
         scored = [s for s in seqs if s in predicted]              # this run's, not a folder left from another
         if len(scored) < len(seqs):
             print(f"run {a}: not scored, no expression: {', '.join(s for s in seqs if s not in scored)}")
@@ -441,18 +461,20 @@ def bench_davis17(args, model, tokenizer, device):
 def bench_ytvos(args, model, tokenizer, device):
     """Ref-YouTube-VOS valid: Annotations/<vid>/<exp_id>/<frame>.png (0/255, original size), zipped."""
     ds = data.build_dataset("ytvos", args.data_root, "valid", model.cfg, train=False)
-    preds = predict(model, ds, tokenizer, args.batch_size, device)
     out = Path(args.out)
     zpath = out / "submission.zip"
     out.mkdir(parents=True, exist_ok=True)
+    vids, n = set(), 0
     with zipfile.ZipFile(zpath, "w", zipfile.ZIP_DEFLATED) as z:
-        for (vid, exp_id), frames in sorted(preds.items()):
+        for (vid, exp_id), frames in predict(model, ds, tokenizer, args.batch_size, device):
             for name, m in frames.items():
                 path = out / "Annotations" / vid / exp_id / f"{name}.png"
                 path.parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(m.astype(np.uint8) * 255, mode="L").save(path)
+                Image.fromarray((m > 0).astype(np.uint8) * 255, mode="L").save(path)
                 z.write(path, f"Annotations/{vid}/{exp_id}/{name}.png")
-    print(f"wrote {zpath} ({len(preds)} expressions of {len({v for v, _ in preds})} videos)")
+            vids.add(vid)
+            n += 1
+    print(f"wrote {zpath} ({n} expressions of {len(vids)} videos)")
     return zpath
 
 
@@ -463,20 +485,23 @@ def bench_visor(args, model, tokenizer, device):
     (missing there: too small at 480p, or covered) is predicted, not scored, and left out of the written PNGs, where it
     would cover others."""
     ds = data.build_dataset("visor", args.data_root, "val", model.cfg, train=False)
-    preds = predict(model, ds, tokenizer, args.batch_size, device)
     gt_dir = Path(args.data_root) / "Annotations" / "480p"
-    counted = {seq: first_frame_objects(gt_dir, seq) for seq in {v for v, _ in preds}}
-    left_out = sorted(((v, o) for v, o in preds if int(o) > counted[v]), key=lambda k: (k[0], int(k[1])))
+    out, seqs, left_out = Path(args.out) / "visor", [], []
+    for seq, exps in by_video(predict(model, ds, tokenizer, args.batch_size, device)):
+        counted = first_frame_objects(gt_dir, seq)
+        left_out += [(seq, o) for o in sorted(exps, key=int) if int(o) > counted]
+        exps = {o: frames for o, frames in exps.items() if int(o) <= counted}
+        if exps:
+            write_object_pngs(seq, exps, out, int)
+            seqs.append(seq)
     if left_out:
+        left_out.sort(key=lambda k: (k[0], int(k[1])))
         print(f"not scored, ids above their sequence's first annotated frame's: {len(left_out)} objects ("
               + ", ".join(f"{v} {o}" for v, o in left_out[:5]) + (", ..." if len(left_out) > 5 else "") + ")")
-    preds = {k: v for k, v in preds.items() if k not in left_out}
-    if not preds:
+    if not seqs:
         raise ValueError(f"{gt_dir}: no object of the mapping file is in its sequence's first annotated frame; nothing "
                          f"to score")
-    out = Path(args.out) / "visor"
-    write_object_pngs(preds, out, int)
-    seqs = sorted({v for v, _ in preds})
+    seqs.sort()
     g, rows = evaluate_davis(gt_dir, seqs, out, match=False)
     write_tables(out, g, rows)
     print_table(g, "VISOR val")

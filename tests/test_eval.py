@@ -158,6 +158,23 @@ def test_predictions_errors_name_the_file(tmp_path):
         ev.main(["--bench", "davis17", "--davis-root", str(davis), "--predictions", str(pred)])
 
 
+
+def test_overlapping_objects_go_to_the_more_probable():
+    """Overlapping masks in one indexed PNG: each pixel to the object of the highest probability above 0.5, as
+    ReferFormer's Ref-DAVIS17 inference composes them (probabilities below 0.5 zeroed, a background of 0.1, argmax):
+    hand-worked, then against that rule written in torch on random logits."""
+    l1 = np.array([[2., 2, 2, 2, -1, -1]], np.float32)
+    l3 = np.array([[-1., 1, 3, 2, 1, -1]], np.float32)
+    assert ev.merge_objects({3: l3, 1: l1}).tolist() == [[1, 1, 3, 1, 3, 0]]   # a tie to the lower id
+    rng = np.random.default_rng(0)
+    ids = (1, 2, 5)
+    logits = {i: rng.normal(0, 2, (20, 30)).astype(np.float32) for i in ids}
+    p = torch.sigmoid(torch.from_numpy(np.stack([logits[i] for i in ids])))
+    p[p < 0.5] = 0
+    ref = torch.argmax(torch.cat([torch.full((1, 20, 30), 0.1), p]), 0).numpy()   # 0: background, k: the k-th id
+    got = ev.merge_objects(logits)
+    assert (got == np.array((0,) + ids)[ref]).all() and len(np.unique(got)) == 4
+
 # ---------------------------------------------------------------------------------------------- with a model
 
 @pytest.fixture
@@ -172,6 +189,31 @@ def tiny_ckpt(tmp_path, spm_model):
     shutil.copy(spm_model, path.parent / "spm.model")
     return path
 
+
+
+def test_predict_yields_each_expression_when_its_clips_are_done(tiny_ckpt):
+    """predict streams: an expression comes out once its clips are read, before the rest of the dataset is (so a
+    benchmark's full-size masks are never all in memory), each expression once, in the dataset's order."""
+    import data
+    model, tok = ev.load_model_and_tokenizer(tiny_ckpt, None, "cpu")
+    ds = data.build_dataset("synthetic", None, "val", model.cfg, train=False, size=6)
+    read = []
+
+    class Counting(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(ds)
+
+        def __getitem__(self, i):
+            read.append(i)
+            return ds[i]
+
+    got = []
+    for key, frames in ev.predict(model, Counting(), tok, batch_size=2, progress=False):
+        got.append((key, len(read)))
+        assert all(m.dtype == np.float32 and m.shape == tuple(model.cfg.frame_size) for m in frames.values())
+    keys = [(ds[i]["id"][0], ds[i]["id"][1]) for i in range(len(ds))]
+    assert [k for k, _ in got] == keys
+    assert got[0][1] <= 4 < len(ds)                           # the first came out after the second batch at most
 
 def test_ytvos_submission_zip(tmp_path, tiny_ckpt):
     from test_data import write_video
