@@ -489,7 +489,7 @@ def bench_visor(args, model, tokenizer, device):
     out, seqs, left_out = Path(args.out) / "visor", [], []
     for seq, exps in by_video(predict(model, ds, tokenizer, args.batch_size, device)):
         counted = first_frame_objects(gt_dir, seq)
-        left_out += [(seq, o) for o in sorted(exps, key=int) if int(o) > counted]
+        left_out += [(seq, o) for o in exps if int(o) > counted]
         exps = {o: frames for o, frames in exps.items() if int(o) <= counted}
         if exps:
             write_object_pngs(seq, exps, out, int)

@@ -158,7 +158,6 @@ def test_predictions_errors_name_the_file(tmp_path):
         ev.main(["--bench", "davis17", "--davis-root", str(davis), "--predictions", str(pred)])
 
 
-
 def test_overlapping_objects_go_to_the_more_probable():
     """Overlapping masks in one indexed PNG: each pixel to the object of the highest probability above 0.5, as
     ReferFormer's Ref-DAVIS17 inference composes them (probabilities below 0.5 zeroed, a background of 0.1, argmax):
@@ -175,6 +174,7 @@ def test_overlapping_objects_go_to_the_more_probable():
     got = ev.merge_objects(logits)
     assert (got == np.array((0,) + ids)[ref]).all() and len(np.unique(got)) == 4
 
+
 # ---------------------------------------------------------------------------------------------- with a model
 
 @pytest.fixture
@@ -188,7 +188,6 @@ def tiny_ckpt(tmp_path, spm_model):
     slvp.save_checkpoint(path, slvp.SLVP(cfg, task="rvos"))
     shutil.copy(spm_model, path.parent / "spm.model")
     return path
-
 
 
 def test_predict_yields_each_expression_when_its_clips_are_done(tiny_ckpt):
@@ -214,6 +213,7 @@ def test_predict_yields_each_expression_when_its_clips_are_done(tiny_ckpt):
     keys = [(ds[i]["id"][0], ds[i]["id"][1]) for i in range(len(ds))]
     assert [k for k, _ in got] == keys
     assert got[0][1] <= 4 < len(ds)                           # the first came out after the second batch at most
+
 
 def test_ytvos_submission_zip(tmp_path, tiny_ckpt):
     from test_data import write_video
