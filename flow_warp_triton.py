@@ -35,19 +35,23 @@ NUM_WARPS = 4   # warps per program
 # ----------------------------------------------------------------------------------------------------------
 
 def flow_warp_reference(image, flow):
+    """In float32 at least, as the kernels compute (a half-precision grid would misplace samples by up to a pixel
+    in a frame 648 wide), returned in image's dtype."""
     B, C, H, W = image.shape
-    ys, xs = torch.meshgrid(torch.arange(H, device=flow.device, dtype=flow.dtype),
-                            torch.arange(W, device=flow.device, dtype=flow.dtype), indexing="ij")
+    acc = torch.promote_types(torch.promote_types(image.dtype, flow.dtype), torch.float32)  # float64 stays float64
+    ys, xs = torch.meshgrid(torch.arange(H, device=flow.device, dtype=acc),
+                            torch.arange(W, device=flow.device, dtype=acc), indexing="ij")
     # pixel x -> normalized [-1, 1] with align_corners=True: -1 is the centre of pixel 0, +1 that of pixel W-1
-    gx = (xs + flow[:, 0]) * (2 / max(W - 1, 1)) - 1
-    gy = (ys + flow[:, 1]) * (2 / max(H - 1, 1)) - 1
-    grid = torch.stack([gx, gy], dim=-1).to(image.dtype)                   # [B, H, W, 2]
-    return F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    gx = (xs + flow[:, 0].to(acc)) * (2 / max(W - 1, 1)) - 1
+    gy = (ys + flow[:, 1].to(acc)) * (2 / max(H - 1, 1)) - 1
+    grid = torch.stack([gx, gy], dim=-1)                                    # [B, H, W, 2]
+    out = F.grid_sample(image.to(acc), grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    return out.to(image.dtype)
 
 
 def photometric_loss_reference(image, flow, target, mask=None):
     acc = torch.promote_types(flow.dtype, torch.float32)  # fp32 accumulation (fp64 stays fp64)
-    sq = (flow_warp_reference(image.detach(), flow).to(acc) - target.detach().to(acc)) ** 2
+    sq = (flow_warp_reference(image.detach().to(acc), flow) - target.detach().to(acc)) ** 2
     if mask is None:
         return sq.mean()
     m = mask.expand_as(sq).to(acc)
@@ -315,15 +319,16 @@ def bytes_moved(B, C, H, W, dtype, backward):
 
 
 def benchmark(clips=8, frames=3, H=360, W=648):
-    """Eager grid_sample + mse_loss, the same under torch.compile, and the fused kernel, forward and forward +
-    backward, fp32 and bf16, on clips x frames random images and flows of std 8 px. Returns (copy GB/s, rows)."""
+    """Eager grid_sample + mse_loss (in float32, as the kernel computes), the same under torch.compile, and the fused
+    kernel, forward and forward + backward, fp32 and bf16 inputs, on clips x frames random images and flows of std
+    8 px. Returns (copy GB/s, rows)."""
     from triton.testing import do_bench
     dev = "cuda"
     big = torch.empty(2 ** 30, dtype=torch.uint8, device=dev)
     copy_gbs = 2 * big.numel() / do_bench(lambda: big.clone(), return_mode="median") / 1e6
     del big
     B = clips * frames
-    eager = lambda i, f, t: F.mse_loss(flow_warp_reference(i, f).float(), t.float())
+    eager = lambda i, f, t: F.mse_loss(flow_warp_reference(i.float(), f), t.float())
     compiled = torch.compile(eager)
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
