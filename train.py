@@ -55,11 +55,13 @@ def parse_args(argv=None):
     p.add_argument("--vit", help="an open_clip CoCa/CLIP or timm ViT checkpoint for the vision encoder")
     p.add_argument("--spm", help="sentencepiece model; default: the one next to --init/--encoders, or one fit to the data")
     p.add_argument("--init", help="finetune from this pre-training checkpoint (shared weights; fresh heads); "
-                                  "without it the decoder starts random (the 'no Decoder*' rows of Table 2)")
+                                  "without it the decoder starts random (with --encoders or --t5/--vit: the "
+                                  "'no Decoder*' rows of Table 2)")
     p.add_argument("--encoders", help="finetune: take only the text and vision encoders (and the config) from this "
                                       "checkpoint (the decoder starts random): the control for --init with the same encoders")
     p.add_argument("--freeze-text", action=argparse.BooleanOptionalAction, default=None,
-                   help="freeze the text encoder (default: yes, as the paper in both stages)")
+                   help="freeze the text encoder (default: yes, as the paper in pre-training and in its best "
+                        "Ref-DAVIS17 finetuning, Table 2; its best VISOR one, Table 3, trains it: --no-freeze-text)")
     p.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=None,
                    help="freeze the vision encoder (default: yes in pre-training, no in finetuning)")
     p.add_argument("--steps", type=positive, default=None,
