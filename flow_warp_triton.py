@@ -35,8 +35,8 @@ NUM_WARPS = 4   # warps per program
 # ----------------------------------------------------------------------------------------------------------
 
 def flow_warp_reference(image, flow):
-    """In float32 at least, as the kernels compute (a half-precision grid would misplace samples by up to a pixel
-    in a frame 648 wide), returned in image's dtype."""
+    """In float32 at least, as the kernels compute (in a frame 648 wide a bfloat16 grid misplaces samples by up to
+    5 px, a float16 one by up to 0.4 px), returned in image's dtype."""
     B, C, H, W = image.shape
     acc = torch.promote_types(torch.promote_types(image.dtype, flow.dtype), torch.float32)  # float64 stays float64
     ys, xs = torch.meshgrid(torch.arange(H, device=flow.device, dtype=acc),

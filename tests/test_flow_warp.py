@@ -157,7 +157,7 @@ def test_torch_path_in_half_precision_moves_by_the_flow(dtype):
     """The torch path (taken on CPU without the interpreter, or on CUDA without triton) with half inputs, 648 pixels
     wide: a whole-pixel flow of (+3, -1) gives the image shifted by it, zeros where it leaves the frame, exactly as
     worked by hand, up to the float32 grid's round trip through [-1, 1] (a grid in the half dtype put samples up
-    to a pixel off)."""
+    to 3 px off in bfloat16)."""
     H, W = 5, 648
     image = torch.rand(2, 3, H, W, generator=torch.Generator().manual_seed(3)).to(dtype)
     flow = torch.zeros(2, 2, H, W, dtype=dtype)
