@@ -314,8 +314,9 @@ def test_short_pretraining_learns_motion(tmp_path):
     with the tokenizer it fits (seeds 8 and 9 have the earliest onset of the default run's 13 seeds, at step 750-1000;
     README "The default run") end below the zero flow's end-point error on moving pixels by more than 10% (measured
     with evaluations every 250 steps: 1.957 against 2.912, 0.67x, on two threads and on one) and over all pixels,
-    with the photometric loss below the zero flow's. A model that only blurs, as every run does before the onset, stays at or above the zero flow on moving
-    pixels. The captions name no direction (tests/test_data.py), so the directions come from the frames."""
+    with the photometric loss below the zero flow's. A model that only blurs, as every run does before the onset,
+    stays at or above the zero flow on moving pixels. The captions name no direction (tests/test_data.py), so the
+    directions come from the frames."""
     out = tmp_path / "pre"
     r = run(["--mode", "pretrain", "--seed", "8", "--steps", "2000", "--eval-every", "2000", "--ckpt-every", "2000",
              "--log-every", "500", "--out", str(out)], env={**ENV, "OMP_NUM_THREADS": "2"})
