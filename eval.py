@@ -3,8 +3,7 @@ Evaluation for SLVP: the DAVIS 2017 region (J) and boundary (F) measures, the R-
 pictures and a demo.
 
     python eval.py --bench davis17 --davis-root DAVIS --predictions DIR   # score a folder of indexed PNGs, no model
-    python eval.py --bench davis17 --ckpt CKPT --data-root REF_DAVIS   # the four Ref-DAVIS17 runs (original downloads)
-    python eval.py --bench davis17 --ckpt CKPT --data-root CONVERTED --davis-root DAVIS   # (the converted layout)
+    python eval.py --bench davis17 --ckpt CKPT --data-root REF_DAVIS   # the four Ref-DAVIS17 runs (either layout)
     python eval.py --bench ytvos --ckpt CKPT --data-root REF_YTVOS      # the submission zip of the 202 valid videos
     python eval.py --bench visor --ckpt CKPT --data-root VISOR_2022
     python eval.py --bench synthetic --ckpt CKPT                        # the embedded benchmark, no data needed
@@ -284,15 +283,29 @@ def print_table(g, title=""):
     print(" ".join(f"{v:9.3f}" for v in g.values()))
 
 
-def davis_sequences(davis_root, subset="val"):
-    davis_root = Path(davis_root)
-    lst = davis_root / "ImageSets" / "2017" / f"{subset}.txt"
-    if not lst.is_file():
-        raise FileNotFoundError(f"{lst} not found: expected the DAVIS 2017 tree (ImageSets/2017/{subset}.txt)")
-    gt_dir = davis_root / "Annotations_unsupervised" / "480p"
+def davis_sequences(root):
+    """DAVIS 2017 val's ground truth: (the folder of <seq>/<frame>.png, the sequences), from the DAVIS tree
+    (ImageSets/2017/val.txt, Annotations_unsupervised/480p) or from Ref-DAVIS17 in the converted layout, into which
+    the conversion moved those PNGs (valid/Annotations, the videos of meta_expressions/valid). Every sequence's PNGs
+    are looked for here, before any inference."""
+    root = Path(root)
+    if (root / "meta_expressions").is_dir():
+        seqs = sorted(data.read_expressions(root / "meta_expressions" / "valid" / "meta_expressions.json",
+                                            "the converted Ref-DAVIS17 expression file"))
+        gt_dir = root / "valid" / "Annotations"
+    else:
+        lst = root / "ImageSets" / "2017" / "val.txt"
+        if not lst.is_file():
+            raise FileNotFoundError(f"{lst} not found: expected the DAVIS 2017 tree (ImageSets/2017/val.txt)")
+        seqs = [s.strip() for s in lst.read_text().splitlines() if s.strip()]
+        gt_dir = root / "Annotations_unsupervised" / "480p"
     if not gt_dir.is_dir():
         raise FileNotFoundError(f"{gt_dir} not found: expected the DAVIS 2017 unsupervised annotations")
-    return gt_dir, [s.strip() for s in lst.read_text().splitlines() if s.strip()]
+    missing = [s for s in seqs if not any((gt_dir / s).glob("*.png"))]
+    if missing:
+        raise FileNotFoundError(f"{gt_dir / missing[0]}: no ground-truth PNGs ({len(missing)} of {len(seqs)} sequences "
+                                f"lack them; the Ref-DAVIS17 conversion moves them to valid/Annotations: give its root)")
+    return gt_dir, seqs
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -576,8 +589,8 @@ def main(argv=None):
     p.add_argument("--ckpt", help="a fine-tuned (rvos) checkpoint from train.py --mode finetune")
     p.add_argument("--spm", help="sentencepiece model (default: spm.model next to the checkpoint)")
     p.add_argument("--predictions", help="davis17 only: score this folder of indexed PNGs (<seq>/<frame>.png), no model")
-    p.add_argument("--davis-root", help="the DAVIS 2017 tree (ImageSets/2017/val.txt, Annotations_unsupervised/480p); "
-                   "davis17 finds it in --data-root when that holds the original Ref-DAVIS17 downloads")
+    p.add_argument("--davis-root", help="the ground truth: the DAVIS 2017 tree (ImageSets/2017/val.txt, "
+                   "Annotations_unsupervised/480p) or converted Ref-DAVIS17 (valid/Annotations); default: in --data-root")
     p.add_argument("--data-root", help="the dataset root: Ref-DAVIS17 (the original downloads or the converted "
                    "layout), Ref-YouTube-VOS or VISOR")
     p.add_argument("--video", help="demo: a folder of frames or an .mp4")
@@ -597,12 +610,12 @@ def main(argv=None):
     if args.text is not None and not args.text.strip():
         p.error("--text is empty: expected the referring expression")
     try:
-        if args.bench == "davis17" and args.data_root and not args.davis_root \
-                and data.davis17_layout(args.data_root) == "original":
-            args.davis_root = str(Path(args.data_root) / "DAVIS")   # the original downloads hold the DAVIS tree
+        if args.bench == "davis17" and args.data_root and not args.davis_root:   # the ground truth is inside
+            original = data.davis17_layout(args.data_root) == "original"
+            args.davis_root = str(Path(args.data_root) / "DAVIS") if original else args.data_root
         if args.bench == "davis17" and args.predictions:
             if not args.davis_root:
-                p.error("--predictions needs --davis-root (or the original Ref-DAVIS17 downloads as --data-root)")
+                p.error("--predictions needs --davis-root (or Ref-DAVIS17 as --data-root)")
             gt_dir, seqs = davis_sequences(args.davis_root)
             if not Path(args.predictions).is_dir():
                 raise FileNotFoundError(f"{args.predictions}: no such predictions folder")
@@ -624,9 +637,6 @@ def main(argv=None):
             return s
         if not args.data_root:
             p.error(f"--bench {args.bench} needs --data-root")
-        if args.bench == "davis17" and not args.davis_root:
-            p.error("--bench davis17 on the converted layout needs --davis-root (the DAVIS 2017 tree with "
-                    "Annotations_unsupervised)")
         return {"davis17": bench_davis17, "ytvos": bench_ytvos, "visor": bench_visor}[args.bench](args, model, tokenizer, device)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")

@@ -43,7 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--mode", choices=["pretrain", "finetune"], default="pretrain",
                    help="pretrain: flow head and photometric loss; finetune: box and mask heads on R-VOS data")
     p.add_argument("--fusion", choices=["vision", "language"], default=None,
-                   help="vision as query (Eq. (2), the default) or language as query (Eq. (8)); --init fixes it")
+                   help="vision as query (Eq. (2), the default) or language as query (Eq. (8)); --init fixes it, "
+                        "--encoders takes its checkpoint's unless given")
     p.add_argument("--config", choices=["tiny", "small", "paper"], default="tiny",
                    help="tiny: CPU-sized, 32x48 frames; small: tiny at 64x96 frames; "
                         "paper: 360x648, p=18, T=4, L=64, T5-base + ViT-B + 8-layer decoder (--init and --encoders "
@@ -355,10 +356,10 @@ def build_model(args, tokenizer):
         if args.fusion and args.fusion != model.fusion:
             raise ValueError(f"--fusion {args.fusion} but {args.init} was pre-trained with fusion {model.fusion}")
         return model
-    if args.encoders:  # the checkpoint's config, as --init takes it: only the decoder differs (it starts random)
+    if args.encoders:  # the checkpoint's config and fusion, as --init takes them: only the decoder starts random
         with torch.random.fork_rng(devices=[]):                       # loading draws nothing from the run's seed
             src = slvp.load_checkpoint(args.encoders)
-        model = slvp.SLVP(src.cfg, args.fusion or "vision", task, **freeze)
+        model = slvp.SLVP(src.cfg, args.fusion or src.fusion, task, **freeze)
         model.text.load_state_dict(src.text.state_dict())
         model.vision.load_state_dict(src.vision.state_dict())
         return model

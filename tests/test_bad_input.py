@@ -225,9 +225,9 @@ def test_a_run_into_a_used_folder_leaves_its_checkpoint_byte_for_byte(tmp_path, 
 
 
 def test_encoders_take_the_checkpoints_config(d, tmp_path, monkeypatch):
-    """--encoders builds the model of the checkpoint's config, as --init does, also where its vocabulary is larger than
-    its tokenizer (T5's 32128 rows for 32000 pieces; here 64 for 37): the encoders are the checkpoint's, the decoder
-    is random, drawn as if nothing had been loaded."""
+    """--encoders builds the model of the checkpoint's config and fusion, as --init does, also where its vocabulary is
+    larger than its tokenizer (T5's 32128 rows for 32000 pieces; here 64 for 37): the encoders are the checkpoint's,
+    the decoder is random, drawn as if nothing had been loaded."""
     monkeypatch.delenv("TRITON_INTERPRET")       # the torch path of the warp: the interpreter is slow (SPEC §2)
     src = slvp.load_checkpoint(d / "pre.safetensors")
     argv = ["--mode", "finetune", "--encoders", str(d / "pre.safetensors"), "--freeze-vision"]
@@ -241,6 +241,13 @@ def test_encoders_take_the_checkpoints_config(d, tmp_path, monkeypatch):
     tuned = slvp.load_checkpoint(tmp_path / "ft/ckpt.safetensors")
     for part in ("text", "vision"):                                              # both frozen here
         assert all(torch.equal(v, getattr(src, part).state_dict()[k]) for k, v in getattr(tuned, part).state_dict().items())
+    lang = tmp_path / "lang"                                     # a language-as-query pre-training: its fusion too,
+    lang.mkdir()                                                 # unless --fusion says otherwise
+    slvp.save_checkpoint(lang / "pre.safetensors", slvp.SLVP(src.cfg, "language"))
+    shutil.copy(d / "spm.model", lang)
+    for extra, fusion in (([], "language"), (["--fusion", "vision"], "vision")):
+        argv = ["--mode", "finetune", "--encoders", str(lang / "pre.safetensors"), *extra]
+        assert train.build_model(train.parse_args(argv), slvp.Tokenizer(d / "spm.model")).fusion == fusion
 
 
 @pytest.mark.parametrize("argv, name", [(["eval.py", "--bench", "synthetic", "--ckpt", "{d}/truncated.safetensors"],

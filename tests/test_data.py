@@ -330,6 +330,23 @@ def write_davis_downloads(root):
     return root
 
 
+def write_davis_conversion(conv):
+    """The val videos of write_davis_downloads after the common conversion, written by hand: the Ref-YouTube-VOS
+    layout, with DAVIS's unsupervised PNGs moved to valid/Annotations and the emptied DAVIS/ left behind."""
+    (conv / "DAVIS/ImageSets/2017").mkdir(parents=True)
+    meta = {}
+    for vid in ("classic-car", "dogs-scale", "motorbike", "no-text"):
+        write_video(conv / "valid/JPEGImages", conv / "valid/Annotations", vid, DAVIS_FRAMES[vid])
+        exps = {str(e): {"exp": t, "obj_id": str(o)} for v, e, t, o in DAVIS_VALID if v == vid}
+        if vid == "motorbike":
+            exps["8"] = {"exp": "", "obj_id": "2"}
+        meta[vid] = {"expressions": dict(sorted(exps.items(), key=lambda kv: int(kv[0]))),
+                     "frames": [f"{t:05d}" for t in range(DAVIS_FRAMES[vid])]}
+    (conv / "meta_expressions/valid").mkdir(parents=True)
+    (conv / "meta_expressions/valid/meta_expressions.json").write_text(json.dumps({"videos": meta}))
+    return conv
+
+
 def check_davis_clip(item, vid, exp_id, text, obj, idx):
     if obj in (1, 2):
         check_clip(item, vid, str(exp_id), text, obj, idx)
@@ -362,18 +379,7 @@ def test_davis17_original_downloads_give_the_conversions_items(tmp_path):
         assert [(it[0], int(it[1]), it[2], it[3]) for it in run.exprs] == [e for e in DAVIS_VALID if e[1] % 4 == a]
 
     # the same data after the common conversion, written by hand: the converted layout gives the same items
-    conv = tmp_path / "converted"
-    (conv / "DAVIS/ImageSets/2017").mkdir(parents=True)            # the conversion leaves the emptied DAVIS/ behind
-    meta = {}
-    for vid in ("classic-car", "dogs-scale", "motorbike", "no-text"):
-        write_video(conv / "valid/JPEGImages", conv / "valid/Annotations", vid, DAVIS_FRAMES[vid])
-        exps = {str(e): {"exp": t, "obj_id": str(o)} for v, e, t, o in DAVIS_VALID if v == vid}
-        if vid == "motorbike":
-            exps["8"] = {"exp": "", "obj_id": "2"}
-        meta[vid] = {"expressions": dict(sorted(exps.items(), key=lambda kv: int(kv[0]))),
-                     "frames": [f"{t:05d}" for t in range(DAVIS_FRAMES[vid])]}
-    (conv / "meta_expressions/valid").mkdir(parents=True)
-    (conv / "meta_expressions/valid/meta_expressions.json").write_text(json.dumps({"videos": meta}))
+    conv = write_davis_conversion(tmp_path / "converted")
     with pytest.warns(UserWarning, match="skipped 1 empty"):
         converted = data.build_dataset("davis17", conv, "valid", CFG, train=False)
     assert data.davis17_layout(conv) == "converted" and len(converted) == len(ds)

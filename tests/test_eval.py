@@ -234,10 +234,10 @@ def test_ytvos_submission_zip(tmp_path, tiny_ckpt):
     assert a.shape == (48, 64) and set(np.unique(a)) <= {0, 255}
 
 
-def test_davis17_from_the_original_downloads_needs_no_davis_root(tmp_path, tiny_ckpt, capsys):
-    """The original Ref-DAVIS17 downloads as --data-root: the DAVIS tree inside is the ground truth."""
+def test_davis17_from_either_layout_needs_no_davis_root(tmp_path, tiny_ckpt, capsys):
+    """Ref-DAVIS17 as --data-root, the original downloads or the converted layout: the ground truth is inside."""
     import shutil
-    from test_data import write_davis_downloads
+    from test_data import write_davis_conversion, write_davis_downloads
     root = write_davis_downloads(tmp_path / "ref-davis")
     pred = tmp_path / "pred"                                  # the ground truth itself, as predictions, scores 1
     shutil.copytree(root / "DAVIS/Annotations_unsupervised/480p", pred)
@@ -258,10 +258,18 @@ def test_davis17_from_the_original_downloads_needs_no_davis_root(tmp_path, tiny_
         assert {r[0].rsplit("_", 1)[0] for r in list(csv.reader(open(run / "per-sequence_results-val.csv")))[1:]} == \
             {"classic-car", "dogs-scale", "motorbike"}
         assert sorted(p.name for p in (run / "dogs-scale").iterdir()) == [f"{t:05d}.png" for t in range(5)]
-    (root / "meta_expressions").mkdir()                       # now it looks converted: --davis-root is needed
-    with pytest.raises(SystemExit):
-        ev.main(["--bench", "davis17", "--ckpt", str(tiny_ckpt), "--data-root", str(root)])
-    assert "on the converted layout needs --davis-root" in capsys.readouterr().err
+    # the same data after the common conversion: the ground truth is the PNGs it moved to valid/Annotations
+    conv = write_davis_conversion(tmp_path / "converted")
+    assert ev.main(["--bench", "davis17", "--data-root", str(conv), "--predictions", str(pred)]) == g
+    with pytest.warns(UserWarning):
+        assert ev.main(["--bench", "davis17", "--ckpt", str(tiny_ckpt), "--data-root", str(conv),
+                        "--out", str(tmp_path / "o-conv")]) == mean
+    (conv / "DAVIS/Annotations_unsupervised/480p").mkdir(parents=True)   # the emptied DAVIS tree as the ground truth
+    shutil.copy(root / "DAVIS/ImageSets/2017/val.txt", conv / "DAVIS/ImageSets/2017")
+    with pytest.raises(SystemExit, match=r"480p/classic-car: no ground-truth PNGs \(4 of 4 sequences"):
+        ev.main(["--bench", "davis17", "--ckpt", str(tiny_ckpt), "--data-root", str(conv),   # stops before any
+                 "--davis-root", str(conv / "DAVIS"), "--out", str(tmp_path / "o-empty")])    # inference
+    assert not (tmp_path / "o-empty").exists()
 
 
 def test_visor_objects_not_in_the_first_frame_are_not_scored(tmp_path, tiny_ckpt, capsys):
