@@ -284,27 +284,32 @@ def print_table(g, title=""):
 
 
 def davis_sequences(root):
-    """DAVIS 2017 val's ground truth: (the folder of <seq>/<frame>.png, the sequences), from the DAVIS tree
-    (ImageSets/2017/val.txt, Annotations_unsupervised/480p) or from Ref-DAVIS17 in the converted layout, into which
-    the conversion moved those PNGs (valid/Annotations, the videos of meta_expressions/valid). Every sequence's PNGs
-    are looked for here, before any inference."""
+    """DAVIS 2017 val's ground truth: (the folder of <seq>/<frame>.png, the sequences of ImageSets/2017/val.txt), from
+    the DAVIS tree (Annotations_unsupervised/480p) or from Ref-DAVIS17 in the converted layout, into which the
+    conversion moved those PNGs (valid/Annotations; val.txt stays in DAVIS/, without it the videos of
+    meta_expressions/valid). Every sequence's PNGs are looked for here, before any inference."""
     root = Path(root)
-    if (root / "meta_expressions").is_dir():
+    lst = root / "ImageSets" / "2017" / "val.txt"
+    if lst.is_file():                                                           # the DAVIS tree
+        gt_dir, what = root / "Annotations_unsupervised" / "480p", "the DAVIS 2017 unsupervised annotations"
+        hint = "; the Ref-DAVIS17 conversion moves them to valid/Annotations: give its root"
+    elif (root / "meta_expressions").is_dir():                                  # converted Ref-DAVIS17
+        gt_dir, what, hint = root / "valid" / "Annotations", "the converted Ref-DAVIS17 annotations", ""
+        lst = root / "DAVIS" / "ImageSets" / "2017" / "val.txt"
+    else:
+        raise FileNotFoundError(f"{lst} not found: expected the DAVIS 2017 tree (ImageSets/2017/val.txt) or "
+                                f"Ref-DAVIS17 converted (meta_expressions/, valid/Annotations)")
+    if lst.is_file():
+        seqs = [s.strip() for s in lst.read_text().splitlines() if s.strip()]
+    else:
         seqs = sorted(data.read_expressions(root / "meta_expressions" / "valid" / "meta_expressions.json",
                                             "the converted Ref-DAVIS17 expression file"))
-        gt_dir = root / "valid" / "Annotations"
-    else:
-        lst = root / "ImageSets" / "2017" / "val.txt"
-        if not lst.is_file():
-            raise FileNotFoundError(f"{lst} not found: expected the DAVIS 2017 tree (ImageSets/2017/val.txt)")
-        seqs = [s.strip() for s in lst.read_text().splitlines() if s.strip()]
-        gt_dir = root / "Annotations_unsupervised" / "480p"
     if not gt_dir.is_dir():
-        raise FileNotFoundError(f"{gt_dir} not found: expected the DAVIS 2017 unsupervised annotations")
+        raise FileNotFoundError(f"{gt_dir} not found: expected {what}")
     missing = [s for s in seqs if not any((gt_dir / s).glob("*.png"))]
     if missing:
         raise FileNotFoundError(f"{gt_dir / missing[0]}: no ground-truth PNGs ({len(missing)} of {len(seqs)} sequences "
-                                f"lack them; the Ref-DAVIS17 conversion moves them to valid/Annotations: give its root)")
+                                f"lack them{hint})")
     return gt_dir, seqs
 
 

@@ -63,8 +63,9 @@ def parse_args(argv=None):
     p.add_argument("--init", help="finetune from this pre-training checkpoint (shared weights; fresh heads); "
                                   "without it the decoder starts random (with --encoders or --t5/--vit: the "
                                   "'no Decoder*' rows of Table 2)")
-    p.add_argument("--encoders", help="finetune: take only the text and vision encoders (and the config) from this "
-                                      "checkpoint (the decoder starts random): the control for --init with the same encoders")
+    p.add_argument("--encoders", help="finetune: take only the text and vision encoders (and the config and fusion, "
+                                      "unless --fusion) from this checkpoint (the decoder starts random): the control "
+                                      "for --init with the same encoders")
     p.add_argument("--freeze-text", action=argparse.BooleanOptionalAction, default=None,
                    help="freeze the text encoder (default: yes, as the paper in pre-training and in its best "
                         "Ref-DAVIS17 finetuning, Table 2; its best VISOR one, Table 3, trains it: --no-freeze-text)")

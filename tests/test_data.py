@@ -333,7 +333,10 @@ def write_davis_downloads(root):
 def write_davis_conversion(conv):
     """The val videos of write_davis_downloads after the common conversion, written by hand: the Ref-YouTube-VOS
     layout, with DAVIS's unsupervised PNGs moved to valid/Annotations and the emptied DAVIS/ left behind."""
-    (conv / "DAVIS/ImageSets/2017").mkdir(parents=True)
+    for d in ("ImageSets/2017", "JPEGImages/480p", "Annotations_unsupervised/480p"):
+        (conv / "DAVIS" / d).mkdir(parents=True)
+    (conv / "DAVIS/ImageSets/2017/train.txt").write_text("bike-packing\n")
+    (conv / "DAVIS/ImageSets/2017/val.txt").write_text("classic-car\ndogs-scale\nmotorbike\nno-text\n")
     meta = {}
     for vid in ("classic-car", "dogs-scale", "motorbike", "no-text"):
         write_video(conv / "valid/JPEGImages", conv / "valid/Annotations", vid, DAVIS_FRAMES[vid])

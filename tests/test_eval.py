@@ -237,7 +237,7 @@ def test_ytvos_submission_zip(tmp_path, tiny_ckpt):
 def test_davis17_from_either_layout_needs_no_davis_root(tmp_path, tiny_ckpt, capsys):
     """Ref-DAVIS17 as --data-root, the original downloads or the converted layout: the ground truth is inside."""
     import shutil
-    from test_data import write_davis_conversion, write_davis_downloads
+    from test_data import write_davis_conversion, write_davis_downloads, write_palette_png
     root = write_davis_downloads(tmp_path / "ref-davis")
     pred = tmp_path / "pred"                                  # the ground truth itself, as predictions, scores 1
     shutil.copytree(root / "DAVIS/Annotations_unsupervised/480p", pred)
@@ -258,17 +258,28 @@ def test_davis17_from_either_layout_needs_no_davis_root(tmp_path, tiny_ckpt, cap
         assert {r[0].rsplit("_", 1)[0] for r in list(csv.reader(open(run / "per-sequence_results-val.csv")))[1:]} == \
             {"classic-car", "dogs-scale", "motorbike"}
         assert sorted(p.name for p in (run / "dogs-scale").iterdir()) == [f"{t:05d}.png" for t in range(5)]
-    # the same data after the common conversion: the ground truth is the PNGs it moved to valid/Annotations
+    # the same data after the common conversion: the ground truth is the PNGs it moved to valid/Annotations, the
+    # sequences those of the val.txt it left in DAVIS/, or without it the videos of its expression file
     conv = write_davis_conversion(tmp_path / "converted")
-    assert ev.main(["--bench", "davis17", "--data-root", str(conv), "--predictions", str(pred)]) == g
+    write_palette_png(pred / "motorbike/00002.png", {})       # predictions not all perfect: the scores tell
+    (root / "DAVIS/meta_expressions").mkdir()                 # a DAVIS tree is one, whatever else it holds
+    g = ev.main(["--bench", "davis17", "--davis-root", str(root / "DAVIS"), "--predictions", str(pred)])
+    scored = list(csv.reader(open(pred / "per-sequence_results-val.csv")))
+    assert g["J-Mean"] < 1 and [r[0] for r in scored[1:]] == \
+        [f"{v}_{k}" for v in ("classic-car", "dogs-scale", "motorbike", "no-text") for k in (1, 2)]
+    for keep_list in (True, False):
+        if not keep_list:
+            (conv / "DAVIS/ImageSets/2017/val.txt").unlink()
+        (pred / "per-sequence_results-val.csv").unlink()
+        assert ev.main(["--bench", "davis17", "--data-root", str(conv), "--predictions", str(pred)]) == g
+        assert list(csv.reader(open(pred / "per-sequence_results-val.csv"))) == scored
     with pytest.warns(UserWarning):
         assert ev.main(["--bench", "davis17", "--ckpt", str(tiny_ckpt), "--data-root", str(conv),
                         "--out", str(tmp_path / "o-conv")]) == mean
-    (conv / "DAVIS/Annotations_unsupervised/480p").mkdir(parents=True)   # the emptied DAVIS tree as the ground truth
     shutil.copy(root / "DAVIS/ImageSets/2017/val.txt", conv / "DAVIS/ImageSets/2017")
-    with pytest.raises(SystemExit, match=r"480p/classic-car: no ground-truth PNGs \(4 of 4 sequences"):
-        ev.main(["--bench", "davis17", "--ckpt", str(tiny_ckpt), "--data-root", str(conv),   # stops before any
-                 "--davis-root", str(conv / "DAVIS"), "--out", str(tmp_path / "o-empty")])    # inference
+    with pytest.raises(SystemExit, match=r"480p/classic-car: no ground-truth PNGs \(4 of 4 sequences"):   # the
+        ev.main(["--bench", "davis17", "--ckpt", str(tiny_ckpt), "--data-root", str(conv),   # emptied DAVIS tree:
+                 "--davis-root", str(conv / "DAVIS"), "--out", str(tmp_path / "o-empty")])    # stops before inference
     assert not (tmp_path / "o-empty").exists()
 
 
