@@ -316,14 +316,22 @@ DAVIS_TRAIN = [("bike-packing", 0, "a black bicycle", 1), ("bike-packing", 1, "a
                ("bike-packing", 2, "bicycle", 1), ("bike-packing", 3, "a bike", 1)]
 
 
+DAVIS_VAL_VIDEOS = ("classic-car", "dogs-scale", "motorbike", "no-text")
+
+
+def write_davis_splits(davis):
+    """DAVIS's ImageSets/2017/{train,val}.txt."""
+    (davis / "ImageSets/2017").mkdir(parents=True)
+    (davis / "ImageSets/2017/train.txt").write_text("bike-packing\n")
+    (davis / "ImageSets/2017/val.txt").write_text("".join(f"{v}\n" for v in DAVIS_VAL_VIDEOS))
+
+
 def write_davis_downloads(root):
     """DAVIS-2017-Unsupervised-trainval-480p.zip and davis_text_annotations, unpacked under root."""
     davis = root / "DAVIS"
     for vid, n in DAVIS_FRAMES.items():
         write_video(davis / "JPEGImages/480p", davis / "Annotations_unsupervised/480p", vid, n)
-    (davis / "ImageSets/2017").mkdir(parents=True)
-    (davis / "ImageSets/2017/train.txt").write_text("bike-packing\n")
-    (davis / "ImageSets/2017/val.txt").write_text("classic-car\ndogs-scale\nmotorbike\nno-text\n")
+    write_davis_splits(davis)
     (root / "davis_text_annotations").mkdir()
     for (name, encoding, newline), lines in DAVIS_TEXT.items():
         (root / "davis_text_annotations" / name).write_bytes(newline.join(lines).encode(encoding))
@@ -333,12 +341,11 @@ def write_davis_downloads(root):
 def write_davis_conversion(conv):
     """The val videos of write_davis_downloads after the common conversion, written by hand: the Ref-YouTube-VOS
     layout, with DAVIS's unsupervised PNGs moved to valid/Annotations and the emptied DAVIS/ left behind."""
-    for d in ("ImageSets/2017", "JPEGImages/480p", "Annotations_unsupervised/480p"):
+    for d in ("JPEGImages/480p", "Annotations_unsupervised/480p"):
         (conv / "DAVIS" / d).mkdir(parents=True)
-    (conv / "DAVIS/ImageSets/2017/train.txt").write_text("bike-packing\n")
-    (conv / "DAVIS/ImageSets/2017/val.txt").write_text("classic-car\ndogs-scale\nmotorbike\nno-text\n")
+    write_davis_splits(conv / "DAVIS")
     meta = {}
-    for vid in ("classic-car", "dogs-scale", "motorbike", "no-text"):
+    for vid in DAVIS_VAL_VIDEOS:
         write_video(conv / "valid/JPEGImages", conv / "valid/Annotations", vid, DAVIS_FRAMES[vid])
         exps = {str(e): {"exp": t, "obj_id": str(o)} for v, e, t, o in DAVIS_VALID if v == vid}
         if vid == "motorbike":

@@ -237,7 +237,7 @@ def test_ytvos_submission_zip(tmp_path, tiny_ckpt):
 def test_davis17_from_either_layout_needs_no_davis_root(tmp_path, tiny_ckpt, capsys):
     """Ref-DAVIS17 as --data-root, the original downloads or the converted layout: the ground truth is inside."""
     import shutil
-    from test_data import write_davis_conversion, write_davis_downloads, write_palette_png
+    from test_data import DAVIS_VAL_VIDEOS, write_davis_conversion, write_davis_downloads, write_palette_png
     root = write_davis_downloads(tmp_path / "ref-davis")
     pred = tmp_path / "pred"                                  # the ground truth itself, as predictions, scores 1
     shutil.copytree(root / "DAVIS/Annotations_unsupervised/480p", pred)
@@ -266,7 +266,7 @@ def test_davis17_from_either_layout_needs_no_davis_root(tmp_path, tiny_ckpt, cap
     g = ev.main(["--bench", "davis17", "--davis-root", str(root / "DAVIS"), "--predictions", str(pred)])
     scored = list(csv.reader(open(pred / "per-sequence_results-val.csv")))
     assert g["J-Mean"] < 1 and [r[0] for r in scored[1:]] == \
-        [f"{v}_{k}" for v in ("classic-car", "dogs-scale", "motorbike", "no-text") for k in (1, 2)]
+        [f"{v}_{k}" for v in DAVIS_VAL_VIDEOS for k in (1, 2)]
     for keep_list in (True, False):
         if not keep_list:
             (conv / "DAVIS/ImageSets/2017/val.txt").unlink()
