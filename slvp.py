@@ -568,9 +568,10 @@ class SLVP(nn.Module):
             nn.init.trunc_normal_(self.q, std=0.02)
             # q^ holds no content: it finds its patch in f_v by position alone (Eq. (8)), which MAE's sin-cos
             # codes, nearly flat over a few patches, could not do by a dot product. So here E_pos and E_tem start
-            # as Gaussian codes (nearly orthogonal) and the first cross-attention with k = q, scaled 4x, so that
-            # q^ + E_pos + E_tem reads its own patch of f_v from the first step (README, "How the miniature learns
-            # flow": without it, language as query learned no flow; from sincos_2d, a later and weaker one)
+            # as Gaussian codes (nearly orthogonal) and the first cross-attention with k = q, both scaled 4x (the
+            # logits 16x), so that q^ + E_pos + E_tem reads its own patch of f_v from the first step (README, "How
+            # the miniature learns flow": without it, language as query learned no flow; from sincos_2d, a later
+            # and weaker one)
             nn.init.normal_(self.E_pos)
             nn.init.normal_(self.E_tem)
             read = self.decoder.layers[0].cross_attn
@@ -647,8 +648,12 @@ class SLVP(nn.Module):
         B, TN, d = f_fused.shape
         T, N = self.cfg.num_frames, self.cfg.num_patches
         f_max = f_fused.view(B, T, N, d).amax(dim=2)                        # [B, T, d]: MaxPooling per frame
-        cx, cy, w, h = torch.sigmoid(self.box_head(f_max)).unbind(-1)      # normalized centre and size
-        boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1).clamp(0, 1)  # [B, T, 4]
+        with torch.autocast(frames.device.type, enabled=False):  # boxes in float32: bf16 rounds 0.5..1 to 1/256
+            cx, cy, w, h = torch.sigmoid(self.box_head(f_max.float())).unbind(-1)  # normalized centre and size
+            boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1)  # [B, T, 4]
+            # clamped to the frame, the gradient passed as if unclamped: an edge beyond the frame is still pulled
+            # back by Eqs. (5), (6), where a plain clamp would leave it without a gradient
+            boxes = boxes + (boxes.clamp(0, 1) - boxes).detach()
         box_per_token = boxes[:, :, None, :].expand(B, T, N, 4).reshape(B, TN, 4)
         logits = self.mask_head(torch.cat([f_fused, box_per_token], dim=-1))  # [B, T*N, p*p]
         return {"boxes": boxes, "masks": unpatchify(logits, self.cfg, 1)[:, :, 0]}

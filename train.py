@@ -60,7 +60,8 @@ def parse_args(argv=None):
     p.add_argument("--t5", help="a Hugging Face T5 folder for the text encoder (needs --spm)")
     p.add_argument("--vit", help="an open_clip CoCa/CLIP or timm ViT checkpoint for the vision encoder")
     p.add_argument("--spm", help="sentencepiece model; default: the one next to --init/--encoders, or one fit to the data")
-    p.add_argument("--init", help="finetune from this pre-training checkpoint (shared weights; fresh heads); "
+    p.add_argument("--init", help="finetune from this checkpoint: a pre-training's (shared weights, fresh box and "
+                                  "mask heads) or a fine-tuning's (its heads too, e.g. RefCOCO before Ref-YouTube-VOS); "
                                   "without it the decoder starts random (with --encoders or --t5/--vit: the "
                                   "'no Decoder*' rows of Table 2)")
     p.add_argument("--encoders", help="finetune: take only the text and vision encoders (and the config and fusion, "

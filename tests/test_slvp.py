@@ -366,6 +366,32 @@ def test_rvos_loss_hand_worked():
     assert parts["l1"].item() == 0 and parts["giou"].item() == 0
 
 
+def test_box_beyond_the_frame_is_pulled_back():
+    """A predicted box whose left edge lies beyond the frame: returned clamped to [0, 1], in float32 under bf16
+    autocast, and the L1 of Eq. (6) still pulls the hidden edge back. Worked by hand: the box head's output is its
+    bias (weights zero), sigmoid -> cx 0.15, w 0.5, so x1 = -0.1 (shown as 0) and x2 = 0.4, against a target x1 0.1
+    and x2 0.45: dL/dx1 = dL/dx2 = -1, so dL/dcx = -2 and dL/dw = (+1 - 1) / 2 = 0 per frame, times the sigmoid's
+    slope s (1 - s). A plain clamp gives dL/dx1 = 0: dL/dcx = -1, dL/dw = -0.5."""
+    cfg = slvp.SLVPConfig.tiny()
+    model = slvp.SLVP(cfg, task="rvos")
+    s = torch.tensor([0.15, 0.5, 0.5, 0.4])                                   # cx, cy, w, h
+    with torch.no_grad():
+        model.box_head.weight.zero_()
+        model.box_head.bias.copy_(torch.logit(s.double()).float())
+    _, frames, ids, mask = tiny_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(frames, ids, mask)
+    boxes = out["boxes"]                                                      # [2, T, 4]
+    assert boxes.dtype == torch.float32
+    expected = torch.tensor([0.0, 0.3, 0.4, 0.7])                              # x1 -0.1 shown clamped
+    assert torch.allclose(boxes, expected.expand_as(boxes), atol=1e-6)
+    target = torch.tensor([0.1, 0.3, 0.45, 0.7])
+    (boxes[..., [0, 2]] - target[[0, 2]]).abs().sum().backward()              # Eq. (6) on x1 and x2
+    BT, slope = boxes.shape[0] * boxes.shape[1], s * (1 - s)
+    grad = model.box_head.bias.grad
+    assert torch.allclose(grad[[0, 2]], BT * torch.tensor([-2.0, 0.0]) * slope[[0, 2]], atol=1e-5)
+
+
 def test_photometric_loss_known_shift():
     """Frame 2 is frame 1 moved 3 px right and 2 px down, so o_(2,1)(p) = (-3, -2): zero loss in the interior
     with the true flow, clearly positive with the zero flow."""
