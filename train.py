@@ -31,9 +31,9 @@ from PIL import Image
 import data
 import slvp
 
-# float32 matmuls on CUDA (the flow head, kept out of bf16 autocast so that its output is not rounded) take TF32
-# inputs, float32 accumulation and output: the paper config's eager pre-training step at batch 16 went from 127.3 to
-# 124.8 ms on an H200 (README, "Performance")
+# float32 matmuls on CUDA (the flow and box heads, kept out of bf16 autocast so that their outputs are not rounded)
+# take TF32 inputs, float32 accumulation and output: the paper config's eager pre-training step at batch 16 went from
+# 127.3 to 124.8 ms on an H200 (README, "Performance")
 torch.backends.cuda.matmul.allow_tf32 = True
 
 
