@@ -170,15 +170,17 @@ def clean_text(text):
 # Transfer-learning augmentations (Sec. 4.1): the whole clip flipped, cropped and colour-jittered consistently
 # ----------------------------------------------------------------------------------------------------------
 
-_LEFT_RIGHT = re.compile(r"\b(left|right)\b", re.IGNORECASE)
+_LEFT_RIGHT = re.compile(r"\b(left|right)(most)?\b", re.IGNORECASE)
 
 
 def swap_left_right(text):
-    """Whole words only: 'left' <-> 'right' keeping case; 'bright' and 'leftover' stay."""
+    """Whole words only: 'left' <-> 'right' and 'leftmost' <-> 'rightmost' keeping case; 'bright' and 'leftover'
+    stay."""
     def swap(m):
-        w = m.group(0)
+        w, most = m.group(1), m.group(2) or ""
         new = "right" if w.lower() == "left" else "left"
-        return new.upper() if w.isupper() else new.capitalize() if w[0].isupper() else new
+        new = new.upper() if w.isupper() else new.capitalize() if w[0].isupper() else new
+        return new + most
     return _LEFT_RIGHT.sub(swap, text)
 
 
@@ -252,6 +254,8 @@ class ClipDataset(torch.utils.data.Dataset):
         return np.random.default_rng([self.seed, self.epoch, index])
 
     def __getitem__(self, index):
+        if not 0 <= index < len(self):  # also ends a plain `for item in dataset`
+            raise IndexError(f"index {index} of a dataset of {len(self)} clips")
         for attempt in range(len(self)):
             i = (index + attempt) % len(self)
             rng = self.rng(i)  # clip sampling, then augmentation, draw from this one stream
@@ -511,12 +515,15 @@ class SMiT(ClipDataset):
                 self.empty += 1
                 continue
             source = sorted((root / "frames" / name).glob("*.jpg"), key=frame_order) or root / "videos" / f"{name}.mp4"
-            if isinstance(source, Path) and not source.is_file():
-                if skip_bad:
-                    self.bad += 1
-                    continue
-                raise FileNotFoundError(f"{source} not found (nor {root / 'frames' / name}/*.jpg)")
-            n = len(source) if isinstance(source, list) else _count_video_frames(source)
+            try:
+                if isinstance(source, Path) and not source.is_file():
+                    raise FileNotFoundError(f"{source} not found (nor {root / 'frames' / name}/*.jpg)")
+                n = len(source) if isinstance(source, list) else _count_video_frames(source)
+            except (FileNotFoundError, BadFile):
+                if not skip_bad:
+                    raise
+                self.bad += 1
+                continue
             kinds["frames/<name>/*.jpg" if isinstance(source, list) else "videos/<name>.mp4"] += 1
             self.summary["videos"] += 1
             self.summary["frames"] += n
@@ -527,7 +534,7 @@ class SMiT(ClipDataset):
                        + ", ".join(f"{n} videos as {k}" for k, n in kinds.items()))
         if self.empty or self.bad:
             warnings.warn(f"S-MiT {split}: skipped {self.empty} videos with an empty or missing caption"
-                          f" and {self.bad} with no video")
+                          f" and {self.bad} with a missing or unreadable video")
 
     def load(self, entry, rng):
         name, source, idx, text = entry
@@ -619,8 +626,9 @@ class VideoExpressions(ClipDataset):
         size = self.cfg.frame_size
         loaded = [read_rgb(frames_p[i], size) for i in idx]
         item = {"frames": torch.stack([f for f, _ in loaded]), "text": text, "id": (vid, exp_id, idx[0])}
-        if annos_p is not None:
-            masks = torch.stack([resize_mask(read_index_png(annos_p[i]) == obj_id, size) for i in idx])
+        if annos_p is not None:  # a frame without its PNG (None, VISOR's) shows none of the objects
+            masks = torch.stack([torch.zeros(size, dtype=torch.bool) if annos_p[i] is None else
+                                 resize_mask(read_index_png(annos_p[i]) == obj_id, size) for i in idx])
             item["masks"] = masks
             item["boxes"], item["valid"] = boxes_from_masks(masks)
         if not self.train:
@@ -781,9 +789,10 @@ class RefDAVIS17(VideoExpressions):
 
 
 class VISOR(VideoExpressions):
-    """The official VISOR-to-DAVIS conversion: JPEGImages/480p/<seq>/*.jpg, Annotations/480p/<seq>/*.png,
-    ImageSets/2022/{train,val}.txt, {train,val}_data_mapping.json ({seq: {object index: name}}). Each object's
-    name, with ':' read as a space ("board:chopping" -> "board chopping"), is its referring expression."""
+    """The official VISOR-to-DAVIS conversion: JPEGImages/480p/<seq>/*.jpg, Annotations/480p/<seq>/*.png (none for
+    a frame where no object of the mapping is visible), ImageSets/2022/{train,val}.txt, {train,val}_data_mapping.json
+    ({seq: {object index: name}}). Each object's name, with ':' read as a space ("board:chopping" -> "board
+    chopping"), is its referring expression."""
 
     def __init__(self, root, split, cfg, train, seed=0, skip_bad=False):
         super().__init__(cfg, train, seed, skip_bad)
@@ -797,7 +806,9 @@ class VISOR(VideoExpressions):
             if not isinstance(mapping, dict) or not isinstance(mapping.get(seq), dict):
                 raise ValueError(f"{root / f'{split}_data_mapping.json'}: no entry for sequence {seq}; expected "
                                  f"{{seq: {{object index: name}}}}")
-            self.videos[seq] = _video_frames(jpeg, anno, seq)
+            frames, annos = _video_frames(jpeg, anno, seq)
+            # the conversion writes a frame's PNG only where some object of the mapping is visible
+            self.videos[seq] = frames, [p if p.is_file() else None for p in annos]
             for obj_id, name in sorted(mapping[seq].items(), key=lambda kv: int(kv[0])):
                 self.add_expression(seq, obj_id, name.replace(":", " "), obj_id)
         self.layout = (f"VISOR in the DAVIS layout: ImageSets/2022/{split}.txt, {split}_data_mapping.json, "
@@ -932,11 +943,11 @@ class RefCOCO(ClipDataset):
     def load(self, entry, rng):
         variant, im, annos, text = entry
         pil = read_image(self.images / im["file_name"])
-        mask = Image.new("L", pil.size, 0)
-        draw = ImageDraw.Draw(mask)
+        mask = np.zeros((pil.height, pil.width), bool)
         for a in annos:
             for poly in a["segmentation"]:
-                draw.polygon([tuple(p) for p in np.asarray(poly).reshape(-1, 2)], fill=255)
+                mask |= fill_polygon(poly, pil.height, pil.width)
+        mask = Image.fromarray(mask.astype(np.uint8) * 255)
         T, (H, W) = self.cfg.num_frames, self.cfg.frame_size
         frames, masks = [], []
         for _ in range(T):
@@ -952,6 +963,21 @@ class RefCOCO(ClipDataset):
         if not self.train:
             item.update(orig_size=(pil.height, pil.width), frame_names=[f"{t:05d}" for t in range(T)], num_real=T)
         return item
+
+
+def fill_polygon(poly, H, W):
+    """A COCO polygon [x1, y1, x2, y2, ...] (pixel (x, y) spans [x, x+1) x [y, y+1)) -> Bool[H, W]: the pixels whose
+    centre it contains, by the even-odd rule, as pycocotools rasterizes (PIL's polygon also fills every pixel its
+    outline touches: about one pixel more all round). Each row's crossings toggle the columns to their right."""
+    x0, y0 = np.asarray(poly, np.float64).reshape(-1, 2).T                       # [E] vertices
+    x1, y1 = np.roll(x0, -1), np.roll(y0, -1)                                   # [E] the next ones
+    yc = np.arange(H)[:, None] + 0.5                                             # [H, 1] row centres
+    crosses = (y0 <= yc) != (y1 <= yc)                                           # [H, E], half-open: a vertex once
+    x = x0 + (yc - y0) * (x1 - x0) / np.where(y1 == y0, 1, y1 - y0)              # [H, E] where the edge meets the row
+    first = np.clip(np.floor(x - 0.5) + 1, 0, W).astype(np.int64)               # first column whose centre is right
+    toggles = np.zeros((H, W + 1), np.int64)
+    np.add.at(toggles, (np.nonzero(crosses)[0], first[crosses]), 1)
+    return np.cumsum(toggles[:, :W], 1) % 2 == 1
 
 
 def _affine(img, angle, scale, shift, resample):

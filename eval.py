@@ -243,6 +243,8 @@ def evaluate_davis(gt_dir, sequences, pred_dir, match=True, progress=True):
         # the objects are the ids of the first annotated frame, as the official evaluator counts them (an id that
         # appears only later is not scored); the predicted ids are those of any frame
         try:
+            if match and pred.max() > 20:   # before split_ids makes a mask of each id (a 0/255 PNG: 255 of them)
+                raise ValueError(f"{pred.max()} predicted ids: more than the 20 proposals the protocol allows")
             j, f = evaluate_objects(split_ids(gt, int(gt[0].max())), split_ids(pred), void, match=match)
         except ValueError as e:                      # too many ids: name the sequence
             raise ValueError(f"{Path(pred_dir) / seq}: {e}") from e
@@ -418,11 +420,12 @@ def write_indexed(path, ids):
 
 def merge_objects(logits):
     """One frame's objects {id: Float[H, W] logits} -> Uint8[H, W] ids: each pixel goes to the object of the highest
-    probability among those whose mask covers it (logit > 0), 0 where none does; ties to the lower id. This is how
-    ReferFormer's Ref-DAVIS17 inference composes its objects, behind the published numbers."""
+    float32 probability among those whose mask covers it (probability >= 0.5), 0 where none does; ties to the lower
+    id (the sigmoid saturates: two logits above ~17 both give 1.0). This is how ReferFormer's Ref-DAVIS17 inference
+    composes its objects, behind the published numbers."""
     ids = sorted(logits)
-    stack = np.stack([logits[i] for i in ids])                          # [K, H, W]
-    return np.where(stack.max(0) > 0, np.asarray(ids, np.uint8)[stack.argmax(0)], 0).astype(np.uint8)
+    prob = torch.from_numpy(np.stack([logits[i] for i in ids]).astype(np.float32)).sigmoid().numpy()   # [K, H, W]
+    return np.where(prob.max(0) >= 0.5, np.asarray(ids, np.uint8)[prob.argmax(0)], 0).astype(np.uint8)
 
 
 def write_object_pngs(vid, exps, out_dir, obj_of):

@@ -427,6 +427,16 @@ def test_visor_names_become_expressions(tmp_path):
     assert len(ds) == 2
     check_clip(ds[0], "P01_107_seq_00001", "1", "hand left", 1, [0, 1, 2, 3])
     check_clip(ds[1], "P01_107_seq_00001", "2", "board chopping", 2, [0, 1, 2, 3])
+    # the conversion writes no PNG where no object of the mapping is visible: that frame's masks are empty
+    (root / "Annotations/480p/P01_107_seq_00001/00002.png").unlink()
+    ds = data.build_dataset("visor", root, "val", CFG, train=False)
+    for k, obj in ((0, 1), (1, 2)):
+        it = ds[k]
+        assert not it["valid"][2] and not it["masks"][2].any()
+        for t in (0, 1, 3):
+            b = obj_box(obj, t)
+            area = 0 if b is None else (b[2] - b[0]) * (b[3] - b[1])
+            assert bool(it["valid"][t]) == (b is not None) and int(it["masks"][t].sum()) == area
 
 
 def test_refcoco_pseudo_clips(tmp_path):
@@ -713,6 +723,29 @@ def test_augmented_masks_stay_on_their_objects():
 
 def test_swap_left_right_whole_words():
     assert data.swap_left_right("LEFT of the right, leftover bright light") == "RIGHT of the left, leftover bright light"
+    assert (data.swap_left_right("the Leftmost man, second from right, on the left-hand side; RIGHTMOST")
+            == "the Rightmost man, second from left, on the right-hand side; LEFTMOST")
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")   # pycocotools under numpy 2
+def test_polygon_fill_as_pycocotools():
+    """COCO polygons filled as pycocotools fills them (the pixels whose centre is inside): a square by hand, then
+    random star-shaped polygons, some across the image's edge. PIL's polygon, used before, filled ~16% more."""
+    from pycocotools import mask as coco_mask
+    square = data.fill_polygon([10, 10, 20, 10, 20, 20, 10, 20], 30, 30)
+    assert square.sum() == 100 and square[10:20, 10:20].all()
+    rng = np.random.default_rng(0)
+    Hc, Wc, area, wrong, excess = 60, 80, 0, 0, 0
+    for _ in range(200):
+        n = rng.integers(3, 9)
+        angle, radius = np.sort(rng.uniform(0, 2 * np.pi, n)), rng.uniform(3, 30, n)
+        centre = rng.uniform([0, 0], [Wc, Hc])
+        poly = np.stack([centre[0] + radius * np.cos(angle), centre[1] + radius * np.sin(angle)], 1).ravel()
+        ref = coco_mask.decode(coco_mask.frPyObjects([poly.tolist()], Hc, Wc))[..., 0].astype(bool)
+        got = data.fill_polygon(poly, Hc, Wc)
+        area, wrong, excess = area + ref.sum(), wrong + (got ^ ref).sum(), excess + got.sum() - ref.sum()
+    # pycocotools snaps the vertices to 1/5 pixel: a few pixels on the edges differ, no side is favoured
+    assert wrong < 0.02 * area and abs(excess) < 0.002 * area, (area, wrong, excess)
 
 
 # ---------------------------------------------------------------------------------------------- bad input
@@ -725,6 +758,28 @@ def test_missing_root_and_split_file_fail_clearly(tmp_path):
         data.build_dataset("smit", tmp_path / "smit", "train", CFG, train=True)
     with pytest.raises(ValueError, match="unknown dataset 'kinetics'"):
         data.build_dataset("kinetics", tmp_path, "train", CFG, train=True)
+
+
+def test_smit_skips_an_unreadable_video(tmp_path):
+    """An .mp4 that is not a video fails naming it, or with skip_bad is counted and left out with a missing one; the
+    dataset ends where its clips do (a plain for loop over it stops)."""
+    pytest.importorskip("av")
+    root = tmp_path / "smit"
+    for t in range(19):
+        write_jpeg(root / f"frames/good/{t:05d}.jpg", 5 + 6 * t)
+    (root / "videos").mkdir()
+    (root / "videos/broken.mp4").write_bytes(b"not a video")
+    (root / "transcriptions").mkdir()
+    for name in ("good", "broken", "missing"):
+        (root / f"transcriptions/{name}.txt").write_text("a ball rolls\n")
+    (root / "train.txt").write_text("good\nbroken\nmissing\n")
+    with pytest.raises(ValueError, match=r"videos/broken.mp4: unreadable video"):
+        data.build_dataset("smit", root, "train", CFG, train=True)
+    with pytest.warns(UserWarning, match="and 2 with a missing or unreadable video"):
+        ds = data.build_dataset("smit", root, "train", CFG, train=True, skip_bad=True)
+    assert len(ds) == 1 and [it["id"] for it in ds] == [("good", "0", 0)]
+    with pytest.raises(IndexError, match="index 1 of a dataset of 1 clips"):
+        ds[1]
 
 
 def test_broken_json_names_the_file(ytvos_root):

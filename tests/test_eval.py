@@ -140,7 +140,7 @@ def test_objects_are_the_ids_of_the_first_frame(tmp_path):
     assert per == [["Sequence", "J-Mean", "F-Mean"], ["a_1", "1.000", "1.000"]]
 
 
-def test_predictions_errors_name_the_file(tmp_path):
+def test_predictions_errors_name_the_file(tmp_path, monkeypatch):
     davis, pred = tmp_path / "DAVIS", tmp_path / "pred"
     write_ids(davis / "Annotations_unsupervised/480p/a/00000.png", square().astype(np.uint8))
     (davis / "ImageSets/2017").mkdir(parents=True)
@@ -156,6 +156,12 @@ def test_predictions_errors_name_the_file(tmp_path):
     write_ids(pred / "a/00000.png", np.arange(100 * 100).reshape(100, 100) % 22)   # ids 1..21
     with pytest.raises(SystemExit, match=r"pred/a: 21 predicted ids: more than the 20 proposals"):
         ev.main(["--bench", "davis17", "--davis-root", str(davis), "--predictions", str(pred)])
+    # binary 0/255 masks (Ref-YouTube-VOS's format) refused before a mask is made for each of 255 ids
+    write_ids(pred / "a/00000.png", square().astype(np.uint8) * 255)
+    split_ids = ev.split_ids
+    monkeypatch.setattr(ev, "split_ids", lambda frames, n=None: split_ids(frames, n) if int(frames.max()) <= 20 else 1 / 0)
+    with pytest.raises(SystemExit, match=r"pred/a: 255 predicted ids: more than the 20 proposals"):
+        ev.main(["--bench", "davis17", "--davis-root", str(davis), "--predictions", str(pred)])
 
 
 def test_overlapping_objects_go_to_the_more_probable():
@@ -165,6 +171,9 @@ def test_overlapping_objects_go_to_the_more_probable():
     l1 = np.array([[2., 2, 2, 2, -1, -1]], np.float32)
     l3 = np.array([[-1., 1, 3, 2, 1, -1]], np.float32)
     assert ev.merge_objects({3: l3, 1: l1}).tolist() == [[1, 1, 3, 1, 3, 0]]   # a tie to the lower id
+    # probabilities, not logits: sigmoid(20) and sigmoid(25) are both 1.0 in float32, a tie; a logit of 0 is 0.5, kept
+    saturated = {1: np.array([[20., 9, 0]], np.float32), 2: np.array([[25., 10, -1]], np.float32)}
+    assert ev.merge_objects(saturated).tolist() == [[1, 2, 1]]
     rng = np.random.default_rng(0)
     ids = (1, 2, 5)
     logits = {i: rng.normal(0, 2, (20, 30)).astype(np.float32) for i in ids}
@@ -287,13 +296,14 @@ def test_visor_objects_not_in_the_first_frame_are_not_scored(tmp_path, tiny_ckpt
     """VISOR val through the model: object 2 of the mapping is missing from the sequence's first annotated frame (as
     an object too small at 480p is), so the evaluator counts object 1 alone. Its prediction is left out of the PNGs
     and of the scores, with a line saying so, where the run used to stop ("predictions use id 2, above the 1
-    objects")."""
+    objects"). Frame 5 has no PNG, as the conversion writes none where no object is visible: predicted, not scored."""
     import json
     from test_data import write_jpeg, write_palette_png
     root, seq = tmp_path / "VISOR_2022", "P01_107_seq_00001"
-    for t in range(5):
+    for t in range(6):
         write_jpeg(root / f"JPEGImages/480p/{seq}/{t:05d}.jpg", 40 + 20 * t)
-        write_palette_png(root / f"Annotations/480p/{seq}/{t:05d}.png", {1: (2, 2, 12, 12), 2: None if t == 0 else (20, 8, 30, 18)})
+        if t < 5:
+            write_palette_png(root / f"Annotations/480p/{seq}/{t:05d}.png", {1: (2, 2, 12, 12), 2: None if t == 0 else (20, 8, 30, 18)})
     (root / "ImageSets/2022").mkdir(parents=True)
     (root / "ImageSets/2022/val.txt").write_text(seq + "\n")
     (root / "val_data_mapping.json").write_text(json.dumps({seq: {"1": "hand:left", "2": "board:chopping"}}))
@@ -301,6 +311,7 @@ def test_visor_objects_not_in_the_first_frame_are_not_scored(tmp_path, tiny_ckpt
     assert f"not scored, ids above their sequence's first annotated frame's: 1 objects ({seq} 2)" in capsys.readouterr().out
     out = tmp_path / "o/visor"
     assert [r[0] for r in csv.reader(open(out / "per-sequence_results-val.csv"))] == ["Sequence", f"{seq}_1"]
+    assert len(list((out / seq).glob("*.png"))) == 6                                        # frame 5 predicted too
     assert all(np.asarray(Image.open(p)).max() <= 1 for p in (out / seq).glob("*.png"))   # object 2 not painted
     assert 0 <= g["J&F-Mean"] <= 1
     (root / "val_data_mapping.json").write_text(json.dumps({seq: {"2": "board:chopping"}}))   # nothing left to score

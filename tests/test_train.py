@@ -282,6 +282,22 @@ def test_flow_diagnostics_on_hand_made_flows(spm_model, monkeypatch):
     assert off["photo"] > exact["photo"]
 
 
+def test_flow_pictures_scale_to_the_largest_speed(tmp_path):
+    """One pixel moves by (3, 4), 5 px, in frames 3 and 4: in the true-flow row its colour is fully saturated (a colour
+    of the wheel has a channel at 0) and a still pixel is white. (A norm over the frames, not over (x, y), gave a
+    scale of 5.66 here: the pixel came out washed.)"""
+    from PIL import Image
+    import numpy as np
+    T, H, W = 4, 8, 10
+    flow = torch.zeros(1, T, 2, H, W)
+    flow[0, 2:, :, 0, 0] = torch.tensor([3.0, 4.0])
+    train.save_flow_pictures({"frames": torch.zeros(1, T, 3, H, W), "flow": flow}, torch.zeros_like(flow), tmp_path, 1)
+    img = np.asarray(Image.open(tmp_path / "flow_0.png"))
+    assert img.shape == (3 * H, T * W, 3)
+    for t in (2, 3):
+        assert img[2 * H, t * W].min() == 0 and (img[2 * H + 1, t * W] == 255).all()
+
+
 def test_throughput_counts_training_time_only(tmp_path, spm_model, monkeypatch):
     """it_per_s in log.jsonl: steps over the training time since the last log line. With a clock that advances 0.1 s
     a step and 10 s an evaluation, every line must read 10 it/s, also where evaluations fall between log lines
