@@ -75,6 +75,11 @@ def test_statistics_hand_worked():
     m, recall, decay = ev.db_statistics([0.9] * 4 + [0.1] * 4)
     # quarters of 8 frames by the evaluator's rounding: [0:3] and [5:8]
     assert m == pytest.approx(0.5) and recall == pytest.approx(0.5) and decay == pytest.approx(0.8)
+    # 10 frames: bin edges round(linspace(1, 10, 5)) - 1 = 0, 2, 5, 7, 9, each bin up to its right edge included,
+    # so the first quarter is frames 0-2 and the last 7-9; recall counts values above 0.5, not 0.5 itself
+    m, recall, decay = ev.db_statistics([0.1, 0.9, 0.3, 0.5, 0.6, 0.2, 1.0, 0.4, 0.8, 0.0])
+    assert m == pytest.approx(0.48) and recall == pytest.approx(0.4)
+    assert decay == pytest.approx((0.1 + 0.9 + 0.3) / 3 - (0.4 + 0.8 + 0.0) / 3)
 
 
 # ---------------------------------------------------------------------------------------------- DAVIS folders
@@ -341,3 +346,12 @@ def test_flow_colour_wheel():
     assert tuple(c[3]) == (255, 255, 255)                            # no motion is white
     assert len({tuple(x) for x in c[:3]}) == 3                       # directions get different hues
     assert (c[0] - c[1]).__abs__().sum() > 200                       # opposite directions far apart
+    # the Middlebury coding worked by hand (hue index (atan2(-v, -u) / pi + 1) / 2 * 54 on the 55-hue wheel, image y
+    # down): right 0 (red), down 13.5 (between 255 * 13/15 and 255 * 14/15 green: orange-yellow), left 27 (cyan-blue,
+    # green 255 - 255 * 2/11), up 40.5 (blue-magenta, red between 255 * 4/13 and 255 * 5/13)
+    flow = np.array([[[1, 0, -1, 0]], [[0, 1, 0, -1]]], np.float32)
+    c = ev.flow_to_color(flow).astype(int)[0]
+    assert tuple(c[0]) == (255, 0, 0)
+    assert c[1][0] == 255 and 229 <= c[1][1] <= 230 and c[1][2] == 0
+    assert c[2][0] == 0 and 208 <= c[2][1] <= 209 and c[2][2] == 255
+    assert 87 <= c[3][0] <= 89 and c[3][1] == 0 and c[3][2] == 255

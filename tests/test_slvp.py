@@ -210,13 +210,25 @@ def test_tokenizer_rejects_empty_text(spm_model):
 # ---------------------------------------------------------------------------------------------- model
 
 def test_paper_parameter_count():
-    """Table 1: 258M parameters; Table 4: the same for both fusion modes (they differ by the one query token q)."""
+    """Table 1: 258M parameters; Table 4: the same for both fusion modes (they differ by the one query token q). Each
+    part counted by hand from Sec. 4.1's architecture: T5-base's encoder, CoCa's ViT-B at patch 18 on 360x648, the
+    8-layer decoder (width 768, MLP 2048), E_pos, E_tem and the flow head of Eq. (3)."""
     with torch.device("meta"):
+        model = slvp.SLVP(slvp.SLVPConfig.paper(), "vision")
         counts = {f: sum(p.numel() for p in slvp.SLVP(slvp.SLVPConfig.paper(), f).parameters())
                   for f in ("vision", "language")}
     print("paper config parameters:", counts)
     for n in counts.values():
         assert abs(n - 258e6) / 258e6 < 0.02
+    d, N = 768, (360 // 18) * (648 // 18)
+    t5 = 32128 * d + 12 * (2 * d + 4 * d * d + 2 * d * 3072) + 32 * 12 + d      # RMS norms, no biases; bucket bias
+    vit = (3 * 18 * 18 * d + d) + d + (N + 1) * d + 2 * d + 12 * (4 * d + 4 * (d * d + d) + 2 * d * 3072 + 3072 + d)
+    # (patch embedding, class token, positions, ln_pre, blocks); the decoder's layers, then its final LayerNorm
+    decoder = 8 * (6 * d + 8 * (d * d + d) + 2 * d * 2048 + 2048 + d) + 2 * d
+    parts = {"text": t5, "vision": vit, "decoder": decoder, "E_pos": N * d, "E_tem": 4 * d, "flow_head": d * 648 + 648}
+    got = {name: sum(p.numel() for p in getattr(model, name).parameters()) if name not in ("E_pos", "E_tem")
+           else getattr(model, name).numel() for name in parts}
+    assert got == parts and sum(parts.values()) == counts["vision"]
     assert counts["language"] - counts["vision"] == 768
     # the transfer model swaps the flow head (d*p*p*2 + p*p*2) for box (d*4+4) and mask ((d+4)*p*p + p*p) heads
     with torch.device("meta"):
@@ -273,6 +285,72 @@ def test_fusion_shapes_gradients_and_padding(fusion):
     assert rvos.box_head.weight.grad.abs().sum() > 0 and rvos.mask_head.weight.grad.abs().sum() > 0
     assert rvos.vision.patch_embed.weight.grad.abs().sum() > 0       # transfer trains the vision encoder
     assert all(p.grad is None for p in rvos.text.parameters())       # and freezes the text encoder (Table 2)
+
+
+def test_unpatchify_layout_hand_worked():
+    """Token n = t*N + row*gw + col of frame t, its p*p*C values in (p, p, C) order (MAE): value k = (y*p + x)*C + c
+    lands on channel c, pixel (row*p + y, col*p + x) of frame t."""
+    cfg = slvp.SLVPConfig.tiny()
+    T, (gh, gw), p, C = cfg.num_frames, cfg.grid, cfg.patch_size, 2
+    n, k = torch.meshgrid(torch.arange(T * gh * gw), torch.arange(p * p * C), indexing="ij")
+    out = slvp.unpatchify((1000 * n + k).float()[None], cfg, C)[0]              # [T, C, H, W]
+    for t, c, Y, X in [(0, 0, 0, 0), (0, 1, 0, 0), (1, 0, 3, 17), (2, 1, 20, 5), (3, 0, 31, 47), (3, 1, 9, 40)]:
+        token = t * gh * gw + (Y // p) * gw + X // p
+        assert out[t, c, Y, X] == 1000 * token + ((Y % p) * p + X % p) * C + c, (t, c, Y, X)
+
+
+@pytest.mark.parametrize("fusion", ["vision", "language"])
+def test_positions_follow_the_tokens_order(fusion):
+    """Eqs. (2), (8): the token of patch n in frame t (index t*N + n of f_v, frames one after another) gets
+    E_pos[n] + E_tem[t], on the decoder's queries and, with language as query, on f_v as its memory."""
+    cfg, frames, ids, mask = tiny_batch()
+    torch.manual_seed(0)
+    model = slvp.SLVP(cfg, fusion).eval()
+    got = {}
+    hook = model.decoder.register_forward_hook(lambda m, args, out: got.update(query=args[0], memory=args[1]))
+    with torch.no_grad():
+        model.flow(frames, ids, mask)
+        f_v, f_r = model.encode(frames, ids, mask)
+    hook.remove()
+    T, N = cfg.num_frames, cfg.num_patches
+    pos = torch.stack([model.E_pos[n] + model.E_tem[t] for t in range(T) for n in range(N)]).detach()   # [T*N, d]
+    if fusion == "vision":
+        assert torch.allclose(got["query"] - f_v, pos.expand_as(f_v), atol=1e-5)
+    else:
+        assert torch.allclose(got["query"][:, -T * N:] - model.q.detach(), pos.expand_as(f_v), atol=1e-5)
+        assert torch.allclose(got["memory"] - f_v, pos.expand_as(f_v), atol=1e-5)
+        assert torch.equal(got["query"][:, :ids.shape[1]], f_r)
+
+
+def test_decoder_matches_torch_transformer_decoder():
+    """T of Eqs. (2) and (8), pre-norm self-attention, cross-attention and GELU MLP with a final LayerNorm, against
+    torch.nn.TransformerDecoder(norm_first=True) with the same weights, padded keys masked in both attentions."""
+    cfg = slvp.SLVPConfig.tiny()
+    d = cfg.dec_dim
+    torch.manual_seed(0)
+    ours = slvp.Decoder(cfg).eval()
+    rescale_(ours, torch.Generator().manual_seed(1))
+    layer = torch.nn.TransformerDecoderLayer(d, cfg.dec_heads, cfg.dec_mlp, dropout=0.0, activation="gelu",
+                                             batch_first=True, norm_first=True)
+    ref = torch.nn.TransformerDecoder(layer, cfg.dec_layers, norm=torch.nn.LayerNorm(d)).eval()
+    with torch.no_grad():
+        for a, b in zip(ours.layers, ref.layers):
+            for mine, theirs in ((a.self_attn, b.self_attn), (a.cross_attn, b.multihead_attn)):
+                theirs.in_proj_weight.copy_(torch.cat([mine.q.weight, mine.k.weight, mine.v.weight]))
+                theirs.in_proj_bias.copy_(torch.cat([mine.q.bias, mine.k.bias, mine.v.bias]))
+                theirs.out_proj.load_state_dict(mine.o.state_dict())
+            for mine, theirs in ((a.norm1, b.norm1), (a.norm2, b.norm2), (a.norm3, b.norm3), (a.fc1, b.linear1),
+                                 (a.fc2, b.linear2)):
+                theirs.load_state_dict(mine.state_dict())
+        ref.norm.load_state_dict(ours.norm.state_dict())
+        g = torch.Generator().manual_seed(2)
+        x, memory = torch.randn(2, 10, d, generator=g), torch.randn(2, 7, d, generator=g)
+        x_keep, m_keep = torch.ones(2, 10, dtype=torch.bool), torch.ones(2, 7, dtype=torch.bool)
+        x_keep[1, 6:], m_keep[0, 4:] = False, False
+        out = ours(x, memory, self_mask=x_keep, memory_mask=m_keep)
+        expected = ref(x, memory, tgt_key_padding_mask=~x_keep, memory_key_padding_mask=~m_keep)
+    print("decoder vs torch.nn.TransformerDecoder:", (out - expected).abs().max().item())
+    assert (out - expected).abs().max() < TOL
 
 
 def test_language_query_reads_its_own_patch_at_init():
