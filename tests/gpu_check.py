@@ -245,7 +245,11 @@ def train_benchmark(mode, batch_size, steps, compile_model, tmp, warmup=5):
             gc.collect()
             torch.cuda.empty_cache()
     if not compile_model:  # batch sizes would each recompile the graph
-        row["largest batch"] = largest_batch(fits, start=batch_size)
+        try:                   # an error in the search keeps the timed row, its cell FAILED
+            row["largest batch"] = largest_batch(fits, start=batch_size)
+        except Exception as e:
+            traceback.print_exc()
+            row["largest batch"] = f"FAILED: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     del model, opt, run
     gc.collect()
     torch.cuda.empty_cache()
@@ -267,7 +271,8 @@ def markdown_table(rows):
 
 def run_sections(sections, head, out):
     """[(title, function returning rows or a line)] -> (Markdown text, failed titles), written to `out` after each
-    section. A failure is recorded, not skipped: its section shows FAILED and the error; the caller exits non-zero."""
+    section. A failure is recorded, not skipped: its section shows FAILED and the error, or a row its cell FAILED
+    with the rest of the row; the caller exits non-zero."""
     parts, failed = [head], []
     for title, fn in sections:
         t = time.time()
@@ -275,6 +280,8 @@ def run_sections(sections, head, out):
         try:
             result = fn()
             body = markdown_table(result) if isinstance(result, list) else str(result)
+            if isinstance(result, list) and any(str(v).startswith("FAILED") for r in result for v in r.values()):
+                failed.append(title)
         except Exception as e:  # recorded in the report and in the exit status, with the traceback on stderr
             traceback.print_exc()
             body = f"**FAILED**: `{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}`"

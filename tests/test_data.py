@@ -247,6 +247,23 @@ def test_ytvos_train_and_eval_clips(ytvos_root):
     with pytest.warns(UserWarning):
         tr = data.build_dataset("ytvos", ytvos_root, "train", CFG, train=True)
     assert len(tr) == 3 and tr[0]["frames"].shape == (4, 3, H, W) and torch.equal(tr[0]["frames"], tr[0]["frames"])
+    # T consecutive frames from a start in 0..n-T (vid_a's 6 frames: 0, 1 or 2; vid_b's 3: 0, its last frame
+    # repeated), each with its own frame's mask; read without augmentation, from the frames' grey levels (20 + 20 t)
+    # and the masks' place (object 1 moves 2 px a frame)
+    starts = set()
+    for epoch in range(12):
+        tr.set_epoch(epoch)
+        for i in range(len(tr)):
+            it = tr.load(tr.items[i], tr.rng(i))
+            n = len(tr.videos[it["id"][0]][0])
+            levels = (it["frames"].mean((1, 2, 3)) * 255).round().tolist()
+            t0 = round((levels[0] - 20) / 20)
+            idx = [min(t0 + j, n - 1) for j in range(4)]
+            assert np.allclose(levels, [20 + 20 * t for t in idx], atol=2) and it["id"][2] == t0, (levels, it["id"])
+            if it["id"][:2] == ("vid_a", "0"):
+                check_clip(it, "vid_a", "0", "a person on the left", 1, idx)
+                starts.add(t0)
+    assert starts == {0, 1, 2}
 
 
 def test_ytvos_valid_drops_test_videos(ytvos_root):
@@ -705,6 +722,39 @@ def test_crop_keeps_the_target_and_recomputes_boxes():
         assert out["valid"].all()
         assert torch.equal(out["boxes"], data.boxes_from_masks(out["masks"])[0])
         assert out["frames"].shape == frames.shape and 0 <= out["frames"].min() and out["frames"].max() <= 1
+
+
+def test_crop_origin_contains_the_target():
+    """_crop_origin: a ch x cw crop inside the frame that holds the target's box over the clip whenever it fits,
+    drawn from every such origin; where it does not fit, from every origin in the frame."""
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        union = torch.zeros(H, W, dtype=torch.bool)
+        y1, x1 = int(rng.integers(0, H - 5)), int(rng.integers(0, W - 5))
+        y2, x2 = y1 + int(rng.integers(1, 20)), x1 + int(rng.integers(1, 30))
+        union[y1:y2, x1:x2] = True
+        y2, x2 = min(y2, H), min(x2, W)                       # exclusive ends of the box in the frame
+        ch, cw = int(rng.integers(10, H + 1)), int(rng.integers(10, W + 1))
+        fits = y2 - y1 <= ch and x2 - x1 <= cw
+        if fits:   # every origin that keeps the box: y0 <= y1 and y0 + ch >= y2, inside the frame
+            allowed = {(y, x) for y in range(max(0, y2 - ch), min(y1, H - ch) + 1)
+                       for x in range(max(0, x2 - cw), min(x1, W - cw) + 1)}
+        else:
+            allowed = {(y, x) for y in range(H - ch + 1) for x in range(W - cw + 1)}
+        drawn = {data._crop_origin(union, ch, cw, rng) for _ in range(400)}
+        assert drawn <= allowed and (len(allowed) > 60 or drawn == allowed), (y1, y2, x1, x2, ch, cw)
+
+
+def test_colour_jitter_is_one_for_the_whole_clip():
+    """Brightness, contrast and saturation drawn once per clip: four equal frames stay equal, and change."""
+    frame = torch.rand(1, 3, H, W, generator=torch.Generator().manual_seed(0))
+    masks = torch.zeros(4, H, W, dtype=torch.bool)
+    masks[:, 10:20, 10:20] = True
+    item = {"frames": frame.expand(4, -1, -1, -1).clone(), "masks": masks, "text": "x"}
+    for seed in range(5):
+        out = data.augment(item, np.random.default_rng(seed), crop_scale=(1.0, 1.0))["frames"]
+        assert all(torch.equal(out[0], out[t]) for t in range(1, 4))
+        assert not torch.allclose(out[0], frame[0].flip(-1)) and not torch.allclose(out[0], frame[0])
 
 
 def test_augmented_masks_stay_on_their_objects():

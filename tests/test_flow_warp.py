@@ -45,9 +45,10 @@ def test_triton_path_runs_under_the_interpreter(monkeypatch):
         fw.flow_warp(image.double(), flow.detach().double())
 
 
-@pytest.mark.parametrize("C,H,W,B", [(3, 37, 53, 2), (1, 37, 53, 3), (3, 8, 300, 1)])
-def test_warp_forward_and_backward_match_grid_sample(C, H, W, B):
-    image, flow, _ = make(B, C, H, W, seed=C + H)
+@pytest.mark.parametrize("C,H,W,B,reach", [(3, 37, 53, 2, 6), (1, 37, 53, 3, 6), (3, 8, 300, 1, 6), (2, 9, 14, 2, 40)])
+def test_warp_forward_and_backward_match_grid_sample(C, H, W, B, reach):
+    """The last case: flows up to 40 px on a 9x14 frame, beyond the clamp of the whole-pixel step to +-(size + 2)."""
+    image, flow, _ = make(B, C, H, W, seed=C + H, reach=reach)
     image.requires_grad_()
     flow.requires_grad_()
     out = fw.flow_warp(image, flow)

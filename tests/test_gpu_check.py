@@ -71,9 +71,11 @@ def test_largest_batch_search():
 def test_report_records_failures_and_tables(tmp_path):
     def broken():
         raise RuntimeError("kernel mismatch: 3e-2")
-    text, failed = gpu_check.run_sections([("works", lambda: [{"a": 1, "b": 0.123456}]), ("broken", broken)],
-                                          "# head\n", tmp_path / "r.md")
-    assert failed == ["broken"]
+    partly = [{"step ms": 12.5, "largest batch": "FAILED: RuntimeError: non-finite loss"}]   # the timing kept
+    text, failed = gpu_check.run_sections([("works", lambda: [{"a": 1, "b": 0.123456}]), ("broken", broken),
+                                           ("partly", lambda: partly)], "# head\n", tmp_path / "r.md")
+    assert failed == ["broken", "partly"]
+    assert "| 12.5 | FAILED: RuntimeError: non-finite loss |" in text
     assert "| a | b |\n|---|---|\n| 1 | 0.123 |" in text
     assert "## broken\n\n**FAILED**: `RuntimeError: kernel mismatch: 3e-2`" in text
     assert (tmp_path / "r.md").read_text() == text

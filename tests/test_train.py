@@ -242,10 +242,11 @@ def test_the_fitted_tokenizer_keeps_words_whole(tmp_path):
 def test_flow_diagnostics_on_hand_made_flows(spm_model, monkeypatch):
     """evaluate_flow on flows made by hand: the zero flow scores the zero-flow values, the true flow scores 0 and the
     true flow's photometric loss, the true flow shifted by (0.6, -0.8) px scores an end-point error of exactly 1.
-    The reference values are computed here from the clips themselves."""
+    The reference values are computed here from the clips themselves, over 20 clips: three of evaluate_flow's batches
+    of 8, so its sums run over batches."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the warp's torch path (the kernels have their own tests)
     cfg = slvp.SLVPConfig.tiny()
-    n = 6
+    n = 20
     ds = data.build_dataset("synthetic", None, "pretrain_val", cfg, train=False, size=n)
     true = torch.stack([ds[i]["flow"] for i in range(n)])                   # [n, T, 2, H, W]
     frames = torch.stack([ds[i]["frames"] for i in range(n)])
@@ -280,6 +281,20 @@ def test_flow_diagnostics_on_hand_made_flows(spm_model, monkeypatch):
     off = train.evaluate_flow(Fixed(shifted), tok, n, "cpu")
     assert off["epe"] == pytest.approx(1.0, abs=1e-5) and off["epe_moving"] == pytest.approx(1.0, abs=1e-5)
     assert off["photo"] > exact["photo"]
+
+
+def test_epoch_batches_split_one_permutation():
+    """Each epoch is one permutation of the clips, cut into global batches (the remainder dropped); the W processes'
+    shares of batch i, joined in rank order, are one process's batch i; another epoch, another order."""
+    for n, G, world in ((10, 4, 2), (256, 4, 2), (9, 6, 3), (7, 7, 1)):
+        one = train.epoch_batches(n, G, 0, 0, 0, 1)
+        assert len(one) == n // G and all(len(b) == G for b in one)
+        flat = [i for b in one for i in b]
+        assert len(set(flat)) == len(flat) and set(flat) <= set(range(n))
+        shares = [train.epoch_batches(n, G, 0, 0, r, world) for r in range(world)]
+        assert [sum((s[i] for s in shares), []) for i in range(len(one))] == one
+    assert train.epoch_batches(256, 4, 0, 1, 0, 1) != train.epoch_batches(256, 4, 0, 0, 0, 1)
+    assert train.epoch_batches(256, 4, 1, 0, 0, 1) != train.epoch_batches(256, 4, 0, 0, 0, 1)
 
 
 def test_flow_pictures_scale_to_the_largest_speed(tmp_path):
