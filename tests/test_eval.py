@@ -324,6 +324,35 @@ def test_visor_objects_not_in_the_first_frame_are_not_scored(tmp_path, tiny_ckpt
         ev.main(["--bench", "visor", "--ckpt", str(tiny_ckpt), "--data-root", str(root), "--out", str(tmp_path / "o2")])
 
 
+def test_synthetic_scores_of_an_oracle(spm_model):
+    """synthetic_scores on a "model" that returns each clip's true masks (found by its frames) scores J = F = 1; the
+    complement scores 0, as does the truth of another clip: the scores are each clip's against its own truth."""
+    import data
+    cfg = slvp.SLVPConfig.tiny()
+    ds = data.build_dataset("synthetic", None, "val", cfg, train=False, size=8, seed=0)
+    truth = {ds[i]["frames"].numpy().tobytes(): ds[i]["masks"] for i in range(len(ds))}
+    assert all(m.any((1, 2)).all() for m in truth.values())          # the target is in every frame of every clip
+    keys = list(truth)
+
+    class Oracle(torch.nn.Module):
+        def __init__(self, how):
+            super().__init__()
+            self.cfg, self.how = cfg, how
+
+        def forward(self, frames, ids, mask):
+            out = []
+            for f in frames:
+                k = f.numpy().tobytes()
+                m = {"true": truth[k], "complement": ~truth[k],
+                     "another": truth[keys[(keys.index(k) + 1) % len(keys)]]}[self.how]
+                out.append(20.0 * m.float() - 10.0)
+            return {"masks": torch.stack(out)}
+    tok = slvp.Tokenizer(spm_model)
+    assert ev.synthetic_scores(Oracle("true"), tok, n=8) == {"J": 1.0, "F": 1.0, "J&F": 1.0}
+    assert ev.synthetic_scores(Oracle("complement"), tok, n=8)["J"] == 0.0
+    assert ev.synthetic_scores(Oracle("another"), tok, n=8)["J&F"] < 0.5
+
+
 def test_synthetic_bench_and_demo(tmp_path, tiny_ckpt):
     s = ev.main(["--bench", "synthetic", "--ckpt", str(tiny_ckpt), "--num-clips", "4"])
     assert set(s) == {"J", "F", "J&F"} and all(0 <= v <= 1 for v in s.values())
