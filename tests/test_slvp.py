@@ -287,6 +287,22 @@ def test_fusion_shapes_gradients_and_padding(fusion):
     assert all(p.grad is None for p in rvos.text.parameters())       # and freezes the text encoder (Table 2)
 
 
+def test_frames_are_normalized_as_coca_was_trained():
+    """The ViT sees (frames - mean) / std with CoCa's (open_clip's OpenAI) mean and std, each frame alone, in order."""
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+    cfg, frames, ids, mask = tiny_batch()
+    model = slvp.SLVP(cfg).eval()
+    got = {}
+    hook = model.vision.register_forward_pre_hook(lambda m, args: got.update(x=args[0]))
+    with torch.no_grad():
+        model.flow(frames, ids, mask)
+    hook.remove()
+    mean, std = torch.tensor(OPENAI_DATASET_MEAN), torch.tensor(OPENAI_DATASET_STD)
+    expected = torch.stack([(frames[b, t] - mean[:, None, None]) / std[:, None, None]
+                            for b in range(frames.shape[0]) for t in range(cfg.num_frames)])
+    assert torch.allclose(got["x"], expected, atol=1e-6)
+
+
 def test_unpatchify_layout_hand_worked():
     """Token n = t*N + row*gw + col of frame t, its p*p*C values in (p, p, C) order (MAE): value k = (y*p + x)*C + c
     lands on channel c, pixel (row*p + y, col*p + x) of frame t."""
