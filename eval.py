@@ -172,7 +172,10 @@ def linear_sum_assignment(score):
     return rows[order], cols[order]
 
 
-def evaluate_objects(gt, pred, void=None, match=True, max_proposals=20):
+MAX_PROPOSALS = 20  # the unsupervised protocol's limit on predicted ids per sequence
+
+
+def evaluate_objects(gt, pred, void=None, match=True, max_proposals=MAX_PROPOSALS):
     """gt Bool[n_gt, T, H, W], pred Bool[n_pred, T, H, W]. With match (the unsupervised protocol) predicted ids are
     assigned to true ids by the Hungarian method on the mean of J and F; without it pred[k] is scored against gt[k].
     Returns J, F as [n_gt, T] arrays, in the evaluator's order (matched pairs sorted by predicted id)."""
@@ -243,8 +246,9 @@ def evaluate_davis(gt_dir, sequences, pred_dir, match=True, progress=True):
         # the objects are the ids of the first annotated frame, as the official evaluator counts them (an id that
         # appears only later is not scored); the predicted ids are those of any frame
         try:
-            if match and pred.max() > 20:   # before split_ids makes a mask of each id (a 0/255 PNG: 255 of them)
-                raise ValueError(f"{pred.max()} predicted ids: more than the 20 proposals the protocol allows")
+            if match and pred.max() > MAX_PROPOSALS:   # before split_ids makes a mask per id (a 0/255 PNG: 255)
+                raise ValueError(f"predictions use id {pred.max()}: more than the {MAX_PROPOSALS} proposals the "
+                                 f"protocol allows (a binary 0/255 mask is one object of id 255)")
             j, f = evaluate_objects(split_ids(gt, int(gt[0].max())), split_ids(pred), void, match=match)
         except ValueError as e:                      # too many ids: name the sequence
             raise ValueError(f"{Path(pred_dir) / seq}: {e}") from e

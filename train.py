@@ -277,7 +277,7 @@ def save_flow_pictures(batch, pred, out, k):
     for b in range(min(k, len(pred))):
         frames = to_uint8(batch["frames"][b])                              # [T, H, W, 3]
         T, H, W, _ = frames.shape
-        scale = max(batch["flow"][b].norm(dim=1).max().item(), 1.0)           # the largest speed, over [T, 2, H, W]
+        scale = max(batch["flow"][b].norm(dim=1).max().item(), 1.0)  # longest true flow vector
         rows = [np.concatenate(list(frames), 1)]
         for flow in (pred[b], batch["flow"][b]):
             blank = np.full((H, W, 3), 255, np.uint8)

@@ -249,7 +249,7 @@ def train_benchmark(mode, batch_size, steps, compile_model, tmp, warmup=5):
             row["largest batch"] = largest_batch(fits, start=batch_size)
         except Exception as e:
             traceback.print_exc()
-            row["largest batch"] = f"FAILED: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            row["largest batch"] = failed_cell(e)
     del model, opt, run
     gc.collect()
     torch.cuda.empty_cache()
@@ -267,6 +267,11 @@ def markdown_table(rows):
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def failed_cell(e):
+    """A table cell for an error that leaves the rest of its row measured; run_sections fails such a section."""
+    return f"FAILED: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
 def run_sections(sections, head, out):

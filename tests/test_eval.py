@@ -57,6 +57,15 @@ def test_disk_dilation_matches_brute_force():
             assert np.array_equal(ev.disk_dilate(m, r), expected), (shape, r)
 
 
+def test_evaluate_objects_limits():
+    gt, pred = np.zeros((2, 3, 4, 4), bool), np.zeros((21, 3, 4, 4), bool)
+    with pytest.raises(ValueError, match="21 predicted ids: more than the 20 proposals the protocol allows"):
+        ev.evaluate_objects(gt, pred)
+    assert ev.evaluate_objects(gt, pred[:20])[0].shape == (2, 3)                  # 20 are allowed
+    with pytest.raises(ValueError, match="predictions use id 3, above the 2 objects of the sequence"):
+        ev.evaluate_objects(gt, pred[:3], match=False)
+
+
 def test_hungarian_matches_brute_force():
     rng = np.random.default_rng(1)
     for _ in range(150):
@@ -159,13 +168,13 @@ def test_predictions_errors_name_the_file(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match=r"ImageSets/2017/val.txt not found"):
         ev.main(["--bench", "davis17", "--davis-root", str(tmp_path / "nowhere"), "--predictions", str(pred)])
     write_ids(pred / "a/00000.png", np.arange(100 * 100).reshape(100, 100) % 22)   # ids 1..21
-    with pytest.raises(SystemExit, match=r"pred/a: 21 predicted ids: more than the 20 proposals"):
+    with pytest.raises(SystemExit, match=r"pred/a: predictions use id 21: more than the 20 proposals"):
         ev.main(["--bench", "davis17", "--davis-root", str(davis), "--predictions", str(pred)])
     # binary 0/255 masks (Ref-YouTube-VOS's format) refused before a mask is made for each of 255 ids
     write_ids(pred / "a/00000.png", square().astype(np.uint8) * 255)
     split_ids = ev.split_ids
     monkeypatch.setattr(ev, "split_ids", lambda frames, n=None: split_ids(frames, n) if int(frames.max()) <= 20 else 1 / 0)
-    with pytest.raises(SystemExit, match=r"pred/a: 255 predicted ids: more than the 20 proposals"):
+    with pytest.raises(SystemExit, match=r"pred/a: predictions use id 255: more than the 20 proposals"):
         ev.main(["--bench", "davis17", "--davis-root", str(davis), "--predictions", str(pred)])
 
 

@@ -71,7 +71,7 @@ def test_largest_batch_search():
 def test_report_records_failures_and_tables(tmp_path):
     def broken():
         raise RuntimeError("kernel mismatch: 3e-2")
-    partly = [{"step ms": 12.5, "largest batch": "FAILED: RuntimeError: non-finite loss"}]   # the timing kept
+    partly = [{"step ms": 12.5, "largest batch": gpu_check.failed_cell(RuntimeError("non-finite loss\nat step 2"))}]
     text, failed = gpu_check.run_sections([("works", lambda: [{"a": 1, "b": 0.123456}]), ("broken", broken),
                                            ("partly", lambda: partly)], "# head\n", tmp_path / "r.md")
     assert failed == ["broken", "partly"]

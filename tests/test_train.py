@@ -297,7 +297,7 @@ def test_epoch_batches_split_one_permutation():
     assert train.epoch_batches(256, 4, 1, 0, 0, 1) != train.epoch_batches(256, 4, 0, 0, 0, 1)
 
 
-def test_flow_pictures_scale_to_the_largest_speed(tmp_path):
+def test_flow_pictures_scale_to_the_longest_flow(tmp_path):
     """One pixel moves by (3, 4), 5 px, in frames 3 and 4: in the true-flow row its colour is fully saturated (a colour
     of the wheel has a channel at 0) and a still pixel is white. (A norm over the frames, not over (x, y), gave a
     scale of 5.66 here: the pixel came out washed.)"""
