@@ -169,14 +169,12 @@ def largest_batch(fits, start=8, limit=1024):
     """The largest b <= limit with fits(b), for a monotone fits: doubling from start, then bisection."""
     if not fits(1):
         return 0
-    lo, hi = 1, None
-    b = start
-    while b <= limit:
+    lo, hi, b = 1, None, min(start, limit)
+    while hi is None and lo < limit:
         if fits(b):
-            lo, b = b, 2 * b
+            lo, b = b, min(2 * b, limit)
         else:
             hi = b
-            break
     if hi is None:
         return lo
     while hi - lo > 1:

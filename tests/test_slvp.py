@@ -33,8 +33,8 @@ def test_t5_matches_transformers(tmp_path, ffn, full_model):
     from transformers import T5Config, T5EncoderModel, T5ForConditionalGeneration
     hf_cfg = T5Config(vocab_size=120, d_model=48, d_kv=16, d_ff=80, num_layers=3, num_decoder_layers=1,
                       num_heads=4, feed_forward_proj=ffn, relative_attention_num_buckets=32,
-                      relative_attention_max_distance=128, dropout_rate=0.0)
-    torch.manual_seed(0)
+                      relative_attention_max_distance=128, dropout_rate=0.0, layer_norm_epsilon=1e-3)
+    torch.manual_seed(0)   # an epsilon far from T5's 1e-6, so that one not read from config.json shows above TOL
     hf = (T5ForConditionalGeneration if full_model else T5EncoderModel)(hf_cfg).eval()
     rescale_(hf, torch.Generator().manual_seed(1))
     hf.save_pretrained(tmp_path)
@@ -143,6 +143,10 @@ def test_vit_matches_reference_native_and_resampled(tmp_path, kind):
     ours = slvp.load_vit(ckpt, frame_cfg(32, 32, 8)).eval()
     assert (ours.cfg.vit_dim, ours.cfg.vit_layers, ours.cfg.vit_heads, ours.cfg.vit_mlp) == (128, 2, 2, 256)
     assert ours.cfg.vit_norm_final == (kind != "coca")
+    # the library's LayerNorm epsilon (timm 1e-6, open_clip 1e-5), which the weights do not carry: a wrong one moves
+    # the output by about 1e-5, under TOL
+    assert {m.eps for m in native.modules() if isinstance(m, torch.nn.LayerNorm)} == \
+        {m.eps for m in ours.modules() if isinstance(m, torch.nn.LayerNorm)} == {ours.cfg.vit_eps}
     x = torch.randn(2, 3, 32, 32, generator=gen)
     with torch.no_grad():
         ref = native.forward_features(x)[:, 1:] if kind == "timm" else open_clip_tokens(native, x)
@@ -180,6 +184,11 @@ def test_vit_conversion_is_strict(tmp_path):
         slvp.load_vit(tmp_path / "v.safetensors", frame_cfg(32, 32, 8))
     assert "missing: blocks.1.norm2.bias" in str(e.value)
     assert "mis-shaped: blocks.0.fc2.weight" in str(e.value)
+    state = {k: v.contiguous() for k, v in timm_vit(32, 8).state_dict().items()}
+    state["blocks.0.ls1.gamma"] = torch.ones(128)                    # layer scale (DeiT III), which ours lacks
+    save_file(state, tmp_path / "v.safetensors")
+    with pytest.raises(ValueError, match="unexpected: blocks.0.ls1.gamma"):
+        slvp.load_vit(tmp_path / "v.safetensors", frame_cfg(32, 32, 8))
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer
@@ -455,6 +464,11 @@ def test_rvos_loss_hand_worked():
     assert abs(parts["dice"].item() - dice) < 1e-6
     assert abs(parts["bce"].item() - 0.6931471805599453) < 1e-6
     assert abs(loss.item() - (5 * 0.25 + 0.5 + 5 * dice + 0.6931471805599453)) < 1e-5
+    # Dice per clip, then the mean over clips: clip 1 predicted exactly (0), clip 2 on 2 pixels beside its 2 (1 - 1/5)
+    m, g2 = torch.zeros(2, 1, 4, 4), torch.zeros(2, 1, 4, 4)
+    m[0, 0, :2, :2] = g2[0, 0, :2, :2] = 1
+    m[1, 0, 0, :2], g2[1, 0, 3, :2] = 1, 1
+    assert slvp.dice_loss(m, g2).item() == pytest.approx((0 + (1 - 1 / 5)) / 2)
     # no frame with the object: the box terms vanish and stay finite
     _, parts = model.rvos_loss({"boxes": pred_boxes, "masks": logits}, gt_boxes, gt.bool(), valid & False)
     assert parts["l1"].item() == 0 and parts["giou"].item() == 0
@@ -502,6 +516,24 @@ def test_photometric_loss_known_shift():
     assert fw.photometric_loss(V1, torch.zeros_like(flow), V2, interior).item() > 0.05
 
 
+def test_photometric_objective_pairs_each_frame_with_frame_1():
+    """Eq. (1) on a clip: frame 2 is frame 1 moved 1 px right, frame 3 moved 2 px down (a texture away from the
+    border, so nothing leaves the frame): o_(2,1) = (-1, 0) and o_(3,1) = (0, -2) give 0; each other pairing of
+    flows and frames does not; the zero flow gives the mean over frames 2 and 3 of their squared difference to frame
+    1, worked here."""
+    g = torch.Generator().manual_seed(0)
+    V1 = torch.zeros(3, 20, 24)
+    V1[:, 4:16, 4:20] = torch.rand(3, 12, 16, generator=g)
+    frames = torch.stack([V1, V1.roll(1, dims=2), V1.roll(2, dims=1)])[None]            # [1, T=3, 3, H, W]
+    flow = torch.zeros(1, 3, 2, 20, 24)
+    flow[0, 1, 0], flow[0, 2, 1] = -1.0, -2.0
+    assert slvp.photometric_objective(frames, flow).item() < 1e-10
+    assert slvp.photometric_objective(frames, flow[:, [0, 2, 1]]).item() > 0.01                # flows swapped
+    assert slvp.photometric_objective(frames[:, [1, 0, 2]], flow).item() > 0.01               # another reference
+    zero = ((frames[0, 1] - V1) ** 2).mean() / 2 + ((frames[0, 2] - V1) ** 2).mean() / 2
+    assert slvp.photometric_objective(frames, torch.zeros_like(flow)).item() == pytest.approx(zero.item(), rel=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 def test_checkpoint_round_trip_and_transfer(tmp_path):
@@ -522,6 +554,13 @@ def test_checkpoint_round_trip_and_transfer(tmp_path):
     for k, v in shared.items():
         assert torch.equal(rvos.state_dict()[k], v), k
     assert rvos.freeze_text and not rvos.freeze_vision   # the transfer defaults, not the pre-training ones
+    # a checkpoint keeps its own freezing; keyword arguments override it
+    slvp.save_checkpoint(tmp_path / "ft.safetensors", slvp.SLVP(cfg, task="rvos", freeze_text=False, freeze_vision=True))
+    ft = slvp.load_checkpoint(tmp_path / "ft.safetensors")
+    assert (ft.freeze_text, ft.freeze_vision) == (False, True)
+    assert all(p.requires_grad for p in ft.text.parameters()) and not any(p.requires_grad for p in ft.vision.parameters())
+    ft = slvp.load_checkpoint(tmp_path / "ft.safetensors", freeze_vision=False)
+    assert (ft.freeze_text, ft.freeze_vision) == (False, False)
 
 
 def test_checkpoint_errors_name_the_tensor(tmp_path):
@@ -537,6 +576,11 @@ def test_checkpoint_errors_name_the_tensor(tmp_path):
         slvp.load_checkpoint(tmp_path / "bad.safetensors")
     assert "missing: decoder.layers.1.fc1.bias" in str(e.value)
     assert "mis-shaped: E_tem: checkpoint (5, 128) vs model (4, 128)" in str(e.value)   # tiny: d = 128
+    state = load_file(tmp_path / "c.safetensors")
+    state["decoder.layers.9.fc1.bias"] = torch.zeros(3)                                  # a tensor the model lacks
+    save_file(state, tmp_path / "extra.safetensors", metadata=meta)
+    with pytest.raises(ValueError, match="unexpected: decoder.layers.9.fc1.bias"):
+        slvp.load_checkpoint(tmp_path / "extra.safetensors")
     slvp.save_checkpoint(tmp_path / "r.safetensors", slvp.SLVP(cfg, task="rvos"))
     with pytest.raises(ValueError, match="no flow head"):
         slvp.load_checkpoint(tmp_path / "r.safetensors", task="pretrain")
