@@ -459,6 +459,23 @@ def synthetic_scores(model, tokenizer, n=64, batch_size=8, device="cpu", seed=0)
     return {"J": J, "F": Fm, "J&F": (J + Fm) / 2}
 
 
+def synthetic_sheet(model, tokenizer, path, k=4, device="cpu"):
+    """A picture of the first k held-out clips of synthetic_scores: each as two rows, the predicted mask outlined
+    (mask logits > 0), then the true one (data.contact_sheet's drawing)."""
+    ds = data.build_dataset("synthetic", None, "val", model.cfg, train=False, size=k)
+    preds = dict(predict(model, ds, tokenizer, k, device, progress=False))
+    rows = []
+    for i in range(k):
+        it = ds[i]
+        vid, exp_id, start = it["id"]
+        pred = torch.from_numpy(np.stack([preds[(vid, exp_id)][name] > 0 for name in it["frame_names"]]))
+        rows += [{**it, "masks": pred, "id": (f"{vid}, predicted", exp_id, start)},
+                 {**it, "id": (f"{vid}, true", exp_id, start)}]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    data.contact_sheet(rows).save(path)
+    return path
+
+
 def bench_davis17(args, model, tokenizer, device):
     """Ref-DAVIS17: four runs (annotator 1/2 x first-frame/full-video), each written as indexed PNGs and scored
     with the DAVIS 2017 unsupervised protocol, then averaged."""
@@ -646,6 +663,7 @@ def main(argv=None):
         if args.bench == "synthetic":
             s = synthetic_scores(model, tokenizer, n=args.num_clips, batch_size=args.batch_size, device=device)
             print(f"synthetic ({args.num_clips} held-out clips): J {s['J']:.3f}  F {s['F']:.3f}  J&F {s['J&F']:.3f}")
+            print(f"wrote {synthetic_sheet(model, tokenizer, Path(args.out) / 'synthetic.png', device=device)}")
             return s
         if not args.data_root:
             p.error(f"--bench {args.bench} needs --data-root")

@@ -340,7 +340,7 @@ def test_visor_objects_not_in_the_first_frame_are_not_scored(tmp_path, tiny_ckpt
         ev.main(["--bench", "visor", "--ckpt", str(tiny_ckpt), "--data-root", str(root), "--out", str(tmp_path / "o2")])
 
 
-def test_synthetic_scores_of_an_oracle(spm_model):
+def test_synthetic_scores_of_an_oracle(spm_model, tmp_path):
     """synthetic_scores on a "model" that returns each clip's true masks (found by its frames) scores J = F = 1; the
     complement scores 0, as does the truth of another clip: the scores are each clip's against its own truth."""
     import data
@@ -367,11 +367,18 @@ def test_synthetic_scores_of_an_oracle(spm_model):
     assert ev.synthetic_scores(Oracle("true"), tok, n=8) == {"J": 1.0, "F": 1.0, "J&F": 1.0}
     assert ev.synthetic_scores(Oracle("complement"), tok, n=8)["J"] == 0.0
     assert ev.synthetic_scores(Oracle("another"), tok, n=8)["J&F"] < 0.5
+    # its picture: the oracle's rows outline the true masks, those of the complement do not
+    rows = [{**ds[i], "id": (f"{ds[i]['id'][0]}, {kind}", *ds[i]["id"][1:])} for i in range(4) for kind in ("predicted", "true")]
+    expected = np.asarray(data.contact_sheet(rows))
+    for how, same in (("true", True), ("complement", False)):
+        path = ev.synthetic_sheet(Oracle(how), tok, tmp_path / f"{how}.png")
+        assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), expected) == same, how
 
 
 def test_synthetic_bench_and_demo(tmp_path, tiny_ckpt):
-    s = ev.main(["--bench", "synthetic", "--ckpt", str(tiny_ckpt), "--num-clips", "4"])
+    s = ev.main(["--bench", "synthetic", "--ckpt", str(tiny_ckpt), "--num-clips", "4", "--out", str(tmp_path / "s")])
     assert set(s) == {"J", "F", "J&F"} and all(0 <= v <= 1 for v in s.values())
+    assert Image.open(tmp_path / "s/synthetic.png").size[0] > 4 * 48
     video = tmp_path / "video"
     video.mkdir()
     for t in range(6):  # 6 frames of 30x40: two clips of T=4, the second padded
