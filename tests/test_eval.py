@@ -368,7 +368,8 @@ def test_synthetic_scores_of_an_oracle(spm_model, tmp_path):
     assert ev.synthetic_scores(Oracle("complement"), tok, n=8)["J"] == 0.0
     assert ev.synthetic_scores(Oracle("another"), tok, n=8)["J&F"] < 0.5
     # its picture: the oracle's rows outline the true masks, those of the complement do not
-    rows = [{**ds[i], "id": (f"{ds[i]['id'][0]}, {kind}", *ds[i]["id"][1:])} for i in range(4) for kind in ("predicted", "true")]
+    rows = [{**ds[i], "id": (f"{ds[i]['id'][0]}, {kind}", *ds[i]["id"][1:])}
+            for i in range(4) for kind in ("predicted", "true")]
     expected = np.asarray(data.contact_sheet(rows))
     for how, same in (("true", True), ("complement", False)):
         path = ev.synthetic_sheet(Oracle(how), tok, tmp_path / f"{how}.png")
