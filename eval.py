@@ -444,36 +444,28 @@ def write_object_pngs(vid, exps, out_dir, obj_of):
 # Benchmarks
 # ----------------------------------------------------------------------------------------------------------
 
-def synthetic_scores(model, tokenizer, n=64, batch_size=8, device="cpu", seed=0):
-    """The embedded benchmark: a fixed held-out set of synthetic R-VOS clips; J, F, J&F means over clips."""
+def synthetic_scores(model, tokenizer, n=64, batch_size=8, device="cpu", seed=0, sheet=None):
+    """The embedded benchmark: a fixed held-out set of synthetic R-VOS clips; J, F, J&F means over clips. With `sheet`,
+    a picture of the first 4 clips there, each as two rows: the predicted mask outlined above the true one
+    (data.contact_sheet's drawing)."""
     ds = data.build_dataset("synthetic", None, "val", model.cfg, train=False, size=n, seed=seed)
     preds = dict(predict(model, ds, tokenizer, batch_size, device, progress=False))
-    js, fs = [], []
+    js, fs, rows = [], [], []
     for i in range(len(ds)):
         it = ds[i]
-        pred = np.stack([preds[(it["id"][0], it["id"][1])][name] > 0 for name in it["frame_names"]])
+        vid, exp_id, start = it["id"]
+        pred = np.stack([preds[(vid, exp_id)][name] > 0 for name in it["frame_names"]])
         gt = it["masks"].numpy()
         j, f = evaluate_objects(gt[None], pred[None], match=False)
         js.append(j.mean()), fs.append(f.mean())
+        if sheet is not None and i < 4:
+            rows += [{**it, "masks": torch.from_numpy(pred), "id": (f"{vid}, predicted", exp_id, start)},
+                     {**it, "id": (f"{vid}, true", exp_id, start)}]
+    if rows:
+        Path(sheet).parent.mkdir(parents=True, exist_ok=True)
+        data.contact_sheet(rows).save(sheet)
     J, Fm = float(np.mean(js)), float(np.mean(fs))
     return {"J": J, "F": Fm, "J&F": (J + Fm) / 2}
-
-
-def synthetic_sheet(model, tokenizer, path, k=4, device="cpu"):
-    """A picture of the first k held-out clips of synthetic_scores: each as two rows, the predicted mask outlined
-    (mask logits > 0), then the true one (data.contact_sheet's drawing)."""
-    ds = data.build_dataset("synthetic", None, "val", model.cfg, train=False, size=k)
-    preds = dict(predict(model, ds, tokenizer, k, device, progress=False))
-    rows = []
-    for i in range(k):
-        it = ds[i]
-        vid, exp_id, start = it["id"]
-        pred = torch.from_numpy(np.stack([preds[(vid, exp_id)][name] > 0 for name in it["frame_names"]]))
-        rows += [{**it, "masks": pred, "id": (f"{vid}, predicted", exp_id, start)},
-                 {**it, "id": (f"{vid}, true", exp_id, start)}]
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    data.contact_sheet(rows).save(path)
-    return path
 
 
 def bench_davis17(args, model, tokenizer, device):
@@ -661,9 +653,11 @@ def main(argv=None):
                 p.error("the demo needs --video and --text (or choose a --bench)")
             return demo(args, model, tokenizer, device)
         if args.bench == "synthetic":
-            s = synthetic_scores(model, tokenizer, n=args.num_clips, batch_size=args.batch_size, device=device)
+            sheet = Path(args.out) / "synthetic.png"
+            s = synthetic_scores(model, tokenizer, n=args.num_clips, batch_size=args.batch_size, device=device,
+                                 sheet=sheet)
             print(f"synthetic ({args.num_clips} held-out clips): J {s['J']:.3f}  F {s['F']:.3f}  J&F {s['J&F']:.3f}")
-            print(f"wrote {synthetic_sheet(model, tokenizer, Path(args.out) / 'synthetic.png', device=device)}")
+            print(f"wrote {sheet}")
             return s
         if not args.data_root:
             p.error(f"--bench {args.bench} needs --data-root")

@@ -361,7 +361,7 @@ def test_synthetic_scores_of_an_oracle(spm_model, tmp_path):
                 k = f.numpy().tobytes()
                 m = {"true": truth[k], "complement": ~truth[k],
                      "another": truth[keys[(keys.index(k) + 1) % len(keys)]]}[self.how]
-                out.append(20.0 * m.float() - 10.0)
+                out.append(0.02 * m.float() - 0.01)                   # logits of +-0.01: the mask is logits > 0
             return {"masks": torch.stack(out)}
     tok = slvp.Tokenizer(spm_model)
     assert ev.synthetic_scores(Oracle("true"), tok, n=8) == {"J": 1.0, "F": 1.0, "J&F": 1.0}
@@ -372,8 +372,8 @@ def test_synthetic_scores_of_an_oracle(spm_model, tmp_path):
             for i in range(4) for kind in ("predicted", "true")]
     expected = np.asarray(data.contact_sheet(rows))
     for how, same in (("true", True), ("complement", False)):
-        path = ev.synthetic_sheet(Oracle(how), tok, tmp_path / f"{how}.png")
-        assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), expected) == same, how
+        ev.synthetic_scores(Oracle(how), tok, n=8, sheet=tmp_path / f"{how}.png")
+        assert np.array_equal(np.asarray(Image.open(tmp_path / f"{how}.png").convert("RGB")), expected) == same, how
 
 
 def test_synthetic_bench_and_demo(tmp_path, tiny_ckpt):

@@ -66,7 +66,7 @@ def test_largest_batch_search():
         assert len(calls) <= 20
     assert gpu_check.largest_batch(lambda b: False) == 0
     assert gpu_check.largest_batch(lambda b: True, start=8, limit=100) == 100  # doubling stops at the limit
-    assert gpu_check.largest_batch(lambda b: b <= 90, start=24, limit=100) == 90
+    assert gpu_check.largest_batch(lambda b: True, start=2048, limit=1024) == 1024   # a start above the limit
 
 
 def test_report_records_failures_and_tables(tmp_path):
