@@ -142,6 +142,9 @@ def check_out(args):
     if not (args.resume or args.overwrite) and (ckpt.exists() or resume.exists()):
         raise SystemExit(f"error: --out {args.out} holds the checkpoint of an earlier run; continue it with --resume, "
                          f"replace it with --overwrite, or choose another --out")
+    if args.overwrite:  # replaced now, not at this run's first checkpoint: a --resume could continue the earlier run
+        ckpt.unlink(missing_ok=True)
+        resume.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -580,7 +583,7 @@ def run(args, ddp, rank, world, device):
             if not optimizer_step(loss, trainable, opt, sched, args.grad_clip):
                 last = args.out / "ckpt.safetensors"
                 what = f"loss ({loss.item()})" if not torch.isfinite(loss) else f"gradient (loss {loss.item():.4g})"
-                raise SystemExit(f"error: non-finite {what} at step {step}; stopping. The last good checkpoint, "
+                raise SystemExit(f"error: non-finite {what} at step {step + 1}; stopping. The last good checkpoint, "
                                  f"{last if last.is_file() else 'none yet'}, is left as it was.")
             step, batch_idx, steps_since = step + 1, batch_idx + 1, steps_since + 1
 
@@ -613,8 +616,10 @@ def run(args, ddp, rank, world, device):
                 log.flush()
                 t_last += time.time() - t_eval                              # it/s counts training time only
             if main_proc and (step % args.ckpt_every == 0 or step == args.steps):
+                t_save = time.time()
                 save_all(args, raw, opt, sched, step, epoch if batch_idx < n_batches else epoch + 1,
                          batch_idx if batch_idx < n_batches else 0)
+                t_last += time.time() - t_save                              # nor the checkpoints' writing
             if step >= args.steps:
                 break
         else:

@@ -133,8 +133,10 @@ def test_a_resumed_run_keeps_its_warmup(tmp_path, spm_model, monkeypatch):
 
 @pytest.mark.parametrize("poison", ["loss", "gradient"])
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, spm_model, monkeypatch, poison):
-    """The 5th step (step index 4) goes NaN: its loss, or only its gradient (a finite loss plus sqrt(0 * flow), whose
-    derivative is inf * 0). The run stops there, before any weight or checkpoint (one every step) takes the NaN."""
+    """Step 5 goes NaN: its loss, or only its gradient (a finite loss plus sqrt(0 * flow), whose derivative is
+    inf * 0). The run stops there, before any weight or checkpoint (one every step) takes the NaN; the message numbers
+    the step as the log does. Run again with --overwrite, the earlier run's checkpoint is gone from the start: when
+    the new run stops before its first checkpoint, none is left that --resume could continue."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the warp's torch path (the kernels have their own tests)
     calls = {"n": 0}
     real = slvp.photometric_objective
@@ -150,13 +152,18 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, spm_model, monke
     with pytest.raises(SystemExit) as e:
         train.main(["--mode", "pretrain", "--steps", "8", "--ckpt-every", "1", *FAST, "--spm", str(spm_model),
                     "--out", str(out)])
-    assert re.search(r"non-finite loss \(nan\) at step 4" if poison == "loss" else
-                     r"non-finite gradient \(loss [0-9.e-]+\) at step 4", str(e.value))
+    assert re.search(r"non-finite loss \(nan\) at step 5" if poison == "loss" else
+                     r"non-finite gradient \(loss [0-9.e-]+\) at step 5", str(e.value))
     assert "ckpt.safetensors" in str(e.value)
     assert slvp.read_checkpoint_metadata(out / "ckpt.safetensors")["extra"] == '{"step": 4}'
     assert all(torch.isfinite(w).all() for w in load_file(out / "ckpt.safetensors").values())
     assert torch.load(out / "resume.pt", weights_only=True)["step"] == 4
     assert not list(out.glob("*.tmp"))
+    calls["n"] = 0
+    with pytest.raises(SystemExit, match="at step 5; stopping. The last good checkpoint, none yet"):
+        train.main(["--mode", "pretrain", "--steps", "8", "--ckpt-every", "100", *FAST, "--spm", str(spm_model),
+                    "--out", str(out), "--overwrite"])
+    assert not (out / "ckpt.safetensors").exists() and not (out / "resume.pt").exists()
 
 
 def two_gloo_processes(tmp_path, args, port, prelude=""):
@@ -315,8 +322,8 @@ def test_flow_pictures_scale_to_the_longest_flow(tmp_path):
 
 def test_throughput_counts_training_time_only(tmp_path, spm_model, monkeypatch):
     """it_per_s in log.jsonl: steps over the training time since the last log line. With a clock that advances 0.1 s
-    a step and 10 s an evaluation, every line must read 10 it/s, also where evaluations fall between log lines
-    (evaluation every 2 steps, a log line every 3)."""
+    a step, 10 s an evaluation and 7 s a checkpoint, every line must read 10 it/s, also where evaluations and
+    checkpoints fall between log lines (both every 2 steps, a log line every 3)."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the warp's torch path (the kernels have their own tests)
     clock = [0.0]
     monkeypatch.setattr(train, "time", types.SimpleNamespace(time=lambda: clock[0]))
@@ -329,10 +336,17 @@ def test_throughput_counts_training_time_only(tmp_path, spm_model, monkeypatch):
     def timed_evaluate(*a, **k):
         clock[0] += 10.0
         return evaluate(*a, **k)
+    save = train.save_all
+
+    def timed_save(*a):
+        clock[0] += 7.0
+        return save(*a)
     monkeypatch.setattr(train, "optimizer_step", timed_step)
     monkeypatch.setattr(train, "evaluate_flow", timed_evaluate)
-    train.main(["--mode", "pretrain", "--steps", "6", "--log-every", "3", "--eval-every", "2", "--batch-size", "2",
-                "--workers", "0", "--eval-clips", "2", "--spm", str(spm_model), "--out", str(tmp_path / "t")])
+    monkeypatch.setattr(train, "save_all", timed_save)
+    train.main(["--mode", "pretrain", "--steps", "6", "--log-every", "3", "--eval-every", "2", "--ckpt-every", "2",
+                "--batch-size", "2", "--workers", "0", "--eval-clips", "2", "--spm", str(spm_model),
+                "--out", str(tmp_path / "t")])
     lines = [r for r in map(json.loads, open(tmp_path / "t" / "log.jsonl")) if r["kind"] == "train"]
     assert [r["it_per_s"] for r in lines] == pytest.approx([10.0, 10.0])
     # each line's lr is the one its last step used: steps 2 and 5 (0-based) of a 1-step warm-up, then cosine to 10%
