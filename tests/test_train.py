@@ -218,7 +218,7 @@ def test_a_ddp_run_stopped_by_an_error_leaves_no_gloo_thread(tmp_path):
               "slvp.photometric_objective = poisoned\n")
     stdout = two_gloo_processes(tmp_path, ["--mode", "pretrain", "--steps", "6", *FAST, "--out", str(tmp_path / "o")],
                                 29518, prelude=poison)
-    assert stdout.count("stopped: error: non-finite loss (nan) at step 2") == 2, stdout
+    assert stdout.count("stopped: error: non-finite loss (nan) at step 3") == 2, stdout
 
 
 def test_clear_errors(tmp_path):
