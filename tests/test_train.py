@@ -46,6 +46,15 @@ def test_flop_count_matches_torch_flop_counter(fusion, task):
     assert train.train_flops(model, 2, 9) == f["vision"] * (3 - 2 * model.freeze_vision) + f["text"] + 3 * f["decoder"]
 
 
+def test_peak_flops_by_device_name(monkeypatch):
+    """Dense bf16 peaks from NVIDIA's datasheets, by the names torch reports."""
+    for name, tflops in (("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756), ("NVIDIA H100 NVL", 835),
+                         ("NVIDIA H200", 989), ("NVIDIA H200 NVL", 835), ("NVIDIA A100-SXM4-80GB", 312),
+                         ("NVIDIA L40S", 362), ("NVIDIA L40", 181), ("NVIDIA GeForce RTX 4090", None)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, n=name: n)
+        assert train.peak_flops() == (tflops and tflops * 1e12), name
+
+
 def test_cpu_adamw_gives_the_for_loop_numbers():
     """On the CPU build_optimizer takes AdamW's foreach path, which is faster; it gives torch's plain for-loop AdamW
     numbers bit for bit, so every run measured before it came gives the same weights."""
