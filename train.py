@@ -185,7 +185,7 @@ def train_flops(model, batch, text_len):
 
 def peak_flops():
     """Dense bf16 peak of the GPU (NVIDIA's datasheets), for MFU; None when unknown. The PCIe and NVL cards of a name
-    run lower clocks than its SXM part, and the L40 half the L40S."""
+    peak lower than its SXM part, the L40 at half the L40S."""
     name = torch.cuda.get_device_name()
     for key, flops in (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H200 NVL", 835e12), ("H100", 989e12),
                        ("H200", 989e12), ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12)):
