@@ -267,9 +267,13 @@ def markdown_table(rows):
     return "\n".join(lines)
 
 
+def error_line(e):
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
 def failed_cell(e):
     """A table cell for an error that leaves the rest of its row measured; run_sections fails such a section."""
-    return f"FAILED: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return f"FAILED: {error_line(e)}"
 
 
 def run_sections(sections, head, out):
@@ -287,7 +291,7 @@ def run_sections(sections, head, out):
                 failed.append(title)
         except Exception as e:  # recorded in the report and in the exit status, with the traceback on stderr
             traceback.print_exc()
-            body = f"**FAILED**: `{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}`"
+            body = f"**FAILED**: `{error_line(e)}`"
             failed.append(title)
         parts.append(f"## {title}\n\n{body}\n\n({time.time() - t:.0f} s)\n")
         Path(out).write_text("\n".join(parts))
