@@ -27,6 +27,7 @@ one line, `error: ...`, and no traceback.
 import argparse
 import json
 import math
+import os
 import pickle
 import re
 import sys
@@ -1011,6 +1012,26 @@ def build_dataset(name, root, split, cfg, train, **options):
     if root is None:
         raise ValueError(f"dataset {name!r} needs a root folder (--data-root)")
     return DATASETS[name](Path(root), split, cfg, train, **options)
+
+
+def default_workers(cuda):
+    """DataLoader workers per process. None on the CPU, where a worker takes a core from the model's threads (README,
+    "What a CPU step costs"). With a GPU, this process's share of the cores less one for itself, between 1 and 8: a
+    clip at 360x648 takes 60-72 ms of a core to make (synthetic, or 720p Ref-YouTube-VOS read and augmented), so a
+    batch of 16 is about 1 s of work for the 0.1-0.19 s a GPU step of the paper config takes (README, "Performance")."""
+    if not cuda:
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(8, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
+
+
+def read_batches(loader):
+    """A DataLoader's batches. A bad file met in a worker process comes back as a BadFile whose message is the worker's
+    whole traceback; it is raised again with the traceback's last line, the one that names the file."""
+    try:
+        yield from loader
+    except BadFile as e:
+        raise BadFile(str(e).strip().splitlines()[-1].split("BadFile: ", 1)[-1]) from None
 
 
 class Collate:

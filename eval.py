@@ -370,16 +370,17 @@ def to_uint8(frames):
 # ----------------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def predict(model, dataset, tokenizer, batch_size=4, device="cpu", progress=True):
+def predict(model, dataset, tokenizer, batch_size=4, device="cpu", progress=True, workers=0):
     """Runs the model over an evaluation dataset (clips covering every frame; an expression's clips come one after
     another, and a video's expressions too). Yields ((video, exp_id), {frame name: Float[H0, W0] numpy}) as each
     expression is done: the mask logits resized (bilinear) back to the original frame size; the mask is logits > 0.
-    One expression at a time, so the full-size masks of a whole benchmark are never held together."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size,
+    One expression at a time, so the full-size masks of a whole benchmark are never held together. `workers` read the
+    clips in worker processes, in the same order."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                                          collate_fn=data.Collate(tokenizer, model.cfg.max_text_len))
     model.eval()
     key, per, done_keys, t0, done = None, {}, set(), time.time(), 0
-    for batch in loader:
+    for batch in data.read_batches(loader):
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=str(device).startswith("cuda")):
             logits = model(batch["frames"].to(device), batch["ids"].to(device), batch["mask"].to(device))["masks"]
         for b in range(len(logits)):
@@ -444,12 +445,12 @@ def write_object_pngs(vid, exps, out_dir, obj_of):
 # Benchmarks
 # ----------------------------------------------------------------------------------------------------------
 
-def synthetic_scores(model, tokenizer, n=64, batch_size=8, device="cpu", seed=0, sheet=None):
+def synthetic_scores(model, tokenizer, n=64, batch_size=8, device="cpu", seed=0, sheet=None, workers=0):
     """The embedded benchmark: a fixed held-out set of synthetic R-VOS clips; J, F, J&F means over clips. With `sheet`,
     a picture of the first 4 clips there, each as two rows: the predicted mask outlined above the true one
     (data.contact_sheet's drawing)."""
     ds = data.build_dataset("synthetic", None, "val", model.cfg, train=False, size=n, seed=seed)
-    preds = dict(predict(model, ds, tokenizer, batch_size, device, progress=False))
+    preds = dict(predict(model, ds, tokenizer, batch_size, device, progress=False, workers=workers))
     js, fs, rows = [], [], []
     for i in range(len(ds)):
         it = ds[i]
@@ -477,7 +478,7 @@ def bench_davis17(args, model, tokenizer, device):
         ds = data.build_dataset("davis17", args.data_root, "valid", model.cfg, train=False, annotation=a)
         print(f"run {a}: {run}, {len(ds)} clips")
         out, predicted = Path(args.out) / f"run{a}", set()
-        for vid, exps in by_video(predict(model, ds, tokenizer, args.batch_size, device)):
+        for vid, exps in by_video(predict(model, ds, tokenizer, args.batch_size, device, workers=args.workers)):
             write_object_pngs(vid, exps, out, lambda exp_id: int(exp_id) // 4 + 1)
             predicted.add(vid)
         scored = [s for s in seqs if s in predicted]              # this run's, not a folder left from another
@@ -500,7 +501,7 @@ def bench_ytvos(args, model, tokenizer, device):
     out.mkdir(parents=True, exist_ok=True)
     vids, n = set(), 0
     with zipfile.ZipFile(zpath, "w", zipfile.ZIP_DEFLATED) as z:
-        for (vid, exp_id), frames in predict(model, ds, tokenizer, args.batch_size, device):
+        for (vid, exp_id), frames in predict(model, ds, tokenizer, args.batch_size, device, workers=args.workers):
             for name, m in frames.items():
                 path = out / "Annotations" / vid / exp_id / f"{name}.png"
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -521,7 +522,7 @@ def bench_visor(args, model, tokenizer, device):
     ds = data.build_dataset("visor", args.data_root, "val", model.cfg, train=False)
     gt_dir = Path(args.data_root) / "Annotations" / "480p"
     out, seqs, left_out = Path(args.out) / "visor", [], []
-    for seq, exps in by_video(predict(model, ds, tokenizer, args.batch_size, device)):
+    for seq, exps in by_video(predict(model, ds, tokenizer, args.batch_size, device, workers=args.workers)):
         counted = first_frame_objects(gt_dir, seq)
         left_out += [(seq, o) for o in exps if int(o) > counted]
         exps = {o: frames for o, frames in exps.items() if int(o) <= counted}
@@ -619,10 +620,14 @@ def main(argv=None):
     p.add_argument("--out", default="out/eval", help="where predictions, tables and pictures go (default: %(default)s)")
     p.add_argument("--batch-size", type=data.number(int, 1), default=4,
                    help="clips per forward pass (default: %(default)s)")
+    p.add_argument("--workers", type=data.number(int, 0), default=None,
+                   help="DataLoader worker processes reading the clips (default: 0 on the CPU; with a GPU the cores "
+                        "less one, 1 to 8)")
     p.add_argument("--num-clips", type=data.number(int, 1), default=256,
                    help="synthetic: the number of held-out clips (default: %(default)s; 64 are few for differences of "
                         "a few hundredths, README 'At 64x96')")
     args = p.parse_args(argv)
+    args.workers = data.default_workers(torch.cuda.is_available()) if args.workers is None else args.workers
     if args.predictions and (args.bench != "davis17" or args.ckpt):
         p.error("--predictions scores a folder of masks, with --bench davis17 and no --ckpt: leave out --predictions "
                 "to run the model, or --ckpt to score the folder")
@@ -655,7 +660,7 @@ def main(argv=None):
         if args.bench == "synthetic":
             sheet = Path(args.out) / "synthetic.png"
             s = synthetic_scores(model, tokenizer, n=args.num_clips, batch_size=args.batch_size, device=device,
-                                 sheet=sheet)
+                                 sheet=sheet, workers=args.workers)
             print(f"synthetic ({args.num_clips} held-out clips): J {s['J']:.3f}  F {s['F']:.3f}  J&F {s['J&F']:.3f}")
             print(f"wrote {sheet}")
             return s

@@ -95,8 +95,8 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=positive, default=25,
                    help="print a log line every N steps (default: %(default)s)")
     p.add_argument("--workers", type=natural, default=None,
-                   help="DataLoader worker processes (default: 1 with a GPU; 0 on the CPU, where a worker would take "
-                        "cores from the model's threads)")
+                   help="DataLoader worker processes per process (default: 0 on the CPU, where a worker would take "
+                        "cores from the model's threads; with a GPU the process's share of the cores less one, 1 to 8)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its resume.pt")
     p.add_argument("--overwrite", action="store_true",
                    help="start a new run in an --out that holds an earlier run's checkpoint, replacing it")
@@ -106,7 +106,7 @@ def parse_args(argv=None):
     pretrain = args.mode == "pretrain"
     args.steps = args.steps or (4500 if pretrain else 1000)
     args.lr = args.lr or (1e-3 if pretrain else 5e-4)
-    args.workers = int(torch.cuda.is_available()) if args.workers is None else args.workers
+    args.workers = data.default_workers(torch.cuda.is_available()) if args.workers is None else args.workers
     if args.data_root is not None and len(args.data_root) != len([d for d in args.data if d != "synthetic"]):
         p.error("give one --data-root per non-synthetic --data entry, in the same order")
     if any(d != "synthetic" for d in args.data) and args.data_root is None:
@@ -347,12 +347,11 @@ def read_resume(path):
 
 
 def read_batches(loader):
-    """The loader's batches. A clip with a bad file (data.BadFile, naming it) ends the run with that one line; met in a
-    worker process, it comes back inside the worker's traceback, whose last line it is."""
+    """The loader's batches. A clip with a bad file (data.BadFile, naming it) ends the run with that one line."""
     try:
-        yield from loader
+        yield from data.read_batches(loader)
     except data.BadFile as e:
-        raise SystemExit("error: " + str(e).strip().splitlines()[-1].split("BadFile: ", 1)[-1]) from None
+        raise SystemExit(f"error: {e}") from None
 
 
 def build_model(args, tokenizer):

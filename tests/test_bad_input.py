@@ -75,6 +75,9 @@ def d(tmp_path_factory, spm_model):
     ytvos_tree(d / "ytvos-no-expressions", json.dumps({"videos": {"vid_a": {"frames": ["00000"]}}}))
     ytvos_tree(d / "ytvos-truncated-frame", json.dumps(meta))
     truncate(d / "ytvos-truncated-frame/train/JPEGImages/vid_b/00003.jpg")
+    truncate(d / "ytvos-truncated-frame/valid/JPEGImages/vid_b/00003.jpg")
+    (d / "ytvos-truncated-frame/meta_expressions/test").mkdir()                 # no test videos
+    (d / "ytvos-truncated-frame/meta_expressions/test/meta_expressions.json").write_text('{"videos": {}}')
     ytvos_tree(d / "ytvos-truncated-annotation", json.dumps(meta))
     truncate(d / "ytvos-truncated-annotation/train/Annotations/vid_a/00002.png")
     (d / "t5").mkdir()
@@ -121,6 +124,10 @@ CASES = [
     ("eval", "--ckpt {good} --video {d}/none.mp4 --text the", ["none.mp4: no such video"]),
     ("train", "--mode finetune --data ytvos --data-root {d}/ytvos-truncated-frame --spm {spm} --workers 1 "
               "--steps 4 --batch-size 2", ["vid_b/00003.jpg: unreadable image"]),              # mid-run, in a worker
+    ("eval", "--bench ytvos --ckpt {good} --data-root {d}/ytvos-truncated-frame --workers 1",
+     ["valid/JPEGImages/vid_b/00003.jpg: unreadable image"]),
+    ("eval", "--bench ytvos --ckpt {good} --data-root {d}/ytvos-truncated-frame --workers 0",
+     ["valid/JPEGImages/vid_b/00003.jpg: unreadable image"]),
     # annotations and prediction PNGs
     ("train", "--mode finetune --data ytvos --data-root {d}/ytvos-truncated-annotation --spm {spm} "
               "--steps 4 --batch-size 2", ["vid_a/00002.png: unreadable annotation"]),
@@ -145,6 +152,7 @@ CASES = [
     ("train", "--grad-clip 0", ["argument --grad-clip"]),
     ("train", "--seed -1", ["argument --seed"]),
     ("train", "--workers -1", ["argument --workers"]),
+    ("eval", "--bench synthetic --ckpt {good} --workers -1", ["argument --workers"]),
     ("train", "--ckpt-every 0", ["argument --ckpt-every"]),
     ("train", "--mode finetune --train-size 0", ["argument --train-size"]),
     ("eval", "--bench synthetic --ckpt {good} --batch-size 0", ["argument --batch-size"]),

@@ -941,3 +941,27 @@ def test_collate_workers_and_distributed_sampler(tmp_path):
     assert b["ids"].shape[0] == 4 and b["mask"].dtype == torch.bool and (b["ids"][b["mask"]] > 0).all()
     halves = [list(torch.utils.data.DistributedSampler(ds, num_replicas=2, rank=r, shuffle=False)) for r in (0, 1)]
     assert sorted(halves[0] + halves[1]) == list(range(8))
+
+
+def test_default_workers(monkeypatch):
+    """None on the CPU; with a GPU, the cores this process may use shared over torchrun's local processes, less one for
+    the process itself, kept to 1..8 (worked by hand)."""
+    monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    for cores, local, want in ((16, None, 8), (6, None, 5), (2, None, 1), (1, None, 1), (64, "8", 7), (16, "4", 3),
+                               (16, "16", 1), (128, "2", 8)):
+        if local is None:
+            monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+        else:
+            monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+        assert data.default_workers(cuda=True) == want, (cores, local)
+        assert data.default_workers(cuda=False) == 0
+    import eval as ev
+    import train
+    cores = 8
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    for cuda, want in ((True, 7), (False, 0)):                # train.py's and eval.py's --workers default to it
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        assert train.parse_args([]).workers == want and train.parse_args(["--workers", "3"]).workers == 3
+        monkeypatch.setattr(ev, "synthetic_scores", lambda *a, **k: {"J": k["workers"], "F": 0, "J&F": 0})
+        monkeypatch.setattr(ev, "load_model_and_tokenizer", lambda *a: (None, None))
+        assert ev.main(["--bench", "synthetic", "--ckpt", "x"])["J"] == want

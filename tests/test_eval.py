@@ -238,6 +238,28 @@ def test_predict_yields_each_expression_when_its_clips_are_done(tiny_ckpt):
     assert got[0][1] <= 4 < len(ds)                           # the first came out after the second batch at most
 
 
+def test_predict_with_workers_gives_the_same_masks(tiny_ckpt):
+    """Clips read by worker processes (eval.py --workers, the default with a GPU) come in the dataset's order: the
+    same expressions and the same logits as read in the process itself."""
+    import data
+    model, tok = ev.load_model_and_tokenizer(tiny_ckpt, None, "cpu")
+    ds = data.build_dataset("synthetic", None, "val", model.cfg, train=False, size=6)
+
+    class InWorker(torch.utils.data.Dataset):          # read in a worker process when workers are asked for
+        def __len__(self):
+            return len(ds)
+
+        def __getitem__(self, i):
+            assert torch.utils.data.get_worker_info() is not None
+            return ds[i]
+
+    alone = list(ev.predict(model, ds, tok, batch_size=2, progress=False))
+    workers = list(ev.predict(model, InWorker(), tok, batch_size=2, progress=False, workers=2))
+    assert [k for k, _ in workers] == [k for k, _ in alone] == [(ds[i]["id"][0], ds[i]["id"][1]) for i in range(6)]
+    for (_, a), (_, b) in zip(alone, workers):
+        assert a.keys() == b.keys() and all(np.array_equal(a[n], b[n]) for n in a)
+
+
 def test_ytvos_submission_zip(tmp_path, tiny_ckpt):
     from test_data import write_video
     root = tmp_path / "ytvos"
