@@ -8,13 +8,15 @@ Every GPU figure of the project in one command, on a machine with a CUDA GPU:
    against the float64 torch reference on 8 x 3 frames of 360x648 (fp32 and bf16 inputs);
 3. the kernel benchmark of flow_warp_triton.py (eager, torch.compile, fused; fwd and fwd+bwd; GB/s, % of copy);
 4. pre-training and fine-tuning of the paper config (random weights, synthetic clips, bf16 autocast), eager and
-   with torch.compile: step time, clips/s, peak memory, MFU, and the largest batch that fits.
+   with torch.compile: step time, clips/s, peak memory, MFU, and the largest batch that fits;
+5. train.py itself on the paper config, its DataLoader workers making the clips: clips/s against the step alone.
 
 A failed check is written into the table as FAILED with its error and makes the exit status 1: nothing is skipped.
 Part 1 needs no GPU: `python tests/gpu_check.py --compile-only` runs it on any machine with triton (CI does).
 """
 import argparse
 import gc
+import json
 import os
 import re
 import subprocess
@@ -254,6 +256,26 @@ def train_benchmark(mode, batch_size, steps, compile_model, tmp, warmup=5):
     return row
 
 
+def end_to_end(batch_size, steps, tmp, step_row, config="paper"):
+    """train.py as a user runs it (pre-training on synthetic clips, eager, its default --workers): clips/s over its
+    last `steps` steps, data loading included (evaluation and checkpoint writing are not counted), against the step
+    alone (`step_row`, the eager pre-training row of part 4). Under 0.9x of it the loader holds the GPU back: FAILED."""
+    import data
+    import train
+    out = Path(tmp) / f"train_py_{config}"
+    train.main(["--config", config, "--steps", str(2 * steps), "--batch-size", str(batch_size), "--log-every",
+                str(steps), "--eval-clips", "8", "--out", str(out), "--overwrite"])
+    lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    last = [line for line in lines if line["kind"] == "train"][-1]
+    row = {"workers": data.default_workers(torch.cuda.is_available()), "batch": batch_size,
+           "clips/s": batch_size * last["it_per_s"], "MFU %": 100 * last["mfu"] if "mfu" in last else "",
+           "step alone, clips/s": step_row["clips/s"]}
+    ratio = row["clips/s"] / step_row["clips/s"]
+    row["x the step alone"] = ratio
+    row["loader keeps up"] = "yes" if ratio >= 0.9 else f"FAILED: {ratio:.2f}x the step alone"
+    return row
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The report
 # ----------------------------------------------------------------------------------------------------------
@@ -309,14 +331,19 @@ def main(argv=None):
     if not args.compile_only:
         if not torch.cuda.is_available():
             raise SystemExit("error: no CUDA GPU: the GPU check needs one (--compile-only runs the part that does not)")
-        tmp = tempfile.mkdtemp()
+        tmp, timed = tempfile.mkdtemp(), {}
+
+        def step_rows(mode, c):
+            timed[mode, c] = train_benchmark(mode, args.batch_size, args.steps, c, tmp)
+            return [timed[mode, c]]
         sections += [
             ("Kernel tests on CUDA, compiled (tests/test_flow_warp.py)", kernel_tests),
             ("Fused loss vs float64 reference, 8 x 3 frames of 360x648", full_size_check),
             ("Fused warp + loss benchmark, 8 x 3 frames of 360x648", benchmark_rows),
             *[(f"Paper config, {mode}, bf16, {'torch.compile' if c else 'eager'}",
-               lambda mode=mode, c=c: [train_benchmark(mode, args.batch_size, args.steps, c, tmp)])
-              for mode in ("pretrain", "finetune") for c in (False, True)],
+               lambda mode=mode, c=c: step_rows(mode, c)) for mode in ("pretrain", "finetune") for c in (False, True)],
+            ("train.py, paper config, pre-training, eager, data loading included",
+             lambda: [end_to_end(args.batch_size, args.steps, tmp, timed["pretrain", False])]),
         ]
     head = f"# GPU check\n\n`python tests/gpu_check.py` on {time.strftime('%Y-%m-%d')}: "
     if torch.cuda.is_available():

@@ -2,6 +2,7 @@
 ptxas), the paper config takes a pre-training and a fine-tuning step at batch 1, the model has no graph breaks
 under torch.compile, and the CPU-visible parts of tests/gpu_check.py (its search, its report, its refusal without
 a GPU) work."""
+import json
 import os
 import re
 import subprocess
@@ -80,6 +81,20 @@ def test_report_records_failures_and_tables(tmp_path):
     assert "| a | b |\n|---|---|\n| 1 | 0.123 |" in text
     assert "## broken\n\n**FAILED**: `RuntimeError: kernel mismatch: 3e-2`" in text
     assert (tmp_path / "r.md").read_text() == text
+
+
+def test_end_to_end_row_compares_train_py_with_the_step_alone(tmp_path, monkeypatch):
+    """Part 5's row on the CPU (tiny config, 4 steps): train.py's clips/s from its last log line (batch x it/s), and
+    FAILED where it is under 0.9x of the step alone's clips/s."""
+    monkeypatch.delenv("TRITON_INTERPRET")       # the torch path of the warp: the interpreter is slow (SPEC §2)
+    fast = gpu_check.end_to_end(2, 2, tmp_path, {"clips/s": 1e-3}, config="tiny")
+    last = [line for line in map(json.loads, (tmp_path / "train_py_tiny/log.jsonl").read_text().splitlines())
+            if line["kind"] == "train"]
+    assert [line["step"] for line in last] == [2, 4]
+    assert fast["clips/s"] == pytest.approx(2 * last[-1]["it_per_s"]) and fast["workers"] == 0
+    assert fast["x the step alone"] == pytest.approx(fast["clips/s"] / 1e-3) and fast["loader keeps up"] == "yes"
+    slow = gpu_check.end_to_end(2, 2, tmp_path, {"clips/s": fast["clips/s"] * 10}, config="tiny")
+    assert slow["loader keeps up"].startswith("FAILED: 0.")
 
 
 @pytest.mark.parametrize("mode", ["pretrain", "finetune"])
