@@ -1015,38 +1015,42 @@ def build_dataset(name, root, split, cfg, train, **options):
 
 
 def default_workers(cuda):
-    """DataLoader workers per process. None on the CPU, where a worker takes a core from the model's threads (README,
-    "What a CPU step costs"). With a GPU, this process's share of the cores less one for itself, between 1 and 8: a
-    clip at 360x648 takes 60-72 ms of a core to make (synthetic, or 720p Ref-YouTube-VOS read and augmented), so a
-    batch of 16 is about 1 s of work for the 0.1-0.19 s a GPU step of the paper config takes (README, "Performance")."""
+    """DataLoader workers per process. 0 on the CPU, where a worker takes a core from the model's threads (README,
+    "What a CPU step costs"). With a GPU, this process's share of the cores less one for itself, between 1 and 16: a
+    clip at 360x648 takes 60-80 ms of a core to make (synthetic, or 720p Ref-YouTube-VOS read and augmented), and a
+    GPU step of the paper config takes 84-157 clips a second (README, "Training")."""
     if not cuda:
         return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(8, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
+    return max(1, min(16, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
 
 
 def read_batches(loader):
     """A DataLoader's batches. A bad file met in a worker process comes back as a BadFile whose message is the worker's
-    whole traceback; it is raised again with the traceback's last line, the one that names the file."""
+    whole traceback; it is raised again with the message the worker raised, the one that names the file."""
     try:
         yield from loader
     except BadFile as e:
-        raise BadFile(str(e).strip().splitlines()[-1].split("BadFile: ", 1)[-1]) from None
+        text = str(e)
+        if not text.startswith("Caught BadFile in DataLoader worker"):
+            raise
+        raise BadFile(text.rsplit("\ndata.BadFile: ", 1)[-1].strip()) from None
 
 
 class Collate:
     """Stacks tensors, tokenizes the texts with a slvp.Tokenizer (ids, mask), keeps the rest as lists. Items of several
-    datasets keep what they all have (S-MiT clips have no masks, synthetic pre-training clips do)."""
+    datasets keep what they all have (S-MiT clips have no masks, synthetic pre-training clips do); with `keys`, only
+    those of them (train.py's batches carry what its step reads)."""
 
-    def __init__(self, tokenizer, max_len):
-        self.tokenizer, self.max_len = tokenizer, max_len
+    def __init__(self, tokenizer, max_len, keys=None):
+        self.tokenizer, self.max_len, self.keys = tokenizer, max_len, keys
 
     def __call__(self, items):
         batch = {}
-        for k in [k for k in items[0] if all(k in it for it in items)]:
+        for k in [k for k in items[0] if all(k in it for it in items) and (self.keys is None or k in self.keys)]:
             vals = [it[k] for it in items]
             batch[k] = torch.stack(vals) if isinstance(vals[0], torch.Tensor) else vals
-        batch["ids"], batch["mask"] = self.tokenizer(batch["text"], max_len=self.max_len)
+        batch["ids"], batch["mask"] = self.tokenizer([it["text"] for it in items], max_len=self.max_len)
         return batch
 
 

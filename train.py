@@ -96,7 +96,7 @@ def parse_args(argv=None):
                    help="print a log line every N steps (default: %(default)s)")
     p.add_argument("--workers", type=natural, default=None,
                    help="DataLoader worker processes per process (default: 0 on the CPU, where a worker would take "
-                        "cores from the model's threads; with a GPU the process's share of the cores less one, 1 to 8)")
+                        "cores from the model's threads; with a GPU the process's share of the cores less one, 1 to 16)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its resume.pt")
     p.add_argument("--overwrite", action="store_true",
                    help="start a new run in an --out that holds an earlier run's checkpoint, replacing it")
@@ -413,6 +413,11 @@ def build_optimizer(model, args):
     return trainable, opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
 
 
+# What stage_loss reads of a batch besides the text's ids and mask; the training loader carries nothing else (a
+# synthetic pre-training clip's true flow, owner map and masks would add 1.4x its frames' bytes to each batch)
+STAGE_KEYS = {"pretrain": ("frames",), "finetune": ("frames", "boxes", "masks", "valid")}
+
+
 def stage_loss(model, raw, batch, device):
     """The forward pass and the loss of the stage, in bf16 autocast on CUDA: Eq. (1) in pre-training, Eqs. (5)-(7)
     in fine-tuning. `model` may be compiled or DDP-wrapped; `raw` is the SLVP inside. Returns (loss, parts)."""
@@ -550,7 +555,7 @@ def run(args, ddp, rank, world, device):
     if args.compile:
         model = torch.compile(model)
     train_set = sets[0] if len(sets) == 1 else torch.utils.data.ConcatDataset(sets)
-    collate = data.Collate(tokenizer, cfg.max_text_len)
+    collate = data.Collate(tokenizer, cfg.max_text_len, keys=STAGE_KEYS[args.mode])
     n_batches = len(train_set) // args.batch_size
     if n_batches == 0:
         raise SystemExit(f"error: --batch-size {args.batch_size} is more than the {len(train_set)} training clips; "

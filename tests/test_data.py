@@ -944,24 +944,63 @@ def test_collate_workers_and_distributed_sampler(tmp_path):
 
 
 def test_default_workers(monkeypatch):
-    """None on the CPU; with a GPU, the cores this process may use shared over torchrun's local processes, less one for
-    the process itself, kept to 1..8 (worked by hand)."""
+    """0 on the CPU; with a GPU, the cores this process may use shared over torchrun's local processes, less one for the
+    process itself, kept to 1..16 (worked by hand); os.cpu_count() where there is no affinity (macOS)."""
     monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
-    for cores, local, want in ((16, None, 8), (6, None, 5), (2, None, 1), (1, None, 1), (64, "8", 7), (16, "4", 3),
-                               (16, "16", 1), (128, "2", 8)):
+    for cores, local, want in ((16, None, 15), (6, None, 5), (2, None, 1), (1, None, 1), (40, None, 16), (64, "8", 7),
+                               (16, "4", 3), (10, "4", 1), (16, "16", 1), (128, "2", 16)):
         if local is None:
             monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
         else:
             monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
         assert data.default_workers(cuda=True) == want, (cores, local)
         assert data.default_workers(cuda=False) == 0
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    with monkeypatch.context() as m:
+        m.delattr(data.os, "sched_getaffinity")
+        for count, want in ((12, 11), (None, 1)):
+            m.setattr(data.os, "cpu_count", lambda: count)
+            assert data.default_workers(cuda=True) == want
     import eval as ev
     import train
     cores = 8
-    monkeypatch.delenv("LOCAL_WORLD_SIZE")
     for cuda, want in ((True, 7), (False, 0)):                # train.py's and eval.py's --workers default to it
         monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
         assert train.parse_args([]).workers == want and train.parse_args(["--workers", "3"]).workers == 3
         monkeypatch.setattr(ev, "synthetic_scores", lambda *a, **k: {"J": k["workers"], "F": 0, "J&F": 0})
         monkeypatch.setattr(ev, "load_model_and_tokenizer", lambda *a: (None, None))
         assert ev.main(["--bench", "synthetic", "--ckpt", "x"])["J"] == want
+
+
+def test_read_batches_gives_a_workers_bad_file_as_it_was_raised():
+    """A BadFile raised in a DataLoader worker comes back with the worker's traceback as its message; read_batches
+    gives it the message the worker raised (two lines here), and leaves one raised in the process itself as it is."""
+    msg = "clips/v/00003.jpg: unreadable image (truncated)\nsecond line"
+
+    class Bad(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            if i == 2:
+                raise data.BadFile(msg)
+            return torch.zeros(1)
+    for workers in (0, 1):
+        loader = torch.utils.data.DataLoader(Bad(), batch_size=1, num_workers=workers)
+        if workers:                                           # what torch gives without read_batches
+            with pytest.raises(data.BadFile) as raw:
+                list(loader)
+            assert str(raw.value).startswith("Caught BadFile in DataLoader worker") and "Traceback" in str(raw.value)
+        with pytest.raises(data.BadFile) as e:
+            list(data.read_batches(loader))
+        assert str(e.value) == msg, workers
+
+
+def test_collate_keeps_the_keys_asked_for(spm_model):
+    """train.py's loader carries what its step reads: a synthetic pre-training batch keeps its frames and the text's
+    ids and mask, not the true flow, owner map and masks."""
+    ds = data.build_dataset("synthetic", None, "pretrain", CFG, train=True, size=2)
+    tok = slvp.Tokenizer(spm_model)
+    every, kept = (data.Collate(tok, CFG.max_text_len, keys=k)([ds[0], ds[1]]) for k in (None, ("frames",)))
+    assert {"flow", "owner", "masks", "text"} <= set(every) and set(kept) == {"frames", "ids", "mask"}
+    assert all(torch.equal(every[k], kept[k]) for k in kept)

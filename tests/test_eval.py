@@ -200,6 +200,17 @@ def test_overlapping_objects_go_to_the_more_probable():
 
 # ---------------------------------------------------------------------------------------------- with a model
 
+def spy_workers(monkeypatch):
+    """Records the `workers` each benchmark passes to predict (which then reads in the process itself)."""
+    seen, predict = [], ev.predict
+
+    def spy(*args, workers=0, **kwargs):
+        seen.append(workers)
+        return predict(*args, **kwargs)
+    monkeypatch.setattr(ev, "predict", spy)
+    return seen
+
+
 @pytest.fixture
 def tiny_ckpt(tmp_path, spm_model):
     import dataclasses
@@ -260,7 +271,7 @@ def test_predict_with_workers_gives_the_same_masks(tiny_ckpt):
         assert a.keys() == b.keys() and all(np.array_equal(a[n], b[n]) for n in a)
 
 
-def test_ytvos_submission_zip(tmp_path, tiny_ckpt):
+def test_ytvos_submission_zip(tmp_path, tiny_ckpt, monkeypatch):
     from test_data import write_video
     root = tmp_path / "ytvos"
     for vid in ("val_1", "test_1"):
@@ -271,7 +282,10 @@ def test_ytvos_submission_zip(tmp_path, tiny_ckpt):
     for split, content in (("valid", meta), ("test", {"videos": {"test_1": meta["videos"]["test_1"]}})):
         (root / f"meta_expressions/{split}").mkdir(parents=True)
         (root / f"meta_expressions/{split}/meta_expressions.json").write_text(json.dumps(content))
-    zpath = ev.main(["--bench", "ytvos", "--ckpt", str(tiny_ckpt), "--data-root", str(root), "--out", str(tmp_path / "o")])
+    workers = spy_workers(monkeypatch)
+    zpath = ev.main(["--bench", "ytvos", "--ckpt", str(tiny_ckpt), "--data-root", str(root), "--out", str(tmp_path / "o"),
+                     "--workers", "3"])
+    assert workers == [3]
     names = sorted(zipfile.ZipFile(zpath).namelist())
     assert names == sorted(f"Annotations/val_1/{e}/{t:05d}.png" for e in ("0", "1") for t in range(5))
     with zipfile.ZipFile(zpath) as z, z.open("Annotations/val_1/1/00004.png") as fh:
@@ -290,9 +304,11 @@ def test_davis17_from_either_layout_needs_no_davis_root(tmp_path, tiny_ckpt, cap
     assert g["J&F-Mean"] == pytest.approx(1) and g["J-Recall"] == pytest.approx(1)
     capsys.readouterr()
     (tmp_path / "o/run0/no-text").mkdir(parents=True)        # a folder left by another run is not scored
+    workers = spy_workers(monkeypatch)
     with pytest.warns(UserWarning):                           # the skips of write_davis_downloads's quirks
         mean = ev.main(["--bench", "davis17", "--ckpt", str(tiny_ckpt), "--data-root", str(root),
-                        "--out", str(tmp_path / "o")])
+                        "--out", str(tmp_path / "o"), "--workers", "3"])
+    assert workers == [3, 3, 3, 3]                            # --workers reaches each run's predict
     assert "run 0: not scored, no expression: no-text" in capsys.readouterr().out
     assert set(mean) == {"J&F-Mean", "J-Mean", "J-Recall", "J-Decay", "F-Mean", "F-Recall", "F-Decay"}
     for a in range(4):                                        # a run per annotator and kind, each scored
@@ -335,7 +351,7 @@ def test_davis17_from_either_layout_needs_no_davis_root(tmp_path, tiny_ckpt, cap
     assert not (tmp_path / "o-empty").exists()
 
 
-def test_visor_objects_not_in_the_first_frame_are_not_scored(tmp_path, tiny_ckpt, capsys):
+def test_visor_objects_not_in_the_first_frame_are_not_scored(tmp_path, tiny_ckpt, capsys, monkeypatch):
     """VISOR val through the model: object 2 of the mapping is missing from the sequence's first annotated frame (as
     an object too small at 480p is), so the evaluator counts object 1 alone. Its prediction is left out of the PNGs
     and of the scores, with a line saying so, where the run used to stop ("predictions use id 2, above the 1
@@ -350,7 +366,10 @@ def test_visor_objects_not_in_the_first_frame_are_not_scored(tmp_path, tiny_ckpt
     (root / "ImageSets/2022").mkdir(parents=True)
     (root / "ImageSets/2022/val.txt").write_text(seq + "\n")
     (root / "val_data_mapping.json").write_text(json.dumps({seq: {"1": "hand:left", "2": "board:chopping"}}))
-    g = ev.main(["--bench", "visor", "--ckpt", str(tiny_ckpt), "--data-root", str(root), "--out", str(tmp_path / "o")])
+    workers = spy_workers(monkeypatch)
+    g = ev.main(["--bench", "visor", "--ckpt", str(tiny_ckpt), "--data-root", str(root), "--out", str(tmp_path / "o"),
+                 "--workers", "3"])
+    assert workers == [3]
     assert f"not scored, ids above their sequence's first annotated frame's: 1 objects ({seq} 2)" in capsys.readouterr().out
     out = tmp_path / "o/visor"
     assert [r[0] for r in csv.reader(open(out / "per-sequence_results-val.csv"))] == ["Sequence", f"{seq}_1"]
