@@ -6,7 +6,8 @@ Every GPU figure of the project in one command, on a machine with a CUDA GPU:
 1. every Triton kernel variant compiled ahead of time for sm_80 and sm_90 (registers and spills from ptxas);
 2. the kernel tests (tests/test_flow_warp.py) compiled on the GPU, without the interpreter, and the fused loss
    against the float64 torch reference on 8 x 3 frames of 360x648 (fp32 and bf16 inputs);
-3. the kernel benchmark of flow_warp_triton.py (eager, torch.compile, fused; fwd and fwd+bwd; GB/s, % of copy);
+3. the kernel benchmark of flow_warp_triton.py (eager, torch.compile, fused; fwd and fwd+bwd; GB/s, % of copy;
+   timed with the host's work and, eager and fused, as CUDA graph replays);
 4. pre-training and fine-tuning of the paper config (random weights, synthetic clips, bf16 autocast), eager and
    with torch.compile: step time, clips/s, peak memory, MFU, and the largest batch that fits;
 5. train.py itself on the paper config, its DataLoader workers making the clips: clips/s against the step alone.
