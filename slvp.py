@@ -71,6 +71,8 @@ class SLVPConfig:
         H, W = self.frame_size
         if H % self.patch_size or W % self.patch_size:
             raise ValueError(f"frame_size {self.frame_size} is not divisible by patch_size {self.patch_size}")
+        if self.dec_dim % 4:  # sincos_2d: a sine and a cosine for the row and for the column
+            raise ValueError(f"dec_dim {self.dec_dim} is not a multiple of 4 (E_pos starts as 2-D sin-cos codes)")
 
     @property
     def grid(self):
@@ -98,10 +100,8 @@ class SLVPConfig:
 
     @classmethod
     def small(cls):
-        """The tiny config at 64x96 frames (an 8x12 patch grid). With today's synthetic captions its pre-training found
-        no motion on a 6000-step cosine schedule, and found it at step 5500-6000 of 12000 (or of 6000 at a constant
-        rate); with captions that say nothing of the motion, or today's without "as the camera pans", at step
-        3000-3500 (README, "How the miniature learns flow")."""
+        """The tiny config at 64x96 frames (an 8x12 patch grid). Its pre-training finds the motion later than the tiny
+        one's: at step 5500-8500 of a 12000-step schedule on seeds 0-6 (README, "How the miniature learns flow")."""
         return dataclasses.replace(cls.tiny(), frame_size=(64, 96))
 
 
@@ -411,7 +411,10 @@ def load_vit(path, cfg):
     """An open_clip CLIP/CoCa checkpoint (keys visual.* or bare; conv1 without bias, stacked in_proj) or a timm
     ViT checkpoint. Width, depth and MLP size are read off the weights, heads = width / 64; patch size and grid
     come from cfg (patch embedding and position embedding resampled). Returns a ViTEncoder whose .cfg is cfg with
-    the vision fields of the checkpoint."""
+    the vision fields of the checkpoint. Two things it does not carry over: OpenAI CLIP's QuickGELU (this ViT uses
+    exact GELU; use CoCa, LAION CLIP or timm weights), and a checkpoint's own pixel statistics: SLVP normalizes
+    frames with CLIP's (PIXEL_MEAN, PIXEL_STD; CoCa's too), where many timm ViTs were trained with 0.5 / 0.5 or
+    ImageNet's."""
     path = Path(path)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
@@ -520,7 +523,8 @@ def sincos_1d(n, d):
 
 
 def sincos_2d(gh, gw, d):
-    """[gh*gw, d] for a gh x gw grid, row-major: half the channels encode the row, half the column (MAE)."""
+    """[gh*gw, d] for a gh x gw grid, row-major: half the channels encode the row, half the column (MAE); d a
+    multiple of 4 (SLVPConfig checks dec_dim)."""
     rows = sincos_1d(gh, d // 2)[:, None, :].expand(gh, gw, d // 2)
     cols = sincos_1d(gw, d // 2)[None, :, :].expand(gh, gw, d // 2)
     return torch.cat([rows, cols], dim=-1).reshape(gh * gw, d)
@@ -543,7 +547,8 @@ class SLVP(nn.Module):
     """fusion: "vision" (vision as query, Eq. (2)) or "language" (language as query, Eq. (8)).
     task: "pretrain" (flow head, Eq. (3)) or "rvos" (box and mask heads, Eq. (4)).
     freeze_text / freeze_vision: None takes the paper's choice: pre-training freezes both encoders (Sec. 4.1);
-    transfer freezes the text encoder only (Table 1 and Table 2's best row)."""
+    transfer freezes the text encoder only (Table 1 and Table 2's best row, Ref-DAVIS17; on VISOR the best
+    vision-as-query row of Table 3 trains it, freeze_text=False)."""
 
     def __init__(self, cfg, fusion="vision", task="pretrain", freeze_text=None, freeze_vision=None):
         super().__init__()
@@ -559,7 +564,7 @@ class SLVP(nn.Module):
         self.vision_proj = nn.Linear(cfg.vit_dim, d) if cfg.vit_dim != d else nn.Identity()
         # learnable (Eq. (2)); initialized as sin-cos of the patch row and column (E_pos) and of the frame index
         # (E_tem), at frequencies the grid can show (sincos_1d), so that attention can tell positions apart from
-        # the first step
+        # the first step (vision as query; language as query starts them otherwise, below)
         self.E_pos = nn.Parameter(sincos_2d(*cfg.grid, d))                  # N x d
         self.E_tem = nn.Parameter(sincos_1d(cfg.num_frames, d))             # T x d
         self.decoder = Decoder(cfg)
@@ -568,8 +573,8 @@ class SLVP(nn.Module):
             nn.init.trunc_normal_(self.q, std=0.02)
             # q^ holds no content: it finds its patch in f_v by position alone (Eq. (8)), which MAE's sin-cos
             # codes, nearly flat over a few patches, could not do by a dot product. So here E_pos and E_tem start
-            # as Gaussian codes (nearly orthogonal) and the first cross-attention with k = q, both scaled 4x (the
-            # logits 16x), so that q^ + E_pos + E_tem reads its own patch of f_v from the first step (README, "How
+            # as Gaussian codes (nearly orthogonal) and the first cross-attention's key projection equal to its
+            # query projection (W_k, b_k = W_q, b_q), both scaled 4x (the logits 16x), so that q^ + E_pos + E_tem reads its own patch of f_v from the first step (README, "How
             # the miniature learns flow": without it, language as query learned no flow; from sincos_2d, a later
             # and weaker one)
             nn.init.normal_(self.E_pos)
@@ -618,15 +623,16 @@ class SLVP(nn.Module):
             return self.decoder(f_v + pos, f_r, memory_mask=mask)
         # Eq. (8): f_fused = T(cat(f_r, q^ + E_pos + E_tem), f_v + E_pos + E_tem); padded text keys masked in
         # self-attention; only the last T*N outputs are kept
-        q_hat = self.q.expand(B, TN, d) + pos
+        q_hat = self.q.expand(B, TN, d)                                     # q repeated T*N times
         self_mask = torch.cat([mask, mask.new_ones(B, TN)], dim=1)          # [B, L + T*N]
-        out = self.decoder(torch.cat([f_r, q_hat], dim=1), f_v + pos, self_mask=self_mask)
+        out = self.decoder(torch.cat([f_r, q_hat + pos], dim=1), f_v + pos, self_mask=self_mask)
         return out[:, -TN:]
 
     # -- pre-training ----------------------------------------------------------------------------------------
     def flow(self, frames, ids, mask):
         """o_(i,1) for every frame i: Float[B, T, 2, H, W] in pixels, channel 0 = x, 1 = y; frame i's pixel p
-        takes its colour from frame 1 at p + o_(i,1)(p)."""
+        takes its colour from frame 1 at p + o_(i,1)(p). Frame 1's own o_(1,1) is output but never trained (Eq. (1)
+        runs over i = 2..T); the evaluations leave it out."""
         if self.task != "pretrain":
             raise RuntimeError("flow() needs task='pretrain'; the transfer model has no flow head")
         f_fused = self.fuse(frames, ids, mask)
@@ -732,7 +738,7 @@ class Tokenizer:
     def __len__(self):
         return self.sp.get_piece_size()
 
-    def __call__(self, texts, max_len=64):
+    def __call__(self, texts, max_len):
         rows = []
         for text in texts:
             if not text or not text.strip():
@@ -781,6 +787,10 @@ def load_checkpoint(path, task=None, **overrides):
     `overrides` (fusion is fixed by the checkpoint) go to SLVP(), e.g. freeze_text=False."""
     from safetensors.torch import load_file
     meta = read_checkpoint_metadata(path)
+    if overrides.get("fusion", meta["fusion"]) != meta["fusion"]:
+        raise ValueError(f"{path} has fusion {meta['fusion']!r}; a checkpoint's fusion cannot be changed "
+                         f"(its decoder was trained with it)")
+    overrides.pop("fusion", None)
     try:
         cfg = SLVPConfig(**json.loads(meta["config"]))
     except (TypeError, ValueError) as e:   # fields of another version of SLVPConfig, or not JSON

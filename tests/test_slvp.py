@@ -213,7 +213,7 @@ def test_tokenizer_matches_transformers(spm_model):
 
 def test_tokenizer_rejects_empty_text(spm_model):
     with pytest.raises(ValueError, match="empty text"):
-        slvp.Tokenizer(spm_model)(["a red circle", "  "])
+        slvp.Tokenizer(spm_model)(["a red circle", "  "], max_len=8)
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -433,6 +433,8 @@ def test_sincos_codes_hand_worked():
     cos = torch.nn.functional.cosine_similarity
     codes = slvp.sincos_2d(*cfg.grid, cfg.dec_dim)
     assert cos(codes[0], codes[1], dim=0) < 0.6 and cos(codes[0], codes[cfg.grid[1]], dim=0) < 0.6   # 0.590, 0.495
+    with pytest.raises(ValueError, match="dec_dim 126 is not a multiple of 4"):    # was a shape error in SLVP()
+        dataclasses.replace(cfg, dec_dim=126)
 
 
 # ---------------------------------------------------------------------------------------------- losses
@@ -584,6 +586,9 @@ def test_checkpoint_errors_name_the_tensor(tmp_path):
     slvp.save_checkpoint(tmp_path / "r.safetensors", slvp.SLVP(cfg, task="rvos"))
     with pytest.raises(ValueError, match="no flow head"):
         slvp.load_checkpoint(tmp_path / "r.safetensors", task="pretrain")
+    with pytest.raises(ValueError, match="has fusion 'vision'; a checkpoint's fusion cannot be changed"):
+        slvp.load_checkpoint(tmp_path / "r.safetensors", fusion="language")   # was a TypeError from SLVP()
+    assert slvp.load_checkpoint(tmp_path / "r.safetensors", fusion="vision").fusion == "vision"
 
 
 def test_the_readme_api_snippet_runs_as_written(tmp_path, spm_model, monkeypatch):
