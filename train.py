@@ -207,6 +207,32 @@ def epoch_batches(n, global_batch, seed, epoch, rank, world):
     return [perm[i * global_batch + rank * per:i * global_batch + (rank + 1) * per] for i in range(n // global_batch)]
 
 
+def run_batches(n, global_batch, seed, epoch, batch_idx, rank, world):
+    """This process's batches from batch `batch_idx` of `epoch` on, epoch after epoch, as indices into EpochItems."""
+    while True:
+        for b in epoch_batches(n, global_batch, seed, epoch, rank, world)[batch_idx:]:
+            yield [epoch * n + i for i in b]
+        epoch, batch_idx = epoch + 1, 0
+
+
+class EpochItems(torch.utils.data.Dataset):
+    """Item e * n + i is item i of epoch e of the training sets (n clips together): one DataLoader, its workers
+    started once, serves the whole run, and each item still depends on (seed, epoch, index) alone."""
+
+    def __init__(self, sets):
+        self.sets = sets
+        self.data = sets[0] if len(sets) == 1 else torch.utils.data.ConcatDataset(sets)
+
+    def __len__(self):  # one epoch
+        return len(self.data)
+
+    def __getitem__(self, k):
+        epoch, i = divmod(k, len(self.data))
+        for s in self.sets:  # this process's copies (a worker's own, with workers)
+            s.set_epoch(epoch)
+        return self.data[i]
+
+
 def build_training_data(args, cfg):
     split = "pretrain" if args.mode == "pretrain" else "train"
     roots = iter(args.data_root or [])
@@ -554,7 +580,7 @@ def run(args, ddp, rank, world, device):
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[int(os.environ["LOCAL_RANK"])] if cuda else None)
     if args.compile:
         model = torch.compile(model)
-    train_set = sets[0] if len(sets) == 1 else torch.utils.data.ConcatDataset(sets)
+    train_set = EpochItems(sets)
     collate = data.Collate(tokenizer, cfg.max_text_len, keys=STAGE_KEYS[args.mode])
     n_batches = len(train_set) // args.batch_size
     if n_batches == 0:
@@ -577,12 +603,10 @@ def run(args, ddp, rank, world, device):
 
     model.train()
     t_last, steps_since = time.time(), 0
-    while step < args.steps:
-        for s in sets:
-            s.set_epoch(epoch)
-        batches = epoch_batches(len(train_set), args.batch_size, args.seed, epoch, rank, world)[batch_idx:]
-        loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches, collate_fn=collate,
-                                             num_workers=args.workers, pin_memory=cuda)
+    batches = run_batches(len(train_set), args.batch_size, args.seed, epoch, batch_idx, rank, world)
+    loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches, collate_fn=collate,
+                                         num_workers=args.workers, pin_memory=cuda)
+    if step < args.steps:  # a resumed run may have none left
         for batch in read_batches(loader):
             loss, parts = stage_loss(model, raw, batch, device)
             lr = opt.param_groups[0]["lr"]                              # this step's learning rate
@@ -592,6 +616,8 @@ def run(args, ddp, rank, world, device):
                 raise SystemExit(f"error: non-finite {what} at step {step + 1}; stopping. The last good checkpoint, "
                                  f"{last if last.is_file() else 'none yet'}, is left as it was.")
             step, batch_idx, steps_since = step + 1, batch_idx + 1, steps_since + 1
+            if batch_idx == n_batches:
+                epoch, batch_idx = epoch + 1, 0
 
             if step % args.log_every == 0 or step == args.steps:
                 shown = torch.stack([loss.detach(), *parts.values()]).float()
@@ -623,13 +649,10 @@ def run(args, ddp, rank, world, device):
                 t_last += time.time() - t_eval                              # it/s counts training time only
             if main_proc and (step % args.ckpt_every == 0 or step == args.steps):
                 t_save = time.time()
-                save_all(args, raw, opt, sched, step, epoch if batch_idx < n_batches else epoch + 1,
-                         batch_idx if batch_idx < n_batches else 0)
+                save_all(args, raw, opt, sched, step, epoch, batch_idx)
                 t_last += time.time() - t_save                              # nor the checkpoints' writing
             if step >= args.steps:
                 break
-        else:
-            epoch, batch_idx = epoch + 1, 0
     if main_proc:
         print(f"done: {args.out / 'ckpt.safetensors'}")
         log.close()

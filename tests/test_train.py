@@ -313,6 +313,39 @@ def test_epoch_batches_split_one_permutation():
     assert train.epoch_batches(256, 4, 1, 0, 0, 1) != train.epoch_batches(256, 4, 0, 0, 0, 1)
 
 
+def test_one_loader_serves_every_epoch(tmp_path, spm_model, monkeypatch):
+    """run_batches goes on from (epoch, batch) through the next epochs, each epoch_batches' order, as indices e * n + i
+    of EpochItems; read through one DataLoader with 2 workers, whose copies of the datasets are set to each item's
+    epoch, the clips are those of a new loader per epoch (the augmentation draws on the epoch); and a fine-tuning over
+    3 epochs builds one training loader."""
+    n, B = 10, 4                                                   # 2 batches an epoch, 2 clips left out
+    gen = train.run_batches(n, B, 0, 1, 1, 0, 1)
+    got = [next(gen) for _ in range(4)]
+    want = [[1 * n + i for i in train.epoch_batches(n, B, 0, 1, 0, 1)[1]]]
+    want += [[e * n + i for i in b] for e in (2, 3) for b in train.epoch_batches(n, B, 0, e, 0, 1)][:3]
+    assert got == want
+    sets = [data.build_dataset("synthetic", None, "train", slvp.SLVPConfig.tiny(), train=True, size=n)]
+    collate = data.Collate(slvp.Tokenizer(spm_model), 32, keys=("frames", "masks"))
+    one = torch.utils.data.DataLoader(train.EpochItems(sets), batch_sampler=train.run_batches(n, B, 0, 0, 0, 0, 1),
+                                      collate_fn=collate, num_workers=2)
+    it = iter(one)
+    for epoch in range(3):
+        sets[0].set_epoch(epoch)
+        fresh = torch.utils.data.DataLoader(sets[0], batch_sampler=train.epoch_batches(n, B, 0, epoch, 0, 1),
+                                            collate_fn=collate)
+        for a in fresh:
+            b = next(it)
+            assert torch.equal(a["frames"], b["frames"]) and torch.equal(a["masks"], b["masks"]), epoch
+    del it
+    built = []
+    loader = torch.utils.data.DataLoader
+    monkeypatch.setattr(torch.utils.data, "DataLoader", lambda *a, **k: built.append(k) or loader(*a, **k))
+    monkeypatch.delenv("TRITON_INTERPRET")
+    train.main(["--mode", "finetune", *FAST, "--train-size", "8", "--steps", "6", "--spm", str(spm_model),
+                "--out", str(tmp_path / "ft")])                # 2 batches an epoch, 3 epochs
+    assert len([k for k in built if "batch_sampler" in k]) == 1
+
+
 def test_flow_pictures_scale_to_the_longest_flow(tmp_path):
     """One pixel moves by (3, 4), 5 px, in frames 3 and 4: in the true-flow row its colour is fully saturated (a colour
     of the wheel has a channel at 0) and a still pixel is white. (A norm over the frames, not over (x, y), gave a
