@@ -787,7 +787,7 @@ def load_checkpoint(path, task=None, **overrides):
     `overrides` (fusion is fixed by the checkpoint) go to SLVP(), e.g. freeze_text=False."""
     from safetensors.torch import load_file
     meta = read_checkpoint_metadata(path)
-    if overrides.get("fusion", meta["fusion"]) != meta["fusion"]:
+    if overrides.get("fusion") not in (None, meta["fusion"]):
         raise ValueError(f"{path} has fusion {meta['fusion']!r}; a checkpoint's fusion cannot be changed "
                          f"(its decoder was trained with it)")
     overrides.pop("fusion", None)

@@ -603,6 +603,8 @@ def run(args, ddp, rank, world, device):
 
     model.train()
     t_last, steps_since = time.time(), 0
+    if batch_idx >= n_batches:  # resumed at the end of an epoch, or on fewer clips than before (--data-root)
+        epoch, batch_idx = epoch + 1, 0
     batches = run_batches(len(train_set), args.batch_size, args.seed, epoch, batch_idx, rank, world)
     loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches, collate_fn=collate,
                                          num_workers=args.workers, pin_memory=cuda)

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -120,6 +121,29 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     steps = lambda text: [(r["kind"], r["step"]) for r in map(json.loads, text.splitlines())]
     assert steps((out / "log.jsonl").read_text()) == steps(full_log)
+
+
+def test_resume_across_epochs_equals_uninterrupted(tmp_path, spm_model, monkeypatch):
+    """A fine-tuning on 8 clips, 2 batches an epoch, 7 steps: resumed from its checkpoint of step 4 (the last batch of
+    epoch 1) or of step 5, with 0 or 2 workers, it ends with the uninterrupted run's weights, and resume.pt holds
+    (epoch, batch) = (3, 1) at the end. (The SIGKILL test above never leaves epoch 0 of the pre-training set.)"""
+    monkeypatch.delenv("TRITON_INTERPRET")
+    base = ["--mode", "finetune", *FAST, "--train-size", "8", "--steps", "7", "--ckpt-every", "1", "--spm", str(spm_model)]
+    save_all, snaps = train.save_all, {}
+
+    def snapshot(args, raw, opt, sched, step, epoch, batch_idx):
+        save_all(args, raw, opt, sched, step, epoch, batch_idx)
+        if args.out.name == "full" and step in (4, 5):
+            snaps[step] = shutil.copytree(args.out, tmp_path / f"from{step}")
+    monkeypatch.setattr(train, "save_all", snapshot)
+    train.main([*base, "--out", str(tmp_path / "full")])
+    state = torch.load(tmp_path / "full/resume.pt", weights_only=True)
+    assert (state["epoch"], state["batch"]) == (3, 1)
+    assert [(s, torch.load(snaps[s] / "resume.pt", weights_only=True)["epoch"]) for s in (4, 5)] == [(4, 2), (5, 2)]
+    full = weights(tmp_path / "full")
+    for step, workers in ((4, "0"), (5, "2")):
+        train.main([*base, "--workers", workers, "--out", str(snaps[step]), "--resume"])
+        assert all(torch.equal(full[k], v) for k, v in weights(snaps[step]).items()), step
 
 
 def test_a_resumed_run_keeps_its_warmup(tmp_path, spm_model, monkeypatch):
