@@ -1018,7 +1018,7 @@ def default_workers(cuda):
     """DataLoader workers per process. 0 on the CPU, where a worker takes a core from the model's threads (README,
     "What a CPU step costs"). With a GPU, this process's share of the cores less one for itself, between 1 and 16: a
     clip at 360x648 takes 60-80 ms of a core to make (synthetic, or 720p Ref-YouTube-VOS read and augmented), and a
-    GPU step of the paper config takes 84-157 clips a second (README, "Training")."""
+    GPU step of the paper config takes 84-157 clips a second (README, "Performance"; the costs in "Training")."""
     if not cuda:
         return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -1040,7 +1040,7 @@ def read_batches(loader):
 class Collate:
     """Stacks tensors, tokenizes the texts with a slvp.Tokenizer (ids, mask), keeps the rest as lists. Items of several
     datasets keep what they all have (S-MiT clips have no masks, synthetic pre-training clips do); with `keys`, only
-    those of them (train.py's batches carry what its step reads)."""
+    those of them, plus the text's ids and mask (train.py's batches carry what its step reads)."""
 
     def __init__(self, tokenizer, max_len, keys=None):
         self.tokenizer, self.max_len, self.keys = tokenizer, max_len, keys

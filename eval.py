@@ -621,8 +621,8 @@ def main(argv=None):
     p.add_argument("--batch-size", type=data.number(int, 1), default=4,
                    help="clips per forward pass (default: %(default)s)")
     p.add_argument("--workers", type=data.number(int, 0), default=None,
-                   help="DataLoader worker processes reading the clips (default: 0 on the CPU; with a GPU the cores "
-                        "less one, 1 to 16)")
+                   help="DataLoader worker processes reading the clips (default: 0 on the CPU; with a GPU the "
+                        "process's share of the cores less one, 1 to 16)")
     p.add_argument("--num-clips", type=data.number(int, 1), default=256,
                    help="synthetic: the number of held-out clips (default: %(default)s; 64 are few for differences of "
                         "a few hundredths, README 'At 64x96')")

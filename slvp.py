@@ -100,8 +100,8 @@ class SLVPConfig:
 
     @classmethod
     def small(cls):
-        """The tiny config at 64x96 frames (an 8x12 patch grid). Its pre-training finds the motion later than the tiny
-        one's: at step 5500-8500 of a 12000-step schedule on seeds 0-6 (README, "How the miniature learns flow")."""
+        """tiny() at 64x96 frames (an 8x12 patch grid). Its pre-training finds the motion later than tiny()'s (step
+        750-2500): at step 5500-8500 of a 12000-step schedule on seeds 0-6 (README, "How the miniature learns flow")."""
         return dataclasses.replace(cls.tiny(), frame_size=(64, 96))
 
 
@@ -574,9 +574,9 @@ class SLVP(nn.Module):
             # q^ holds no content: it finds its patch in f_v by position alone (Eq. (8)), which MAE's sin-cos
             # codes, nearly flat over a few patches, could not do by a dot product. So here E_pos and E_tem start
             # as Gaussian codes (nearly orthogonal) and the first cross-attention's key projection equal to its
-            # query projection (W_k, b_k = W_q, b_q), both scaled 4x (the logits 16x), so that q^ + E_pos + E_tem reads its own patch of f_v from the first step (README, "How
-            # the miniature learns flow": without it, language as query learned no flow; from sincos_2d, a later
-            # and weaker one)
+            # query projection (W_k, b_k = W_q, b_q), both scaled 4x (the logits 16x), so that q^ + E_pos + E_tem
+            # reads its own patch of f_v from the first step (README, "How the miniature learns flow": without it,
+            # language as query learned no flow; from sincos_2d, a later and weaker one)
             nn.init.normal_(self.E_pos)
             nn.init.normal_(self.E_tem)
             read = self.decoder.layers[0].cross_attn

@@ -96,7 +96,8 @@ def parse_args(argv=None):
                    help="print a log line every N steps (default: %(default)s)")
     p.add_argument("--workers", type=natural, default=None,
                    help="DataLoader worker processes per process (default: 0 on the CPU, where a worker would take "
-                        "cores from the model's threads; with a GPU the process's share of the cores less one, 1 to 16)")
+                        "cores from the model's threads; with a GPU the process's share of the cores less one, "
+                        "1 to 16)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its resume.pt")
     p.add_argument("--overwrite", action="store_true",
                    help="start a new run in an --out that holds an earlier run's checkpoint, replacing it")
@@ -223,7 +224,7 @@ class EpochItems(torch.utils.data.Dataset):
         self.sets = sets
         self.data = sets[0] if len(sets) == 1 else torch.utils.data.ConcatDataset(sets)
 
-    def __len__(self):  # one epoch
+    def __len__(self):  # one epoch; the sampler's indices e * n + i go past it
         return len(self.data)
 
     def __getitem__(self, k):
@@ -603,8 +604,9 @@ def run(args, ddp, rank, world, device):
 
     model.train()
     t_last, steps_since = time.time(), 0
-    if batch_idx >= n_batches:  # resumed at the end of an epoch, or on fewer clips than before (--data-root)
+    if batch_idx >= n_batches:  # resumed on fewer clips than before (--data-root): the loop's count, as the sampler's
         epoch, batch_idx = epoch + 1, 0
+    # an endless sampler: one loader, its workers started once, for the whole run; the loop stops at --steps
     batches = run_batches(len(train_set), args.batch_size, args.seed, epoch, batch_idx, rank, world)
     loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches, collate_fn=collate,
                                          num_workers=args.workers, pin_memory=cuda)
@@ -618,7 +620,7 @@ def run(args, ddp, rank, world, device):
                 raise SystemExit(f"error: non-finite {what} at step {step + 1}; stopping. The last good checkpoint, "
                                  f"{last if last.is_file() else 'none yet'}, is left as it was.")
             step, batch_idx, steps_since = step + 1, batch_idx + 1, steps_since + 1
-            if batch_idx == n_batches:
+            if batch_idx == n_batches:                      # (epoch, batch_idx): the next batch's, as resume.pt saves
                 epoch, batch_idx = epoch + 1, 0
 
             if step % args.log_every == 0 or step == args.steps:

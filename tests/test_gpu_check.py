@@ -1,7 +1,7 @@
 """The GPU path checked from the CPU: every Triton kernel variant compiles for sm_80 and sm_90 (triton bundles
 ptxas), the paper config takes a pre-training and a fine-tuning step at batch 1, the model has no graph breaks
-under torch.compile, and the CPU-visible parts of tests/gpu_check.py (its search, its report, its refusal without
-a GPU) work."""
+under torch.compile, and the CPU-visible parts of tests/gpu_check.py (its search, its report, part 5's row, its
+refusal without a GPU) work."""
 import json
 import os
 import re

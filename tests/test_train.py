@@ -1,6 +1,6 @@
-"""train.py: FLOP count against torch's counter, exact resume after SIGKILL, a NaN stops the run and keeps the
-last checkpoint, two gloo processes equal one process with the same global batch and leave no gloo thread (also when
-an error stops them), clear errors."""
+"""train.py: FLOP count against torch's counter, exact resume after SIGKILL and across epochs, one DataLoader for the
+whole run, a NaN stops the run and keeps the last checkpoint, two gloo processes equal one process with the same global
+batch and leave no gloo thread (also when an error stops them), clear errors."""
 import dataclasses
 import json
 import math
@@ -367,7 +367,7 @@ def test_one_loader_serves_every_epoch(tmp_path, spm_model, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
     train.main(["--mode", "finetune", *FAST, "--train-size", "8", "--steps", "6", "--spm", str(spm_model),
                 "--out", str(tmp_path / "ft")])                # 2 batches an epoch, 3 epochs
-    assert len([k for k in built if "batch_sampler" in k]) == 1
+    assert [k["collate_fn"].keys for k in built if "batch_sampler" in k] == [train.STAGE_KEYS["finetune"]]
 
 
 def test_flow_pictures_scale_to_the_longest_flow(tmp_path):
