@@ -13,7 +13,8 @@ Every GPU figure of the project in one command, on a machine with a CUDA GPU:
 5. train.py itself on the paper config, its DataLoader workers making the clips: clips/s against the step alone.
 
 A failed check is written into the table as FAILED with its error and makes the exit status 1: nothing is skipped.
-Part 1 needs no GPU: `python tests/gpu_check.py --compile-only` runs it on any machine with triton (CI does).
+`--parts` runs some of them (`--parts 3` times the kernel again after a change). Part 1 needs no GPU:
+`python tests/gpu_check.py --parts 1` runs it on any machine with triton (CI does).
 """
 import argparse
 import gc
@@ -332,28 +333,37 @@ def run_sections(sections, head, out):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="gpu_check.md", help="the Markdown report to write")
-    p.add_argument("--compile-only", action="store_true", help="only compile the kernels for sm_80/sm_90 (no GPU)")
+    p.add_argument("--parts", default="1,2,3,4,5",
+                   help="the parts to run, numbered as in this docstring, comma-separated (default: %(default)s; "
+                        "1 alone needs no GPU; part 5 compares with part 4's eager pre-training row)")
     p.add_argument("--steps", type=int, default=30, help="timed training steps per row")
     p.add_argument("--batch-size", type=int, default=16, help="clips per training step in the timed rows")
     args = p.parse_args(argv)
-    sections = [("Kernels compiled ahead of time (ptxas -v)", compile_all)]
-    if not args.compile_only:
-        if not torch.cuda.is_available():
-            raise SystemExit("error: no CUDA GPU: the GPU check needs one (--compile-only runs the part that does not)")
-        tmp, timed = tempfile.mkdtemp(), {}
+    try:
+        parts = {int(x) for x in args.parts.split(",")}
+    except ValueError:
+        parts = set()
+    if not parts or not parts <= {1, 2, 3, 4, 5}:
+        p.error(f"--parts {args.parts}: expected numbers from 1 to 5, comma-separated")
+    if parts - {1} and not torch.cuda.is_available():
+        raise SystemExit("error: no CUDA GPU: parts 2-5 of the GPU check need one (--parts 1 runs the part that "
+                         "does not)")
+    tmp, timed = tempfile.mkdtemp(), {}
 
-        def step_rows(mode, c):
-            timed[mode, c] = train_benchmark(mode, args.batch_size, args.steps, c, tmp)
-            return [timed[mode, c]]
-        sections += [
-            ("Kernel tests on CUDA, compiled (tests/test_flow_warp.py)", kernel_tests),
-            ("Fused loss vs float64 reference, 8 x 3 frames of 360x648", full_size_check),
-            ("Fused warp + loss benchmark, 8 x 3 frames of 360x648", benchmark_rows),
-            *[(f"Paper config, {mode}, bf16, {'torch.compile' if c else 'eager'}",
-               lambda mode=mode, c=c: step_rows(mode, c)) for mode in ("pretrain", "finetune") for c in (False, True)],
-            ("train.py, paper config, pre-training, eager, data loading included",
-             lambda: [end_to_end(args.batch_size, args.steps, tmp, timed.get(("pretrain", False)))]),
-        ]
+    def step_rows(mode, c):
+        timed[mode, c] = train_benchmark(mode, args.batch_size, args.steps, c, tmp)
+        return [timed[mode, c]]
+    sections = [
+        (1, "Kernels compiled ahead of time (ptxas -v)", compile_all),
+        (2, "Kernel tests on CUDA, compiled (tests/test_flow_warp.py)", kernel_tests),
+        (2, "Fused loss vs float64 reference, 8 x 3 frames of 360x648", full_size_check),
+        (3, "Fused warp + loss benchmark, 8 x 3 frames of 360x648", benchmark_rows),
+        *[(4, f"Paper config, {mode}, bf16, {'torch.compile' if c else 'eager'}",
+           lambda mode=mode, c=c: step_rows(mode, c)) for mode in ("pretrain", "finetune") for c in (False, True)],
+        (5, "train.py, paper config, pre-training, eager, data loading included",
+         lambda: [end_to_end(args.batch_size, args.steps, tmp, timed.get(("pretrain", False)))]),
+    ]
+    sections = [(title, fn) for part, title, fn in sections if part in parts]
     head = f"# GPU check\n\n`python tests/gpu_check.py` on {time.strftime('%Y-%m-%d')}: "
     if torch.cuda.is_available():
         head += (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
