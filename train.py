@@ -604,10 +604,9 @@ def run(args, ddp, rank, world, device):
 
     model.train()
     t_last, steps_since = time.time(), 0
-    if batch_idx >= n_batches:  # resumed on fewer clips than before (--data-root): the loop's count, as the sampler's
-        epoch, batch_idx = epoch + 1, 0
+    pos = epoch * n_batches + batch_idx  # batches read so far, over the epochs: divmod gives (epoch, batch) again
     # an endless sampler: one loader, its workers started once, for the whole run; the loop stops at --steps
-    batches = run_batches(len(train_set), args.batch_size, args.seed, epoch, batch_idx, rank, world)
+    batches = run_batches(len(train_set), args.batch_size, args.seed, *divmod(pos, n_batches), rank, world)
     loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches, collate_fn=collate,
                                          num_workers=args.workers, pin_memory=cuda)
     if step < args.steps:  # a resumed run may have none left
@@ -619,9 +618,7 @@ def run(args, ddp, rank, world, device):
                 what = f"loss ({loss.item()})" if not torch.isfinite(loss) else f"gradient (loss {loss.item():.4g})"
                 raise SystemExit(f"error: non-finite {what} at step {step + 1}; stopping. The last good checkpoint, "
                                  f"{last if last.is_file() else 'none yet'}, is left as it was.")
-            step, batch_idx, steps_since = step + 1, batch_idx + 1, steps_since + 1
-            if batch_idx == n_batches:                      # (epoch, batch_idx): the next batch's, as resume.pt saves
-                epoch, batch_idx = epoch + 1, 0
+            step, pos, steps_since = step + 1, pos + 1, steps_since + 1
 
             if step % args.log_every == 0 or step == args.steps:
                 shown = torch.stack([loss.detach(), *parts.values()]).float()
@@ -653,7 +650,7 @@ def run(args, ddp, rank, world, device):
                 t_last += time.time() - t_eval                              # it/s counts training time only
             if main_proc and (step % args.ckpt_every == 0 or step == args.steps):
                 t_save = time.time()
-                save_all(args, raw, opt, sched, step, epoch, batch_idx)
+                save_all(args, raw, opt, sched, step, *divmod(pos, n_batches))
                 t_last += time.time() - t_save                              # nor the checkpoints' writing
             if step >= args.steps:
                 break
