@@ -342,7 +342,8 @@ def run_settings(args):
     return {"--batch-size": args.batch_size, "--seed": args.seed, "--data": list(args.data),
             "--train-size": args.train_size, "--lr": args.lr, "--warmup": args.warmup,
             "--weight-decay": args.weight_decay, "--grad-clip": args.grad_clip,
-            "--freeze-text": args.freeze_text, "--freeze-vision": args.freeze_vision}
+            "--freeze-text": args.freeze_text, "--freeze-vision": args.freeze_vision,
+            "training clips": args.clips}   # per dataset: the same --data-root with other files changes the order
 
 
 def trim_log(path, step):
@@ -547,6 +548,7 @@ def run(args, ddp, rank, world, device):
     cfg = model.cfg
     model.to(device)
     args.freeze_text, args.freeze_vision = model.freeze_text, model.freeze_vision    # the choices made, recorded
+    args.clips = [len(s) for s in sets]
     if args.warmup is None:  # 5% of the steps; a resumed run keeps its own when --steps changes
         recorded = (state or {}).get("run", {}).get("--warmup")  # None in a resume.pt written before it was recorded
         args.warmup = max(1, args.steps // 20) if recorded is None else recorded

@@ -164,6 +164,29 @@ def test_a_resumed_run_keeps_its_warmup(tmp_path, spm_model, monkeypatch):
     train.main([*first, "--steps", "101", "--resume"])
 
 
+def test_a_resume_on_other_training_clips_fails(tmp_path, spm_model, monkeypatch):
+    """The clips' order is a permutation of their number: a --data-root that gained a video since the run began would
+    continue on another order. The resume says so and trains nothing."""
+    from test_data import write_video
+    monkeypatch.delenv("TRITON_INTERPRET")
+    root, meta = tmp_path / "ytvos", {"videos": {}}
+
+    def add_video(vid):
+        write_video(root / "train/JPEGImages", root / "train/Annotations", vid, 4)
+        meta["videos"][vid] = {"expressions": {"0": {"exp": f"the dog in {vid}", "obj_id": "1"}},
+                               "frames": [f"{t:05d}" for t in range(4)]}
+        (root / "meta_expressions/train").mkdir(parents=True, exist_ok=True)
+        (root / "meta_expressions/train/meta_expressions.json").write_text(json.dumps(meta))
+    add_video("vid_a"), add_video("vid_b")
+    run_args = ["--mode", "finetune", *FAST, "--batch-size", "1", "--data", "ytvos", "--data-root", str(root),
+                "--spm", str(spm_model), "--out", str(tmp_path / "run")]
+    train.main([*run_args, "--steps", "1"])
+    add_video("vid_c")
+    with pytest.raises(SystemExit, match=re.escape("resuming with training clips [3] (was [2]); a resumed run keeps")):
+        train.main([*run_args, "--steps", "2", "--resume"])
+    assert torch.load(tmp_path / "run/resume.pt", weights_only=True)["step"] == 1
+
+
 @pytest.mark.parametrize("poison", ["loss", "gradient"])
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, spm_model, monkeypatch, poison):
     """Step 5 goes NaN: its loss, or only its gradient (a finite loss plus sqrt(0 * flow), whose derivative is
