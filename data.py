@@ -1014,6 +1014,11 @@ def build_dataset(name, root, split, cfg, train, **options):
     return DATASETS[name](Path(root), split, cfg, train, **options)
 
 
+def cpu_cores():
+    """The cores this process may run on (a container's or a taskset's share, not the host's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def default_workers(cuda):
     """DataLoader workers per process. 0 on the CPU, where a worker takes a core from the model's threads (README,
     "What a CPU step costs"). With a GPU, this process's share of the cores less one for itself, between 1 and 16: a
@@ -1021,8 +1026,7 @@ def default_workers(cuda):
     GPU step of the paper config takes 84-157 clips a second (README, "Performance"; the costs in "Training")."""
     if not cuda:
         return 0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(16, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
+    return max(1, min(16, cpu_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
 
 
 def read_batches(loader):

@@ -21,6 +21,7 @@ import gc
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -37,6 +38,7 @@ if __name__ == "__main__":  # compiled kernels, never the interpreter: triton re
 
 import torch  # noqa: E402
 
+import data  # noqa: E402
 import flow_warp_triton as fw  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------------
@@ -104,7 +106,7 @@ def compile_all(archs=(80, 90)):
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("compile_all needs TRITON_INTERPRET unset (the interpreter's kernels cannot be compiled)")
     jobs = [(*v, arch) for v in kernel_variants() for arch in archs]
-    with ProcessPoolExecutor(min(len(jobs), os.cpu_count() or 1)) as pool:
+    with ProcessPoolExecutor(min(len(jobs), data.cpu_cores())) as pool:
         results = list(pool.map(compile_variant, jobs))
     rows = {}
     for name, arch, size, regs, spills in results:
@@ -187,6 +189,13 @@ def largest_batch(fits, start=8, limit=1024):
     return lo
 
 
+def out_of_memory(e):
+    """An error saying the GPU's memory ran out: torch's allocator (OutOfMemoryError), or an allocation of its own by a
+    library near the limit (cuBLAS or cuDNN: "..._STATUS_ALLOC_FAILED"; the CUDA runtime: "CUDA error: out of
+    memory"). A batch that ends in one of them does not fit."""
+    return isinstance(e, torch.OutOfMemoryError) or "ALLOC_FAILED" in str(e) or "out of memory" in str(e)
+
+
 def synthetic_batch(cfg, mode, n_clips, batch_size, tmp):
     """n_clips synthetic clips of the paper's size (captions or expressions tokenized by a sentencepiece model fit
     to them), tiled to batch_size, in pinned memory."""
@@ -228,7 +237,7 @@ def train_benchmark(mode, batch_size, steps, compile_model, tmp, warmup=5):
     flops = train.train_flops(model, batch_size, batch["ids"].shape[1])
     row = {"stage": mode, "compile": "yes" if compile_model else "no", "batch": batch_size, "step ms": 1e3 * dt,
            "clips/s": batch_size / dt, "peak GiB": torch.cuda.max_memory_allocated() / 2 ** 30,
-           "TFLOP/s": flops / dt / 1e12, "MFU %": 100 * flops / dt / train.peak_flops(),
+           "TFLOP/s": flops / dt / 1e12, "MFU %": 100 * flops / dt / peak if (peak := train.peak_flops()) else "",
            "first step s": first_step_s}
 
     def fits(b):
@@ -240,8 +249,10 @@ def train_benchmark(mode, batch_size, steps, compile_model, tmp, warmup=5):
                     raise RuntimeError(f"{mode}: non-finite loss ({loss.item()}) or gradient at batch {b}")
             torch.cuda.synchronize()
             return True
-        except torch.OutOfMemoryError:
-            return False
+        except RuntimeError as e:
+            if out_of_memory(e):
+                return False
+            raise
         finally:
             opt.zero_grad(set_to_none=True)
             gc.collect()
@@ -263,8 +274,6 @@ def end_to_end(batch_size, steps, tmp, step_row, config="paper"):
     last `steps` steps, data loading included (evaluation and checkpoint writing are not counted), against the step
     alone (`step_row`, the eager pre-training row of part 4; None where that failed). Under 0.9x of it the loader
     holds the GPU back: FAILED."""
-    import shutil
-    import data
     import train
     out = Path(tmp) / f"train_py_{config}"
     try:
@@ -366,11 +375,11 @@ def main(argv=None):
     ]
     sections = [(title, fn) for part, title, fn in sections if part in parts]
     head = f"# GPU check\n\n`python tests/gpu_check.py` on {time.strftime('%Y-%m-%d')}: "
-    if torch.cuda.is_available():
-        head += (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
-                 f"triton {fw.triton.__version__}\n\n")
-    else:
-        head += f"no GPU, torch {torch.__version__}, triton {fw.triton.__version__}\n\n"
+    gpu = f"{torch.cuda.get_device_name()}, CUDA {torch.version.cuda}" if torch.cuda.is_available() else "no GPU"
+    head += f"{gpu}, torch {torch.__version__}, triton {fw.triton.__version__}; {data.cpu_cores()} CPU cores"
+    if os.path.isdir("/dev/shm"):  # part 5's DataLoader workers pass their batches through it (171 MiB a batch)
+        head += f", /dev/shm {shutil.disk_usage('/dev/shm').free / 2**30:.1f} GiB free"
+    head += "\n\n"
     body, failed = run_sections(sections, head, args.out)
     report = body + ("\n**FAILED**: " + "; ".join(failed) + "\n" if failed else "\nAll checks passed.\n")
     Path(args.out).write_text(report)

@@ -30,6 +30,8 @@ def test_every_kernel_variant_compiles_for_sm80_and_sm90(tmp_path):
                        cwd=ROOT, env=ENV, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert out.read_text().count("\n## ") == 1                              # part 1 alone
+    head = out.read_text().split("\n## ")[0]          # the machine: this process's cores, not the host's count
+    assert f"no GPU, torch {torch.__version__}" in head and f"; {len(os.sched_getaffinity(0))} CPU cores" in head
     rows = re.findall(r"\| (_\w+_kernel) \| (sm_\d+) \| (\d+) \| (\d+) \| (\d+) \|", out.read_text())
     # 3 dtypes x WIDE; x IMAGE_GRAD; x (no mask + 4 mask dtypes) x FLOW_GRAD, each for both targets
     expected = {"_warp_fwd_kernel": 6, "_warp_bwd_kernel": 12, "_photometric_kernel": 60}
@@ -79,6 +81,17 @@ def test_largest_batch_search():
     assert gpu_check.largest_batch(lambda b: False) == 0
     assert gpu_check.largest_batch(lambda b: True, start=8, limit=100) == 100  # doubling stops at the limit
     assert gpu_check.largest_batch(lambda b: True, start=2048, limit=1024) == 1024   # a start above the limit
+
+
+def test_out_of_memory_errors_of_every_kind_end_the_batch_search():
+    """Near the limit the allocation that fails may be a library's own: the messages as torch 2.x raises them."""
+    assert gpu_check.out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert gpu_check.out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling "
+                                                "`cublasCreate(handle)`"))
+    assert gpu_check.out_of_memory(RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"))
+    assert gpu_check.out_of_memory(RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be ..."))
+    assert not gpu_check.out_of_memory(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert not gpu_check.out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 4x3)"))
 
 
 def test_report_records_failures_and_tables(tmp_path):
