@@ -617,7 +617,8 @@ def main(argv=None):
                    "layout), Ref-YouTube-VOS or VISOR")
     p.add_argument("--video", help="demo: a folder of frames or an .mp4")
     p.add_argument("--text", help="demo: the referring expression")
-    p.add_argument("--out", default="out/eval", help="where predictions, tables and pictures go (default: %(default)s)")
+    p.add_argument("--out", default="out/eval", help="where predictions, tables and pictures go (default: %(default)s); "
+                   "with --predictions the two CSV tables go into that folder, as the official tool writes them")
     p.add_argument("--batch-size", type=data.number(int, 1), default=4,
                    help="clips per forward pass (default: %(default)s)")
     p.add_argument("--workers", type=data.number(int, 0), default=None,

@@ -84,7 +84,8 @@ def parse_args(argv=None):
     p.add_argument("--grad-clip", type=data.number(float, 0, strict=True), default=1.0,
                    help="gradient norm clipping (default: %(default)s)")
     p.add_argument("--seed", type=natural, default=0,
-                   help="seed for initialization, data order and augmentation (default: %(default)s)")
+                   help="seed for initialization, data order, augmentation and the synthetic training clips themselves "
+                        "(the held-out clips stay the same; default: %(default)s)")
     p.add_argument("--out", default=None, help="output folder (default: out/<mode>)")
     p.add_argument("--ckpt-every", type=positive, default=250,
                    help="write the checkpoint every N steps (and at the end; default: %(default)s)")
