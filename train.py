@@ -41,16 +41,18 @@ def parse_args(argv=None):
     positive, natural = data.number(int, 1), data.number(int, 0)
     p = data.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=["pretrain", "finetune"], default="pretrain",
-                   help="pretrain: flow head and photometric loss; finetune: box and mask heads on R-VOS data")
+                   help="pretrain: flow head and photometric loss; finetune: box and mask heads on R-VOS data "
+                        "(default: %(default)s)")
     p.add_argument("--fusion", choices=["vision", "language"], default=None,
                    help="vision as query (Eq. (2), the default) or language as query (Eq. (8)); --init fixes it, "
                         "--encoders takes its checkpoint's unless given")
     p.add_argument("--config", choices=["tiny", "small", "paper"], default="tiny",
-                   help="tiny: CPU-sized, 32x48 frames; small: tiny at 64x96 frames; "
+                   help="tiny: CPU-sized, 32x48 frames (the default); small: tiny at 64x96 frames; "
                         "paper: 360x648, p=18, T=4, L=64, T5-base + ViT-B + 8-layer decoder (--init and --encoders "
                         "take their checkpoint's)")
     p.add_argument("--data", nargs="+", default=["synthetic"],
-                   help="datasets (synthetic, smit, ytvos, davis17, refcoco, visor); several train jointly")
+                   help="datasets (synthetic, smit, ytvos, davis17, refcoco, visor); several train jointly "
+                        "(default: synthetic, the embedded world)")
     p.add_argument("--data-root", nargs="+", default=None, help="one root folder per --data entry except synthetic")
     p.add_argument("--skip-bad", action="store_true",
                    help="real datasets: skip a clip whose file is unreadable or missing, counting them in a warning, "

@@ -341,13 +341,13 @@ def run_sections(sections, head, out):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="gpu_check.md", help="the Markdown report to write")
+    p.add_argument("--out", default="gpu_check.md", help="the Markdown report to write (default: %(default)s)")
     p.add_argument("--parts", default="1,2,3,4,5",
                    help="the parts to run, comma-separated (default: %(default)s): 1 kernels compiled ahead of "
                         "time (no GPU needed), 2 kernel tests on CUDA, 3 kernel benchmark, 4 training steps of the "
                         "paper config, 5 train.py end to end (against part 4's eager pre-training row)")
-    p.add_argument("--steps", type=int, default=30, help="timed training steps per row")
-    p.add_argument("--batch-size", type=int, default=16, help="clips per training step in the timed rows")
+    p.add_argument("--steps", type=int, default=30, help="timed training steps per row (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=16, help="clips per training step in the timed rows (default: %(default)s)")
     args = p.parse_args(argv)
     try:
         parts = {int(x) for x in args.parts.split(",")}

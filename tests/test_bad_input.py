@@ -1,7 +1,9 @@
 """Issue 15: bad input to train.py and eval.py (a file missing, empty, truncated or of the wrong kind; a flag out of
 range, not finite, or contradicting another flag or the checkpoint) ends the program with a non-zero status and one
 line `error: ...` naming the file or flag, never a traceback; a new run never replaces an earlier run's checkpoint.
-The programs run in-process (main(argv)): any exception other than SystemExit fails the test with its traceback."""
+The programs run in-process (main(argv)): any exception other than SystemExit fails the test with its traceback.
+Every flag of the command lines says what it does and, where it has one, its default."""
+import argparse
 import dataclasses
 import json
 import re
@@ -14,7 +16,9 @@ import numpy as np
 import pytest
 import torch
 
+import data
 import eval as ev
+import gpu_check
 import slvp
 import train
 from test_data import write_jpeg, write_video
@@ -267,3 +271,27 @@ def test_the_shell_sees_one_line(argv, name, d):
                        env=ENV, cwd=d, capture_output=True, text=True)
     assert r.returncode != 0 and r.stdout == ""
     assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and name in r.stderr, r.stderr
+
+
+def test_every_flag_has_a_help_that_gives_its_default(monkeypatch):
+    """The parsers of train.py, eval.py, the dataset inspector and the GPU check, caught as they parse: each flag has a
+    help, and one with a default (not None or off) names it (e.g. `--mode` once said what pretrain does, not that it is
+    the default)."""
+    parsers = []
+
+    def catch(self, args=None, namespace=None):
+        parsers.append(self)
+        raise SystemExit(0)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", catch)
+    for main in (train.main, ev.main, data.main, gpu_check.main):
+        with pytest.raises(SystemExit):
+            main([])
+    assert len(parsers) == 4
+    for p in parsers:
+        for a in p._actions:
+            if isinstance(a, argparse._HelpAction):
+                continue
+            flag = "/".join(a.option_strings) or a.dest
+            assert a.help and a.help.strip(), flag
+            if a.default not in (None, False):
+                assert "default" in a.help, flag
