@@ -1,14 +1,24 @@
-"""eval.py: J and F on hand-worked cases, the dilation and the Hungarian method against brute force, the
---predictions path on a generated DAVIS tree, the submission zip, the synthetic bench and the demo."""
+"""eval.py: J and F on hand-worked cases (void, the empty-boundary conventions, the boundary map at the frame's edge),
+the dilation and the Hungarian method against brute force, matching on the mean of J and F, the statistics, the
+--predictions path on generated DAVIS trees (every column of the tables), inference through models whose logits are
+known (the resize to the original size, padded frames, the submission's threshold, one id per Ref-DAVIS17 object), the
+mean of the four runs, the submission zip, the synthetic bench and the demo. Each of 36 plausible bugs in eval.py
+(mutations, one at a time) fails at least one of them."""
 import csv
+import dataclasses
 import itertools
+import json
+import shutil
+import types
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import data
 import eval as ev
 import slvp
 
@@ -41,6 +51,25 @@ def test_j_and_f_hand_worked():
     void = np.zeros((100, 100), bool)
     void[:, 40:45] = True
     assert J(gt, shifted, void) == pytest.approx(0.75)
+    # and removed before the boundary is taken: the prediction is then the block of columns 25-39, its ring of 70
+    # pixels (x = 24 and 39, y = 19 and 39); within 2 px of the other ring: P = (20 + 16 + 14 + 2 + 3) / 70 (the right
+    # side, the top, the bottom, two and three pixels of the left side near the top and the bottom) and
+    # R = (20 + 18 + 17) / 80, so F = 2 * 55 / (70 + 80)
+    Fv = float(ev.db_eval_boundary(gt[None], shifted[None], void[None])[0])
+    assert Fv == pytest.approx(110 / 150)
+    # boundaries more than 2 px apart: P = R = 0, and F = 0 (the evaluator's convention when P + R = 0)
+    assert F(gt, square(x=60)) == 0
+
+
+def test_boundary_map_at_the_frame_edge():
+    """DAVIS's seg2bmap, worked by hand: a pixel is boundary where it differs from its east, south or south-east
+    neighbour, but in the last row and column it is compared along the edge only (and the corner never is), so a
+    mask reaching the frame's right edge has no boundary there. A mask and its complement have the same map."""
+    seg = np.zeros((3, 3), bool)
+    seg[:, 1:] = True
+    assert ev.seg2bmap(seg).astype(int).tolist() == [[1, 0, 0]] * 3
+    for m in (seg, square(), square(y=90, x=85)):
+        assert np.array_equal(ev.seg2bmap(~m), ev.seg2bmap(m))
 
 
 def test_disk_dilation_matches_brute_force():
@@ -89,6 +118,18 @@ def test_statistics_hand_worked():
     m, recall, decay = ev.db_statistics([0.1, 0.9, 0.3, 0.5, 0.6, 0.2, 1.0, 0.4, 0.8, 0.0])
     assert m == pytest.approx(0.48) and recall == pytest.approx(0.4)
     assert decay == pytest.approx((0.1 + 0.9 + 0.3) / 3 - (0.4 + 0.8 + 0.0) / 3)
+    # 7 frames: linspace(1, 7, 5) = 1, 2.5, 4, 5.5, 7; the evaluator adds 1e-10 before rounding, so 2.5 and 5.5 go up
+    # (numpy alone rounds them to even: 2 and 6): edges 0, 2, 3, 5, 6, quarters [0:3] and [5:7]
+    assert ev.db_statistics([1, 1, 0, 0, 0, 0, 0])[2] == pytest.approx(2 / 3)
+
+
+def test_matching_takes_the_mean_of_j_and_f():
+    """The unsupervised protocol assigns predicted ids by the mean of J and F: of two proposals for one object, the
+    square shifted 3 px (J = 340 / 460 = 0.739, F = 0.55) and the 16x16 square centred in it (J = 256 / 400 = 0.64,
+    its ring 2 px inside the object's, F = 0.92), the second wins, though its J alone is lower."""
+    gt, shifted, inner = square(), square(x=23), square(y=22, x=22, size=16)
+    j, f = ev.evaluate_objects(gt[None, None], np.stack([shifted, inner])[:, None])
+    assert j.tolist() == [[pytest.approx(0.64)]] and f[0, 0] > 0.9
 
 
 # ---------------------------------------------------------------------------------------------- DAVIS folders
@@ -102,7 +143,8 @@ def write_ids(path, ids):
 
 def test_predictions_path_on_a_generated_davis_tree(tmp_path):
     """Sequence a: objects 1 and 2; the prediction uses swapped ids, object 1 exact and object 2 shifted 5 px
-    (J 0.6, F 0.5), and a void band the evaluator must ignore. Sequence b: one object, nothing predicted."""
+    (J 0.6, F 0.5), and a void band the evaluator must ignore (counted, the band would lower object 2's J to
+    300 / 660). Sequence b: one object, nothing predicted."""
     davis, pred = tmp_path / "DAVIS", tmp_path / "pred"
     for t in range(4):
         gt = np.zeros((100, 100), np.uint8)
@@ -114,6 +156,7 @@ def test_predictions_path_on_a_generated_davis_tree(tmp_path):
         p[square(y=20, x=20)] = 2
         p[square(y=60, x=65)] = 1
         p[92:, :50] = 3                                              # a false object inside the void only
+        p[92:, 65:85] = 1                                            # object 1 reaching into the void: not counted
         write_ids(pred / f"a/{t:05d}.png", p)
         write_ids(davis / f"Annotations_unsupervised/480p/b/{t:05d}.png", square().astype(np.uint8))
         write_ids(pred / f"b/{t:05d}.png", np.zeros((100, 100), np.uint8))
@@ -124,6 +167,7 @@ def test_predictions_path_on_a_generated_davis_tree(tmp_path):
     assert g["J-Mean"] == pytest.approx(J) and g["F-Mean"] == pytest.approx(F)
     assert g["J&F-Mean"] == pytest.approx((J + F) / 2)
     assert g["J-Recall"] == pytest.approx(2 / 3) and g["J-Decay"] == pytest.approx(0)
+    assert g["F-Recall"] == pytest.approx(1 / 3) and g["F-Decay"] == pytest.approx(0)     # F = 0.5 is not above 0.5
     rows = list(csv.reader(open(pred / "global_results-val.csv")))
     assert rows[0] == ["J&F-Mean", "J-Mean", "J-Recall", "J-Decay", "F-Mean", "F-Recall", "F-Decay"]
     assert rows[1][:3] == [f"{(J + F) / 2:.3f}", f"{J:.3f}", "0.667"]
@@ -131,6 +175,20 @@ def test_predictions_path_on_a_generated_davis_tree(tmp_path):
     per = list(csv.reader(open(pred / "per-sequence_results-val.csv")))
     assert per == [["Sequence", "J-Mean", "F-Mean"], ["a_1", "0.600", "0.500"], ["a_2", "1.000", "1.000"],
                    ["b_1", "0.000", "0.000"]]
+
+
+def test_recall_and_decay_of_j_and_f_each_from_their_own_values(tmp_path):
+    """One object, exact in frames 0-1 and shifted 5 px in frames 2-3: J per frame 1, 1, 0.6, 0.6 and F 1, 1, 0.5,
+    0.5; with 4 frames the first quarter is frames 0-1 and the last frames 2-3."""
+    davis, pred = tmp_path / "DAVIS", tmp_path / "pred"
+    for t in range(4):
+        write_ids(davis / f"Annotations_unsupervised/480p/a/{t:05d}.png", square().astype(np.uint8))
+        write_ids(pred / f"a/{t:05d}.png", square(x=20 if t < 2 else 25).astype(np.uint8))
+    (davis / "ImageSets/2017").mkdir(parents=True)
+    (davis / "ImageSets/2017/val.txt").write_text("a\n")
+    g = ev.main(["--bench", "davis17", "--davis-root", str(davis), "--predictions", str(pred)])
+    assert g == pytest.approx({"J&F-Mean": 0.775, "J-Mean": 0.8, "J-Recall": 1.0, "J-Decay": 0.4,
+                               "F-Mean": 0.75, "F-Recall": 0.5, "F-Decay": 0.5})
 
 
 def test_objects_are_the_ids_of_the_first_frame(tmp_path):
@@ -152,6 +210,11 @@ def test_objects_are_the_ids_of_the_first_frame(tmp_path):
     assert g["J-Mean"] == 1 and g["F-Mean"] == 1
     per = list(csv.reader(open(pred / "per-sequence_results-val.csv")))
     assert per == [["Sequence", "J-Mean", "F-Mean"], ["a_1", "1.000", "1.000"]]
+    # void (255) in the first frame is not an object: the evaluator sets it to 0 before taking the largest id
+    first = square().astype(np.uint8)
+    first[90:, :] = 255
+    write_ids(davis / "Annotations_unsupervised/480p/a/00000.png", first)
+    assert ev.first_frame_objects(davis / "Annotations_unsupervised/480p", "a") == 1
 
 
 def test_predictions_errors_name_the_file(tmp_path, monkeypatch):
@@ -213,8 +276,6 @@ def spy_workers(monkeypatch):
 
 @pytest.fixture
 def tiny_ckpt(tmp_path, spm_model):
-    import dataclasses
-    import shutil
     torch.manual_seed(0)
     cfg = dataclasses.replace(slvp.SLVPConfig.tiny(), frame_size=(48, 64), vocab_size=64)
     path = tmp_path / "model" / "ckpt.safetensors"
@@ -227,7 +288,6 @@ def tiny_ckpt(tmp_path, spm_model):
 def test_predict_yields_each_expression_when_its_clips_are_done(tiny_ckpt):
     """predict streams: an expression comes out once its clips are read, before the rest of the dataset is (so a
     benchmark's full-size masks are never all in memory), each expression once, in the dataset's order."""
-    import data
     model, tok = ev.load_model_and_tokenizer(tiny_ckpt, None, "cpu")
     ds = data.build_dataset("synthetic", None, "val", model.cfg, train=False, size=6)
     read = []
@@ -252,7 +312,6 @@ def test_predict_yields_each_expression_when_its_clips_are_done(tiny_ckpt):
 def test_predict_with_workers_gives_the_same_masks(tiny_ckpt):
     """Clips read by worker processes (eval.py --workers, the default with a GPU) come in the dataset's order: the
     same expressions and the same logits as read in the process itself."""
-    import data
     model, tok = ev.load_model_and_tokenizer(tiny_ckpt, None, "cpu")
     ds = data.build_dataset("synthetic", None, "val", model.cfg, train=False, size=6)
 
@@ -271,17 +330,21 @@ def test_predict_with_workers_gives_the_same_masks(tiny_ckpt):
         assert a.keys() == b.keys() and all(np.array_equal(a[n], b[n]) for n in a)
 
 
-def test_ytvos_submission_zip(tmp_path, tiny_ckpt, monkeypatch):
+def write_ytvos_valid(root):
+    """Ref-YouTube-VOS valid: two videos of 5 frames, two expressions each; test_1 is a test video."""
     from test_data import write_video
-    root = tmp_path / "ytvos"
     for vid in ("val_1", "test_1"):
         write_video(root / "valid/JPEGImages", None, vid, 5)
-    import json
     meta = {"videos": {v: {"expressions": {"0": {"exp": "the red circle"}, "1": {"exp": "a square"}},
                            "frames": [f"{t:05d}" for t in range(5)]} for v in ("val_1", "test_1")}}
     for split, content in (("valid", meta), ("test", {"videos": {"test_1": meta["videos"]["test_1"]}})):
         (root / f"meta_expressions/{split}").mkdir(parents=True)
         (root / f"meta_expressions/{split}/meta_expressions.json").write_text(json.dumps(content))
+    return root
+
+
+def test_ytvos_submission_zip(tmp_path, tiny_ckpt, monkeypatch):
+    root = write_ytvos_valid(tmp_path / "ytvos")
     workers = spy_workers(monkeypatch)
     zpath = ev.main(["--bench", "ytvos", "--ckpt", str(tiny_ckpt), "--data-root", str(root), "--out", str(tmp_path / "o"),
                      "--workers", "3"])
@@ -293,9 +356,73 @@ def test_ytvos_submission_zip(tmp_path, tiny_ckpt, monkeypatch):
     assert a.shape == (48, 64) and set(np.unique(a)) <= {0, 255}
 
 
+class KnownLogits(torch.nn.Module):
+    """A stand-in for the model whose mask logits are known: logits(frames) -> Float[B, T, H, W]."""
+
+    def __init__(self, cfg, logits):
+        super().__init__()
+        self.cfg, self.logits = cfg, logits
+
+    def forward(self, frames, ids, mask):
+        return {"masks": self.logits(frames)}
+
+
+def test_predict_resizes_the_logits_and_keeps_the_real_frames(spm_model):
+    """5 frames of 1x4 pixels, seen at 1x2 in clips of T = 4 (data.eval_clips: the second clip is frame 4 repeated).
+    The logits [-1, 1] resized bilinearly with align_corners=False to 4 columns sample the 2 at (i + 0.5) / 2 - 0.5 =
+    -0.25, 0.25, 0.75, 1.25, clamped to the edges: -1, -0.5, 0.5, 1 (nearest would give -1, -1, 1, 1; align_corners
+    -1, -1/3, 1/3, 1). Each frame's logits also carry 10 x its position in its clip: frame 4 is position 0 of the
+    second clip, whose positions 1-3 are padding and must not replace it."""
+    items = [{"frames": torch.zeros(4, 3, 1, 2), "text": "the dog", "id": ("v", "0", start), "orig_size": (1, 4),
+              "frame_names": [f"{i:05d}" for i in idx], "num_real": real} for start, idx, real in data.eval_clips(5, 4)]
+    model = KnownLogits(types.SimpleNamespace(max_text_len=8),
+                        lambda f: (torch.tensor([[-1., 1.]]) + 10 * torch.arange(4.)[:, None, None]).expand(len(f), 4, 1, 2))
+    (key, frames), = ev.predict(model, items, slvp.Tokenizer(spm_model), batch_size=2, progress=False)
+    assert key == ("v", "0") and list(frames) == [f"{i:05d}" for i in range(5)]
+    for i, position in enumerate([0, 1, 2, 3, 0]):
+        assert frames[f"{i:05d}"].tolist() == [[-1 + 10 * position, -0.5 + 10 * position, 0.5 + 10 * position,
+                                                1 + 10 * position]], i
+
+
+def test_ytvos_submission_masks_are_logits_above_zero(tmp_path, spm_model):
+    """The mask is sigmoid(logits) > 0.5, that is logits > 0: a constant logit of 0.3 (probability 0.57) paints every
+    pixel 255, one of -0.3 none."""
+    root = write_ytvos_valid(tmp_path / "ytvos")
+    cfg = dataclasses.replace(slvp.SLVPConfig.tiny(), frame_size=(48, 64))
+    for logit, value in ((0.3, 255), (-0.3, 0)):
+        args = types.SimpleNamespace(data_root=root, out=tmp_path / f"o{logit}", batch_size=2, workers=0)
+        model = KnownLogits(cfg, lambda f: torch.full((len(f), 4, 48, 64), logit))
+        with zipfile.ZipFile(ev.bench_ytvos(args, model, slvp.Tokenizer(spm_model), "cpu")) as z:
+            for name in z.namelist():
+                with z.open(name) as fh:
+                    assert np.unique(np.asarray(Image.open(fh))).tolist() == [value], (logit, name)
+
+
+def test_davis17_runs_give_each_object_its_own_id(tmp_path, tiny_ckpt, monkeypatch):
+    """Each Ref-DAVIS17 run writes the expressions of one annotator and kind (4k + a for the k-th object), all objects
+    of a video into one indexed PNG: each object under its own id. With each expression "predicted" as its object's
+    ground truth (the loader's obj_id, read from the text files), the two described objects of classic-car score
+    J = F = 1 in every run; under one id the two would be one proposal."""
+    from test_data import write_davis_downloads
+
+    def truth(model, ds, tokenizer, *args, **kwargs):
+        for vid, exp_id, _, obj_id in ds.exprs:
+            frames, annos = ds.videos[vid]
+            yield (vid, exp_id), {Path(f).stem: np.where(data.read_index_png(a) == obj_id, 10, -10).astype(np.float32)
+                                  for f, a in zip(frames, annos)}
+    root = write_davis_downloads(tmp_path / "ref-davis")
+    monkeypatch.setattr(ev, "predict", truth)
+    with pytest.warns(UserWarning):
+        ev.main(["--bench", "davis17", "--ckpt", str(tiny_ckpt), "--data-root", str(root), "--out", str(tmp_path / "o")])
+    for a in range(4):
+        rows = {r[0]: r[1:] for r in csv.reader(open(tmp_path / f"o/run{a}/per-sequence_results-val.csv"))}
+        assert rows["classic-car_1"] == rows["classic-car_2"] == ["1.000", "1.000"], a
+        ids = np.asarray(Image.open(tmp_path / f"o/run{a}/classic-car/00000.png"))
+        assert len(np.unique(ids[ids > 0])) == 2, a
+
+
 def test_davis17_from_either_layout_needs_no_davis_root(tmp_path, tiny_ckpt, capsys, monkeypatch):
     """Ref-DAVIS17 as --data-root, the original downloads or the converted layout: the ground truth is inside."""
-    import shutil
     from test_data import DAVIS_VAL_VIDEOS, write_davis_conversion, write_davis_downloads, write_palette_png
     root = write_davis_downloads(tmp_path / "ref-davis")
     pred = tmp_path / "pred"                                  # the ground truth itself, as predictions, scores 1
@@ -319,13 +446,14 @@ def test_davis17_from_either_layout_needs_no_davis_root(tmp_path, tiny_ckpt, cap
         assert {r[0].rsplit("_", 1)[0] for r in list(csv.reader(open(run / "per-sequence_results-val.csv")))[1:]} == \
             {"classic-car", "dogs-scale", "motorbike"}
         assert sorted(p.name for p in (run / "dogs-scale").iterdir()) == [f"{t:05d}.png" for t in range(5)]
-    # the benchmark's figures are the mean of the four runs': runs scored 0, 1, 2, 3 give 1.5 (the tiny model's runs
-    # differ by less than their tables' 3 decimals, so the scores are set by hand here)
-    scores = iter(range(4))
+    # the benchmark's figures are the mean of the four runs': runs scored 1, 2, 4, 8 give 3.75 (their median is 3, the
+    # mean of the first and last 4.5; the tiny model's runs differ by less than their tables' 3 decimals, so the scores
+    # are set by hand here)
+    scores = iter([1, 2, 4, 8])
     with monkeypatch.context() as m, pytest.warns(UserWarning):
         m.setattr(ev, "evaluate_davis", lambda *a, **k: (dict.fromkeys(mean, float(next(scores))), []))
         assert ev.main(["--bench", "davis17", "--ckpt", str(tiny_ckpt), "--data-root", str(root),
-                        "--out", str(tmp_path / "o-mean")]) == dict.fromkeys(mean, 1.5)
+                        "--out", str(tmp_path / "o-mean")]) == dict.fromkeys(mean, 3.75)
     # the same data after the common conversion: the ground truth is the PNGs it moved to valid/Annotations, the
     # sequences those of the val.txt it left in DAVIS/, or without it the videos of its expression file
     conv = write_davis_conversion(tmp_path / "converted")
@@ -356,7 +484,6 @@ def test_visor_objects_not_in_the_first_frame_are_not_scored(tmp_path, tiny_ckpt
     an object too small at 480p is), so the evaluator counts object 1 alone. Its prediction is left out of the PNGs
     and of the scores, with a line saying so, where the run used to stop ("predictions use id 2, above the 1
     objects"). Frame 5 has no PNG, as the conversion writes none where no object is visible: predicted, not scored."""
-    import json
     from test_data import write_jpeg, write_palette_png
     root, seq = tmp_path / "VISOR_2022", "P01_107_seq_00001"
     for t in range(6):
@@ -383,8 +510,7 @@ def test_visor_objects_not_in_the_first_frame_are_not_scored(tmp_path, tiny_ckpt
 
 def test_synthetic_scores_of_an_oracle(spm_model, tmp_path):
     """synthetic_scores on a "model" that returns each clip's true masks (found by its frames) scores J = F = 1; the
-    complement scores 0, as does the truth of another clip: the scores are each clip's against its own truth."""
-    import data
+    complement J = 0 (and F = 1), the truth of another clip less than 0.5: each clip's against its own truth."""
     cfg = slvp.SLVPConfig.tiny()
     ds = data.build_dataset("synthetic", None, "val", cfg, train=False, size=8, seed=0)
     truth = {ds[i]["frames"].numpy().tobytes(): ds[i]["masks"] for i in range(len(ds))}
@@ -406,7 +532,8 @@ def test_synthetic_scores_of_an_oracle(spm_model, tmp_path):
             return {"masks": torch.stack(out)}
     tok = slvp.Tokenizer(spm_model)
     assert ev.synthetic_scores(Oracle("true"), tok, n=8) == {"J": 1.0, "F": 1.0, "J&F": 1.0}
-    assert ev.synthetic_scores(Oracle("complement"), tok, n=8)["J"] == 0.0
+    # the complement has the mask's boundary map (test_boundary_map_at_the_frame_edge): J = 0 and F = 1
+    assert ev.synthetic_scores(Oracle("complement"), tok, n=8) == {"J": 0.0, "F": 1.0, "J&F": 0.5}
     assert ev.synthetic_scores(Oracle("another"), tok, n=8)["J&F"] < 0.5
     # its picture: the oracle's rows outline the true masks, those of the complement do not
     rows = [{**ds[i], "id": (f"{ds[i]['id'][0]}, {kind}", *ds[i]["id"][1:])}
