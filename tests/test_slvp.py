@@ -57,6 +57,18 @@ def test_t5_matches_transformers(tmp_path, ffn, full_model):
     assert err < TOL
 
 
+def test_t5_buckets_match_transformers_beyond_max_distance():
+    """Distances up to 299, past max_distance (128), where the buckets stop at the last of each direction's half (31
+    for keys after the query, 15 before it): the parity test's L = 40 never gets there."""
+    from transformers.models.t5.modeling_t5 import T5Attention
+    pos = torch.arange(300)
+    ref = T5Attention._relative_position_bucket(pos[None, :] - pos[:, None], bidirectional=True, num_buckets=32,
+                                                max_distance=128)
+    got = slvp.t5_relative_buckets(300, 32, 128, "cpu")
+    assert torch.equal(got, ref)
+    assert got[0, 299] == 31 and got[299, 0] == 15
+
+
 def test_t5_conversion_is_strict(tmp_path):
     from safetensors.torch import load_file, save_file
     from transformers import T5Config, T5EncoderModel
@@ -294,6 +306,28 @@ def test_fusion_shapes_gradients_and_padding(fusion):
     assert rvos.box_head.weight.grad.abs().sum() > 0 and rvos.mask_head.weight.grad.abs().sum() > 0
     assert rvos.vision.patch_embed.weight.grad.abs().sum() > 0       # transfer trains the vision encoder
     assert all(p.grad is None for p in rvos.text.parameters())       # and freezes the text encoder (Table 2)
+
+
+def test_heads_get_what_eq4_gives_them():
+    """Eq. (4): the box head reads each frame's max-pool over its N tokens; the mask head (Sec. 4.1) each token joined
+    with its own frame's box. Read off the heads' inputs, against the decoder's output taken apart by hand."""
+    cfg, frames, ids, mask = tiny_batch()
+    torch.manual_seed(0)
+    model = slvp.SLVP(cfg, task="rvos").eval()
+    seen = {}
+    hooks = [model.decoder.register_forward_hook(lambda m, a, o: seen.update(fused=o)),
+             model.box_head.register_forward_hook(lambda m, a, o: seen.update(box_in=a[0])),
+             model.mask_head.register_forward_hook(lambda m, a, o: seen.update(mask_in=a[0]))]
+    with torch.no_grad():
+        out = model(frames, ids, mask)
+    for h in hooks:
+        h.remove()
+    T, N, f = cfg.num_frames, cfg.num_patches, seen["fused"]                     # f: [B, T*N, d]
+    assert torch.equal(seen["box_in"], torch.stack([f[:, t * N:(t + 1) * N].max(1).values for t in range(T)], 1))
+    assert torch.equal(seen["mask_in"][..., :-4], f)
+    for t in range(T):
+        assert torch.equal(seen["mask_in"][:, t * N:(t + 1) * N, -4:], out["boxes"][:, t, None].expand(-1, N, 4))
+    assert (out["boxes"][:, 0] - out["boxes"][:, 1]).abs().max() > 1e-4          # a box of another frame would show
 
 
 def test_frames_are_normalized_as_coca_was_trained():
@@ -556,6 +590,9 @@ def test_checkpoint_round_trip_and_transfer(tmp_path):
     for k, v in shared.items():
         assert torch.equal(rvos.state_dict()[k], v), k
     assert rvos.freeze_text and not rvos.freeze_vision   # the transfer defaults, not the pre-training ones
+    for m, text, vision in ((model, False, False), (rvos, False, True)):   # the flags applied: what requires a gradient
+        assert {p.requires_grad for p in m.text.parameters()} == {text}
+        assert {p.requires_grad for p in m.vision.parameters()} == {vision}
     # a checkpoint keeps its own freezing; keyword arguments override it
     slvp.save_checkpoint(tmp_path / "ft.safetensors", slvp.SLVP(cfg, task="rvos", freeze_text=False, freeze_vision=True))
     ft = slvp.load_checkpoint(tmp_path / "ft.safetensors")
@@ -563,6 +600,10 @@ def test_checkpoint_round_trip_and_transfer(tmp_path):
     assert all(p.requires_grad for p in ft.text.parameters()) and not any(p.requires_grad for p in ft.vision.parameters())
     ft = slvp.load_checkpoint(tmp_path / "ft.safetensors", freeze_vision=False)
     assert (ft.freeze_text, ft.freeze_vision) == (False, False)
+    # the config comes from the checkpoint, not from a preset
+    other = dataclasses.replace(slvp.SLVPConfig.small(), num_frames=3, dec_layers=2)
+    slvp.save_checkpoint(tmp_path / "other.safetensors", slvp.SLVP(other))
+    assert slvp.load_checkpoint(tmp_path / "other.safetensors").cfg == other
 
 
 def test_checkpoint_errors_name_the_tensor(tmp_path):
