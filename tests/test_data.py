@@ -125,6 +125,10 @@ def test_synthetic_is_deterministic_fast_and_splits_are_disjoint():
     assert time.perf_counter() - t0 < 2.0            # 1.5-3 ms a clip on a slow 2-core CPU
     train_frames = [train[i]["frames"] for i in range(16)]
     assert not any(torch.equal(x, y["frames"]) for x in train_frames for y in items)
+    # the held-out pre-training clips (the flow's evaluation) are not pre-training clips either
+    pre, pre_val = (data.build_dataset("synthetic", None, split, CFG, train=False, size=16)
+                    for split in ("pretrain", "pretrain_val"))
+    assert not any(torch.equal(pre[i]["frames"], pre_val[j]["frames"]) for i in range(16) for j in range(16))
     texts = {it["text"] for it in items}
     assert len(texts) > 3 and all(t.startswith("the ") for t in texts)
 
@@ -1008,3 +1012,171 @@ def test_collate_keeps_the_keys_asked_for(spm_model):
     every, kept = (data.Collate(tok, CFG.max_text_len, keys=k)([ds[0], ds[1]]) for k in (None, ("frames",)))
     assert {"flow", "owner", "masks", "text"} <= set(every) and set(kept) == {"frames", "ids", "mask"}
     assert all(torch.equal(every[k], kept[k]) for k in kept)
+
+
+# ---------------------------------------------------------------------------------- edges found untested by mutations
+
+def test_boxes_from_masks_by_hand_and_zero_when_empty():
+    """Docstring: normalized (x1, y1, x2, y2), x2/y2 exclusive, zeros where empty, valid = visible."""
+    m = torch.zeros(2, 8, 10, dtype=torch.bool)
+    m[0, 2:5, 3:7] = True                                       # rows 2..4, cols 3..6
+    boxes, valid = data.boxes_from_masks(m)
+    assert valid.tolist() == [True, False]
+    assert torch.allclose(boxes[0], torch.tensor([3 / 10, 2 / 8, 7 / 10, 5 / 8]))
+    assert torch.equal(boxes[1], torch.zeros(4))
+
+
+def smit_root(tmp_path, n):
+    root = tmp_path / "smit"
+    for t in range(n):
+        write_jpeg(root / f"frames/v/{t:05d}.jpg", 5 + 6 * t)
+    (root / "transcriptions").mkdir(parents=True)
+    (root / "transcriptions/v.txt").write_text("a ball rolls\n")
+    (root / "train.txt").write_text("v\n")
+    return root
+
+
+def smit_windows(ds):
+    out = []
+    for i in range(len(ds)):
+        levels = (ds[i]["frames"].mean((1, 2, 3)) * 255).tolist()
+        out.append((ds[i]["id"][2], [round((x - 5) / 6) for x in levels]))
+    return out
+
+
+def test_smit_last_window_ending_on_the_last_frame_is_kept(tmp_path):
+    """37 frames (0..36), T=4, stride 6: windows 0-18 and 18-36 both fit, sharing frame 18 (SMiT docstring)."""
+    ds = data.build_dataset("smit", smit_root(tmp_path, 37), "train", CFG, train=True)
+    assert smit_windows(ds) == [(0, [0, 6, 12, 18]), (18, [18, 24, 30, 36])]
+
+
+def test_smit_short_video_repeats_its_last_frame(tmp_path):
+    """10 frames, shorter than one window (19): one clip, frames 0, 6, then the last frame (9) repeated."""
+    ds = data.build_dataset("smit", smit_root(tmp_path, 10), "train", CFG, train=True)
+    assert smit_windows(ds) == [(0, [0, 6, 9, 9])]
+
+
+def test_refcoco_plus_original_release_reads_refs_unc(tmp_path):
+    """RefCOCO docstring: refs(unc).p for refcoco and refcoco+ (refs(umd).p only for refcocog)."""
+    root = tmp_path / "coco"
+    write_coco_images(root)
+    (root / "refcoco+").mkdir()
+    (root / "refcoco+/refs(unc).p").write_bytes(py2_pickle(REFCOCO_REFS))
+    (root / "refcoco+/instances.json").write_text(json.dumps(instances()))
+    with pytest.warns(UserWarning, match="skipped 1 empty"):
+        ds = data.build_dataset("refcoco", root, "refcoco+", CFG, train=False)
+    assert ds.layout.startswith("refcoco+: original release (refs(unc).p")
+    assert len(ds) == len(REFCOCO_TRAIN)
+    for i, (ident, image, text) in enumerate(REFCOCO_TRAIN):
+        check_refcoco_item(ds[i], "refcoco+", ident, image, text)
+
+
+def test_refcoco_object_of_several_polygons_is_all_of_them(tmp_path):
+    """A COCO segmentation is a list of polygons (an occluded object comes in parts): the mask is their union.
+    Two 30 x 30 parts in 120 x 100: 0.15 of the image, about 0.075 each."""
+    root = tmp_path / "coco"
+    (root / "train2014").mkdir(parents=True)
+    img = np.zeros((100, 120, 3), np.uint8)
+    img[10:40, 10:40] = 200
+    img[50:80, 70:100] = 200
+    Image.fromarray(img).save(root / "train2014/a.jpg", quality=95)
+    d = {"images": [{"id": 1, "file_name": "a.jpg", "height": 100, "width": 120, "caption": "the two part thing"}],
+         "annotations": [{"id": 1, "image_id": 1, "bbox": [10, 10, 90, 70],
+                          "segmentation": [[10, 10, 40, 10, 40, 40, 10, 40], [70, 50, 100, 50, 100, 80, 70, 80]]}]}
+    (root / "refcoco").mkdir()
+    (root / "refcoco/instances_refcoco_train.json").write_text(json.dumps(d))
+    it = data.build_dataset("refcoco", root, "refcoco", CFG, train=False)[0]
+    area = it["masks"].float().mean((1, 2))
+    assert ((area > 0.7 * 0.15) & (area < 1.4 * 0.15)).all(), area
+    assert it["frames"].mean(1)[it["masks"]].mean() > 0.6
+
+
+def test_affine_turns_about_the_centre_then_shifts():
+    """_affine docstring: rotate and scale about the centre, then shift. A 4 x 4 blob on the centre of a 40 x 40
+    image (pixels 18..21) stays on it under a quarter turn, and the shift (5, -3) moves it to x 23..26, y 15..18."""
+    a = np.zeros((40, 40), np.uint8)
+    a[18:22, 18:22] = 255
+    out = np.asarray(data._affine(Image.fromarray(a), 90.0, 1.0, (5.0, -3.0), Image.NEAREST)) > 127
+    want = np.zeros((40, 40), bool)
+    want[15:19, 23:27] = True
+    assert np.array_equal(out, want)
+
+
+def test_direction_words_follow_the_image_axes():
+    """direction docstring: the dominant axis, y grows downwards (and x to the right, as image columns do)."""
+    assert [data.direction(v) for v in [(-2, 0), (3, -1), (0, -2), (1, 3), (0, 0)]] == \
+        ["left", "right", "up", "down", "still"]
+    s = {"objects": [dict(kind="square", color="green", size="small", r=4, pos=(30, 20), vel=(-3, 0),
+                          texture=(0.5, 0.5, 0.0)),
+                     dict(kind="square", color="green", size="small", r=4, pos=(30, 36), vel=(3, 0),
+                          texture=(0.5, 0.5, 0.0))],
+         "target": 0, "background": [(0.1, 0.2, 0.0, (0.1, 0.1, 0.1))], "pan": (0, 0)}
+    assert data.referring_expression(s, np.random.default_rng(0)) in ("the square moving left",
+                                                                      "the shape moving left")
+    _, owner, _ = data.render_scene(s, H, W, 4)
+    boxes, _ = data.boxes_from_masks(owner == 1)
+    assert (boxes[1:, 0] < boxes[:-1, 0]).all()                    # the target's left edge moves towards x = 0
+
+
+def test_synthetic_set_epoch_gives_fresh_augmentations():
+    """Module docstring: call set_epoch(epoch) for fresh augmentations; the scene and its text stay (up to a flip)."""
+    ds = data.build_dataset("synthetic", None, "train", CFG, train=True, size=8)
+    e0 = [ds[i] for i in range(8)]
+    ds.set_epoch(1)
+    e1 = [ds[i] for i in range(8)]
+    assert all(a["text"] in (b["text"], data.swap_left_right(b["text"])) for a, b in zip(e0, e1))   # flips swap words
+    assert sum(not torch.equal(a["frames"], b["frames"]) for a, b in zip(e0, e1)) >= 4
+
+
+def test_clip_sampling_depends_on_the_index(ytvos_root):
+    """Module docstring: randomness seeded by (seed, epoch, index): two expressions of the same 6-frame video
+    (items 0 and 1) draw their clip starts independently, so over 12 epochs they differ at least once."""
+    with pytest.warns(UserWarning):
+        tr = data.build_dataset("ytvos", ytvos_root, "train", CFG, train=True)
+    differ = 0
+    for epoch in range(12):
+        tr.set_epoch(epoch)
+        differ += tr.load(tr.items[0], tr.rng(0))["id"][2] != tr.load(tr.items[1], tr.rng(1))["id"][2]
+    assert differ > 0
+
+
+def test_collate_keeps_only_keys_every_item_has(spm_model):
+    """Collate docstring: items of several datasets keep what they all have; here the middle one lacks masks."""
+    f = torch.zeros(4, 3, H, W)
+    items = [{"frames": f, "text": "a", "id": ("a", "0", 0), "masks": torch.zeros(4, H, W, dtype=torch.bool)},
+             {"frames": f, "text": "b", "id": ("b", "0", 0)},
+             {"frames": f, "text": "c", "id": ("c", "0", 0), "masks": torch.zeros(4, H, W, dtype=torch.bool)}]
+    batch = data.Collate(slvp.Tokenizer(spm_model), CFG.max_text_len)(items)
+    assert sorted(batch) == ["frames", "id", "ids", "mask", "text"]
+
+
+def test_eval_orig_size_is_the_files_size(tmp_path):
+    """Module docstring: evaluation items give orig_size (H, W) of the original frames, here 60 x 80, read at
+    CFG.frame_size (48 x 64)."""
+    root = tmp_path / "ytvos"
+    for t in range(4):
+        p = root / f"valid/JPEGImages/v/{t:05d}.jpg"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((60, 80, 3), 100, np.uint8)).save(p)
+    for split, videos in (("valid", {"v": {"expressions": {"0": {"exp": "a thing"}}}}), ("test", {})):
+        (root / f"meta_expressions/{split}").mkdir(parents=True)
+        (root / f"meta_expressions/{split}/meta_expressions.json").write_text(json.dumps({"videos": videos}))
+    it = data.build_dataset("ytvos", root, "valid", CFG, train=False)[0]
+    assert it["orig_size"] == (60, 80) and it["frames"].shape == (4, 3, H, W)
+
+
+def test_synthetic_masks_are_the_referred_objects():
+    """SyntheticClips docstring: masks of the target, scene["objects"][scene["target"]], here the second drawn:
+    a square of half-size 5 at (30, 24) moving 2 px right a frame covers x 25+2t..35+2t, y 19..29 (inclusive)."""
+    obj = lambda kind, color, pos, vel: dict(kind=kind, color=color, size="small", r=5, pos=pos, vel=vel,
+                                             texture=(0.5, 0.5, 0.0))
+    s = {"objects": [obj("circle", "red", (10, 10), (0, 0)), obj("square", "blue", (30, 24), (2, 0))],
+         "target": 1, "background": [(0.1, 0.2, 0.0, (0.1, 0.1, 0.1))], "pan": (0, 0)}
+    ds = data.build_dataset("synthetic", None, "val", CFG, train=False, size=1)
+    ds.scene = lambda index: (s, "the square")
+    it = ds[0]
+    for t in range(4):
+        want = torch.zeros(H, W, dtype=torch.bool)
+        want[19:30, 25 + 2 * t:36 + 2 * t] = True
+        assert torch.equal(it["masks"][t], want), t
+        assert torch.allclose(it["boxes"][t], torch.tensor([(25 + 2 * t) / W, 19 / H, (36 + 2 * t) / W, 30 / H]))
