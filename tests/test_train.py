@@ -1,6 +1,8 @@
 """train.py: FLOP count against torch's counter, exact resume after SIGKILL and across epochs, one DataLoader for the
 whole run, a NaN stops the run and keeps the last checkpoint, two gloo processes equal one process with the same global
-batch and leave no gloo thread (also when an error stops them), clear errors."""
+batch and leave no gloo thread (also when an error stops them), clear errors; and what a mutation run found untested: the
+schedule against torch's schedulers, gradient clipping against clip_grad_norm_, the flags that reach the step, the RNG
+restored, the flow diagnostics' thresholds and frames on hand-made flows, the log's rate, --init's and --t5's effects."""
 import dataclasses
 import json
 import math
@@ -460,3 +462,216 @@ def test_short_pretraining_learns_motion(tmp_path):
     assert final["epe_moving"] < 0.9 * final["epe_moving_zero_flow"], final
     assert final["epe"] < final["epe_zero_flow"], final
     assert final["photo"] < final["photo_zero_flow"], final
+
+
+# ---------------------------------------------------------------------------------- edges found untested by mutations
+
+def test_optimizer_step_clips_the_gradient_norm_as_torch_does():
+    """optimizer_step with grad_clip=0.5 on a gradient of norm 5 ((3, 4) * 1): SGD(lr=1) moves p by the clipped
+    gradient, (0.3, 0.4); reference: torch.nn.utils.clip_grad_norm_ on a twin."""
+    p = torch.nn.Parameter(torch.zeros(2))
+    twin = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([p], lr=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    c = torch.tensor([3.0, 4.0])
+    assert train.optimizer_step((p * c).sum(), [p], opt, sched, 0.5)
+    (twin * c).sum().backward()
+    torch.nn.utils.clip_grad_norm_([twin], 0.5)
+    assert torch.allclose(p.detach(), -twin.grad) and torch.allclose(p.detach(), torch.tensor([-0.3, -0.4]))
+
+
+def test_grad_clip_flag_reaches_the_step(tmp_path, spm_model, monkeypatch):
+    """--grad-clip 0.25 is the max_norm every clip_grad_norm_ call of the run gets."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the warp's torch path (the kernels have their own tests)
+    seen, real = [], torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
+                        lambda ps, m, *a, **k: seen.append(m) or real(ps, m, *a, **k))
+    train.main(["--mode", "pretrain", "--steps", "2", *FAST, "--grad-clip", "0.25", "--spm", str(spm_model),
+                "--out", str(tmp_path / "o")])
+    assert seen == [0.25, 0.25]
+
+
+def test_resume_restores_the_rng_state(tmp_path, spm_model, monkeypatch):
+    """A resume with no step left ends with the torch RNG state resume.pt recorded (the run draws nothing after
+    restoring it); without the restore it holds the state after the model's initialisation."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the warp's torch path (the kernels have their own tests)
+    argv = ["--mode", "pretrain", *FAST, "--spm", str(spm_model), "--out", str(tmp_path / "o")]
+    train.main([*argv, "--steps", "1"])
+    saved = torch.load(tmp_path / "o/resume.pt", weights_only=True)["rng"]
+    train.main([*argv, "--steps", "1", "--resume"])
+    assert torch.equal(torch.get_rng_state(), saved)
+
+
+@pytest.mark.parametrize("flag, value, was", [("--grad-clip", "0.5", "1.0"), ("--lr", "0.002", "0.001"),
+                                              ("--weight-decay", "0.1", "0.05"), ("--warmup", "2", "1"),
+                                              ("--no-freeze-text", None, "True")])
+def test_a_resume_with_another_optimizer_setting_fails(tmp_path, spm_model, flag, value, was, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the warp's torch path (the kernels have their own tests)
+    argv = ["--mode", "pretrain", *FAST, "--spm", str(spm_model), "--out", str(tmp_path / "o")]
+    train.main([*argv, "--steps", "1"])
+    extra = [flag] + ([value] if value else [])
+    with pytest.raises(SystemExit, match=rf"resuming with {flag.replace('no-', '')} .*\(was {was}\)"):
+        train.main([*argv, "--steps", "3", "--resume", *extra])
+
+
+def test_default_warmup_is_5_percent_of_the_steps(tmp_path, spm_model, monkeypatch):
+    """--steps 100 without --warmup: 5 warm-up steps (hand-worked: 100 // 20)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the warp's torch path (the kernels have their own tests)
+    class Stop(Exception):
+        pass
+
+    def capture(model, args):
+        capture.warmup = args.warmup
+        raise Stop
+    monkeypatch.setattr(train, "build_optimizer", capture)
+    with pytest.raises(Stop):
+        train.main(["--mode", "pretrain", "--steps", "100", *FAST, "--spm", str(spm_model),
+                    "--out", str(tmp_path / "o")])
+    assert capture.warmup == 5
+
+
+def test_the_last_partial_log_interval_counts_its_own_steps(tmp_path, spm_model, monkeypatch):
+    """5 steps, a log line every 3: the line of step 5 covers 2 steps. With a clock of 0.1 s a step both lines read
+    10 it/s (hand-worked: 3 / 0.3 and 2 / 0.2)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the warp's torch path (the kernels have their own tests)
+    clock = [0.0]
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(time=lambda: clock[0]))
+    step = train.optimizer_step
+
+    def timed_step(*a):
+        clock[0] += 0.1
+        return step(*a)
+    monkeypatch.setattr(train, "optimizer_step", timed_step)
+    train.main(["--mode", "pretrain", "--steps", "5", *FAST, "--log-every", "3", "--spm", str(spm_model),
+                "--out", str(tmp_path / "t")])
+    lines = [r for r in map(json.loads, open(tmp_path / "t/log.jsonl")) if r["kind"] == "train"]
+    assert [r["step"] for r in lines] == [3, 5]
+    assert [r["it_per_s"] for r in lines] == pytest.approx([10.0, 10.0])
+
+
+def test_pretraining_batches_carry_only_frames_and_text(tmp_path, spm_model, monkeypatch):
+    """A pre-training batch holds what stage_loss reads: frames, ids and mask (no true flow, owner map or masks)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the warp's torch path (the kernels have their own tests)
+    seen, real = [], train.stage_loss
+    monkeypatch.setattr(train, "stage_loss", lambda m, r, batch, d: seen.append(set(batch)) or real(m, r, batch, d))
+    train.main(["--mode", "pretrain", "--steps", "1", *FAST, "--spm", str(spm_model), "--out", str(tmp_path / "o")])
+    assert seen == [{"frames", "ids", "mask"}]
+
+
+class HandMadeFlows(torch.utils.data.Dataset):
+    """Two hand-made clips, T=2, 2x2 pixels; frame 2's flow: speeds 1.0, 0.5 (exactly), 0, 2.0 px."""
+    def __init__(self, T=2):
+        flow = torch.zeros(T, 2, 2, 2)
+        flow[1, 0] = torch.tensor([[1.0, 0.5], [0.0, 2.0]])
+        frames = torch.rand(T, 3, 2, 2, generator=torch.Generator().manual_seed(0))
+        self.items = [{"frames": frames, "flow": flow, "text": "the red circle"}] * 2
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+class FixedFlow(torch.nn.Module):
+    def __init__(self, flow_of):
+        super().__init__()
+        self.cfg, self.flow_of = slvp.SLVPConfig.tiny(), flow_of
+
+    def flow(self, frames, ids, mask):
+        return self.flow_of(frames)
+
+
+def test_moving_pixels_are_strictly_above_half_a_pixel(spm_model, monkeypatch):
+    """Zero predicted flow: epe_moving_zero_flow is the mean speed of the pixels above 0.5 px, (1 + 2) / 2 = 1.5; a
+    pixel at exactly 0.5 px is not moving; epe is the mean over all pixels, 3.5 / 4."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the warp's torch path (the kernels have their own tests)
+    monkeypatch.setattr(data, "build_dataset", lambda *a, **k: HandMadeFlows())
+    true = HandMadeFlows()[0]["flow"]
+    s = train.evaluate_flow(FixedFlow(lambda f: torch.zeros(len(f), *true.shape)), slvp.Tokenizer(spm_model), 2, "cpu")
+    assert s["epe_moving_zero_flow"] == pytest.approx(1.5) and s["epe_moving"] == pytest.approx(1.5)
+    assert s["epe"] == pytest.approx(3.5 / 4) and s["epe_zero_flow"] == pytest.approx(3.5 / 4)
+
+
+def test_frame_one_flow_is_left_out_of_the_epe(spm_model, monkeypatch):
+    """The flow of frame 1 (nothing before it) is not scored: a prediction equal to the true flow on frames 2..T
+    and wild on frame 1 has epe 0 and epe_moving 0."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the warp's torch path (the kernels have their own tests)
+    monkeypatch.setattr(data, "build_dataset", lambda *a, **k: HandMadeFlows())
+    true = HandMadeFlows()[0]["flow"]
+    wild = true.clone()
+    wild[0] = 5.0
+    s = train.evaluate_flow(FixedFlow(lambda f: torch.stack([wild] * len(f))), slvp.Tokenizer(spm_model), 2, "cpu")
+    assert s["epe"] == 0 and s["epe_moving"] == 0
+
+
+def test_photo_true_flow_is_the_true_flows_loss_whatever_the_model_predicts(spm_model, monkeypatch):
+    """With a zero-flow model, photo_true_flow is still Eq. (1) of the true flow (reference: the objective called on
+    the true flow here), and differs from photo."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the warp's torch path (the kernels have their own tests)
+    monkeypatch.setattr(data, "build_dataset", lambda *a, **k: HandMadeFlows())
+    clips = HandMadeFlows()
+    true = clips[0]["flow"]
+    s = train.evaluate_flow(FixedFlow(lambda f: torch.zeros(len(f), *true.shape)), slvp.Tokenizer(spm_model), 2, "cpu")
+    frames = torch.stack([clips[0]["frames"]] * 2)
+    want = slvp.photometric_objective(frames, torch.stack([true] * 2)).item()
+    assert s["photo_true_flow"] == pytest.approx(want, rel=1e-6)
+    assert s["photo_zero_flow"] == pytest.approx(slvp.photometric_objective(frames, torch.zeros(2, *true.shape)).item())
+    assert s["photo_true_flow"] != pytest.approx(s["photo"])
+
+
+def test_schedule_matches_torch_linear_then_cosine():
+    """The whole schedule, step by step, against torch's own schedulers: LinearLR from 1/w to 1 over the w warm-up
+    steps, then CosineAnnealingLR down to 10% of the peak at --steps (hand-worked too: peak never exceeded)."""
+    for w, steps in ((1, 6), (3, 10), (4, 4)):
+        model = torch.nn.Linear(3, 2)
+        args = types.SimpleNamespace(lr=1e-3, weight_decay=0.05, warmup=w, steps=steps)
+        _, opt, sched = train.build_optimizer(model, args)
+        ref_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+        ref = torch.optim.lr_scheduler.SequentialLR(ref_opt, [
+            torch.optim.lr_scheduler.LinearLR(ref_opt, 1 / w, 1.0, total_iters=max(w - 1, 1)) if w > 1 else
+            torch.optim.lr_scheduler.ConstantLR(ref_opt, 1.0, total_iters=0),
+            torch.optim.lr_scheduler.CosineAnnealingLR(ref_opt, T_max=max(1, steps - w), eta_min=1e-4)], milestones=[w])
+        for s in range(steps):
+            lr = opt.param_groups[0]["lr"]
+            assert lr <= 1e-3 * (1 + 1e-9), (w, s)
+            assert lr == pytest.approx(ref_opt.param_groups[0]["lr"], rel=1e-6), (w, s)
+            opt.step(), sched.step(), ref_opt.step(), ref.step()
+
+
+def test_init_keeps_the_freeze_flags(tmp_path, spm_model):
+    """--init from a pre-training checkpoint with --freeze-vision --no-freeze-text: the model freezes what the flags
+    say (the paper's finetuning default would be the opposite of both)."""
+    slvp.save_checkpoint(tmp_path / "pre.safetensors", slvp.SLVP(slvp.SLVPConfig.tiny(), "vision", "pretrain"))
+    shutil.copy(spm_model, tmp_path / "spm.model")
+    args = train.parse_args(["--mode", "finetune", "--init", str(tmp_path / "pre.safetensors"), "--freeze-vision",
+                             "--no-freeze-text"])
+    model = train.build_model(args, slvp.Tokenizer(spm_model))
+    assert model.freeze_vision and not model.freeze_text
+    assert not any(p.requires_grad for p in model.vision.parameters())
+    assert all(p.requires_grad for p in model.text.parameters())
+
+
+def test_a_lone_resume_pt_is_guarded_too(tmp_path):
+    """An --out holding resume.pt but no ckpt.safetensors is an earlier run's: a new run without --resume or
+    --overwrite stops and leaves it."""
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "resume.pt").write_bytes(b"x")
+    with pytest.raises(SystemExit, match="holds the checkpoint of an earlier run"):
+        train.check_out(types.SimpleNamespace(out=out, resume=False, overwrite=False))
+    assert (out / "resume.pt").read_bytes() == b"x"
+
+
+def test_t5_gives_the_model_its_vocabulary(tmp_path, spm_model):
+    """--t5: the model's vocab_size (and t5_* sizes) are the T5 folder's (120 here, not the tokenizer's 40 or the tiny
+    config's 1000), and its text encoder holds the T5 weights."""
+    from transformers import T5Config, T5EncoderModel
+    hf = T5EncoderModel(T5Config(vocab_size=120, d_model=48, d_kv=16, d_ff=80, num_layers=2, num_heads=4,
+                                 feed_forward_proj="relu", dropout_rate=0.0))
+    hf.save_pretrained(tmp_path / "t5")
+    model = train.build_model(train.parse_args(["--t5", str(tmp_path / "t5"), "--spm", str(spm_model)]),
+                              slvp.Tokenizer(spm_model))
+    assert model.cfg.vocab_size == 120 and model.cfg.t5_layers == 2 and model.cfg.t5_d_kv == 16
+    ref = slvp.load_t5(tmp_path / "t5").state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in model.text.state_dict().items())
