@@ -347,7 +347,8 @@ def main(argv=None):
                         "time (no GPU needed), 2 kernel tests on CUDA, 3 kernel benchmark, 4 training steps of the "
                         "paper config, 5 train.py end to end (against part 4's eager pre-training row)")
     p.add_argument("--steps", type=int, default=30, help="timed training steps per row (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=16, help="clips per training step in the timed rows (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="clips per training step in the timed rows (default: %(default)s)")
     args = p.parse_args(argv)
     try:
         parts = {int(x) for x in args.parts.split(",")}
