@@ -41,11 +41,15 @@ def flow_warp_reference(image, flow):
     acc = torch.promote_types(torch.promote_types(image.dtype, flow.dtype), torch.float32)  # float64 stays float64
     ys, xs = torch.meshgrid(torch.arange(H, device=flow.device, dtype=acc),
                             torch.arange(W, device=flow.device, dtype=acc), indexing="ij")
+    # a dimension of one pixel gets a zero pixel on each side: grid_sample (align_corners=True) would map every
+    # coordinate along it onto its one pixel, never outside
+    py, px = int(H == 1), int(W == 1)
     # pixel x -> normalized [-1, 1] with align_corners=True: -1 is the centre of pixel 0, +1 that of pixel W-1
-    gx = (xs + flow[:, 0].to(acc)) * (2 / max(W - 1, 1)) - 1
-    gy = (ys + flow[:, 1].to(acc)) * (2 / max(H - 1, 1)) - 1
+    gx = (xs + px + flow[:, 0].to(acc)) * (2 / (W + 2 * px - 1)) - 1
+    gy = (ys + py + flow[:, 1].to(acc)) * (2 / (H + 2 * py - 1)) - 1
     grid = torch.stack([gx, gy], dim=-1)                                    # [B, H, W, 2]
-    out = F.grid_sample(image.to(acc), grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    source = F.pad(image.to(acc), (px, px, py, py)) if px or py else image.to(acc)
+    out = F.grid_sample(source, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
     return out.to(image.dtype)
 
 

@@ -203,3 +203,120 @@ def test_bad_shapes_fail_clearly():
         fw.flow_warp(image, flow[:, :1])
     with pytest.raises(ValueError, match="target"):
         fw.photometric_loss(image, flow, target[:, :2])
+
+
+# ---------------------------------------------------------------------------------- edges found untested by mutations
+
+def test_image_gradient_of_a_channels_last_image():
+    """The image gradient is written to a contiguous buffer: its offsets are not the (channels-last) image's."""
+    image, flow, _ = make(B=2, C=2, H=6, W=7, seed=1, reach=3)
+    img_cl = image.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2).requires_grad_()
+    assert not img_cl.is_contiguous()
+    g_out = torch.randn(image.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    (gi,) = torch.autograd.grad(fw.flow_warp(img_cl, flow), img_cl, g_out)
+    img64 = image.double().requires_grad_()
+    (ri,) = torch.autograd.grad(fw.flow_warp_reference(img64, flow.double()), img64, g_out.double())
+    assert rel(gi, ri) < 1e-5
+
+
+def test_warp_backward_with_strided_grad_output():
+    """grad_output as autograd hands it over: expanded (stride 0) from .sum(), or a channels-last view."""
+    image, flow, _ = make(B=2, C=2, H=6, W=7, seed=3, reach=3)
+    channels_last = torch.randn(2, 6, 7, 2, generator=torch.Generator().manual_seed(4)).to(DEVICE).permute(0, 3, 1, 2)
+    for g in (None, channels_last):
+        f1, f2 = flow.clone().requires_grad_(), flow.double().requires_grad_()
+        out1, out2 = fw.flow_warp(image, f1), fw.flow_warp_reference(image.double(), f2)
+        if g is None:
+            out1.sum().backward()
+            out2.sum().backward()
+        else:
+            out1.backward(g)
+            out2.backward(g.double())
+        assert rel(f1.grad, f2.grad) < 1e-4
+
+
+def test_channels_last_flow():
+    """A channels-last flow has channel stride 1: its y component is read a stride away from x, not H * W."""
+    image, flow, target = make(B=2, C=2, H=6, W=7, seed=5, reach=3)
+    flow_cl = flow.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    assert flow_cl.stride(1) == 1
+    exact = fw.flow_warp_reference(image.double(), flow.double())
+    assert (fw.flow_warp(image, flow_cl).double() - exact).abs().max() < 1e-5
+    f1, f2 = flow_cl.clone().requires_grad_(), flow.clone().requires_grad_()
+    loss, ref = fw.photometric_loss(image, f1, target), fw.photometric_loss_reference(image, f2, target)
+    loss.backward()
+    ref.backward()
+    assert abs(loss.item() - ref.item()) < 1e-5 * ref.item() and rel(f1.grad, f2.grad) < 1e-4
+
+
+def test_bf16_image_differences_taken_in_float32():
+    """Hand-worked: a bf16 image [1.0078125, 256] (both exact in bf16), flow (0.5, 0) at pixel 0: d out / d x there is
+    v01 - v00 = 254.9921875 (exact in float32; bf16 would round it to 255); the fused loss of pixel 0 alone (a mask)
+    is val^2 with val = 0.5 * 1.0078125 + 0.5 * 256, its gradient 2 val * 254.9921875."""
+    image = torch.tensor([[[[1.0078125, 256.0]]]], dtype=torch.bfloat16, device=DEVICE)
+    flow = torch.zeros(1, 2, 1, 2, device=DEVICE)
+    flow[:, 0] = 0.5
+    flow.requires_grad_()
+    (gf,) = torch.autograd.grad(fw.flow_warp(image, flow), flow,
+                                torch.tensor([[[[1.0, 0.0]]]], dtype=torch.bfloat16, device=DEVICE))
+    assert gf.dtype == torch.float32 and gf[0, 0, 0, 0].item() == 254.9921875
+    pixel_0 = torch.tensor([[[[1.0, 0.0]]]], device=DEVICE)
+    loss = fw.photometric_loss(image, flow, torch.zeros(1, 1, 1, 2, dtype=torch.bfloat16, device=DEVICE), pixel_0)
+    (gl,) = torch.autograd.grad(loss, flow)
+    val = 0.5 * 1.0078125 + 0.5 * 256.0
+    assert loss.item() == pytest.approx(val ** 2, rel=1e-6)
+    assert gl[0, 0, 0, 0].item() == pytest.approx(2 * val * 254.9921875, rel=1e-6)
+
+
+def test_bf16_mask_count_in_float32():
+    """261 ones in a bf16 mask: the count is 261 (a bf16 sum gives 260), as the reference counts in float32."""
+    image, flow, target = make(B=1, C=1, H=3, W=87, seed=6, reach=2)
+    mask = torch.ones(1, 1, 3, 87, dtype=torch.bfloat16, device=DEVICE)
+    assert mask.sum().item() != 261
+    f1, f2 = flow.clone().requires_grad_(), flow.clone().requires_grad_()
+    loss, ref = fw.photometric_loss(image, f1, target, mask), fw.photometric_loss_reference(image, f2, target, mask)
+    assert abs(loss.item() - ref.item()) < 1e-5 * ref.item()
+    loss.backward()
+    ref.backward()
+    assert rel(f1.grad, f2.grad) < 1e-4
+
+
+def test_one_pixel_dimensions_sample_zeros_outside():
+    """Hand-worked, a frame one pixel tall [1, 2, 3] (and the same one pixel wide): moved down by 1.5 px every sample is
+    outside (0); by 0.5 px, half of it (0.5, 1, 1.5); by -0.25, three quarters. grid_sample with align_corners=True
+    maps every coordinate of a one-pixel dimension onto that pixel, so the torch reference pads it with zeros."""
+    row = torch.tensor([[[[1.0, 2.0, 3.0]]]], device=DEVICE)
+    for v, want in ((1.5, [0.0, 0.0, 0.0]), (0.5, [0.5, 1.0, 1.5]), (-0.25, [0.75, 1.5, 2.25])):
+        for image in (row, row.transpose(2, 3)):                         # [1, 1, 1, 3] and [1, 1, 3, 1]
+            flow = torch.zeros(1, 2, *image.shape[2:], device=DEVICE)
+            flow[:, int(image.shape[2] == 1)] = v                        # across the one-pixel dimension
+            for warp in (fw.flow_warp, fw.flow_warp_reference):
+                assert warp(image, flow).flatten().tolist() == want, (v, image.shape, warp.__name__)
+
+
+def test_wide_checks_every_tensor():
+    huge = torch.empty(0, device="meta").as_strided((1, 3, 2, 2), (0, 1, 2 ** 31, 1))
+    small = torch.empty(1, 3, 2, 2)
+    assert fw._wide(small, huge) and fw._wide(small, small, huge) and not fw._wide(small, small)
+
+
+def test_wide_offsets_on_a_sparse_4gb_plane(tmp_path):
+    """A real plane whose offsets pass 2^31 with 32-bit strides (row stride 2^30 + 7, 3 rows), on a sparse file of
+    4.3 GB of which 3 pages are written: the 64-bit path reads rows 1 and 2 where they are (test_64_bit_offsets
+    compares the two paths on small tensors only). CPU tensors: the kernels through the interpreter."""
+    S = 2 ** 30 + 7
+    n = 2 * S + 2
+    path = tmp_path / "sparse.bin"
+    with open(path, "wb") as fh:
+        fh.truncate(n * 2)
+    assert os.stat(path).st_blocks * 512 < 2 ** 20, "the file system holds no sparse file"
+    base = torch.from_file(str(path), shared=True, size=n, dtype=torch.float16)
+    image = base.as_strided((1, 1, 3, 2), (0, 0, S, 1))
+    want = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], dtype=torch.float16)
+    image[0, 0] = want
+    assert fw._wide(image)
+    zero = torch.zeros(1, 2, 3, 2, dtype=torch.float16)
+    assert torch.equal(fw.flow_warp(image, zero)[0, 0], want)
+    small = want.reshape(1, 1, 3, 2).clone()                  # the plane as the fused loss's target: warp = target
+    assert fw.photometric_loss(small, zero, image).item() == 0
+    assert fw.photometric_loss(small, zero, image * 0 + 1).item() > 0
