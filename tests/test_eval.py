@@ -517,19 +517,12 @@ def test_synthetic_scores_of_an_oracle(spm_model, tmp_path):
     assert all(m.any((1, 2)).all() for m in truth.values())          # the target is in every frame of every clip
     keys = list(truth)
 
-    class Oracle(torch.nn.Module):
-        def __init__(self, how):
-            super().__init__()
-            self.cfg, self.how = cfg, how
+    def mask_of(how, k):
+        return {"true": truth[k], "complement": ~truth[k], "another": truth[keys[(keys.index(k) + 1) % len(keys)]]}[how]
 
-        def forward(self, frames, ids, mask):
-            out = []
-            for f in frames:
-                k = f.numpy().tobytes()
-                m = {"true": truth[k], "complement": ~truth[k],
-                     "another": truth[keys[(keys.index(k) + 1) % len(keys)]]}[self.how]
-                out.append(0.02 * m.float() - 0.01)                   # logits of +-0.01: the mask is logits > 0
-            return {"masks": torch.stack(out)}
+    def Oracle(how):                                                  # logits of +-0.01: the mask is logits > 0
+        return KnownLogits(cfg, lambda frames: torch.stack([0.02 * mask_of(how, f.numpy().tobytes()).float() - 0.01
+                                                            for f in frames]))
     tok = slvp.Tokenizer(spm_model)
     assert ev.synthetic_scores(Oracle("true"), tok, n=8) == {"J": 1.0, "F": 1.0, "J&F": 1.0}
     # the complement has the mask's boundary map (test_boundary_map_at_the_frame_edge): J = 0 and F = 1

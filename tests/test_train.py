@@ -304,6 +304,19 @@ def test_the_fitted_tokenizer_keeps_words_whole(tmp_path):
         assert len(pieces) + 1 <= cfg.max_text_len                                          # with </s>: not cut
 
 
+class FixedFlow(torch.nn.Module):
+    """A "model" whose flow is given by hand, clip by clip in dataset order."""
+
+    def __init__(self, flows):
+        super().__init__()
+        self.cfg, self.flows, self.seen = slvp.SLVPConfig.tiny(), flows, 0
+
+    def flow(self, frames, ids, mask):
+        out = self.flows[self.seen:self.seen + len(frames)]
+        self.seen += len(frames)
+        return out
+
+
 def test_flow_diagnostics_on_hand_made_flows(spm_model, monkeypatch):
     """evaluate_flow on flows made by hand: the zero flow scores the zero-flow values, the true flow scores 0 and the
     true flow's photometric loss, the true flow shifted by (0.6, -0.8) px scores an end-point error of exactly 1.
@@ -319,31 +332,22 @@ def test_flow_diagnostics_on_hand_made_flows(spm_model, monkeypatch):
     moving = speed > 0.5
     assert 0 < moving.float().mean() < 1                                 # some pixels move, some do not
 
-    class Fixed(torch.nn.Module):  # a "model" whose flow is given by hand, clip by clip in dataset order
-        def __init__(self, flows):
-            super().__init__()
-            self.cfg, self.flows, self.seen = cfg, flows, 0
-
-        def flow(self, frames, ids, mask):
-            out = self.flows[self.seen:self.seen + len(frames)]
-            self.seen += len(frames)
-            return out
     tok = slvp.Tokenizer(spm_model)
     photo = lambda f: sum(((fw.flow_warp_reference(frames[b:b + 1, :1].expand(1, 3, -1, -1, -1).flatten(0, 1),
                                                    f[b, 1:]) - frames[b, 1:]) ** 2).mean().item() for b in range(n)) / n
-    zero = train.evaluate_flow(Fixed(torch.zeros_like(true)), tok, n, "cpu")
+    zero = train.evaluate_flow(FixedFlow(torch.zeros_like(true)), tok, n, "cpu")
     assert zero["epe"] == pytest.approx(zero["epe_zero_flow"]) and zero["epe_zero_flow"] == pytest.approx(speed.mean().item(), rel=1e-6)
     assert zero["epe_moving"] == pytest.approx(zero["epe_moving_zero_flow"])
     assert zero["epe_moving_zero_flow"] == pytest.approx(speed[moving].mean().item(), rel=1e-6)
     assert zero["photo"] == pytest.approx(zero["photo_zero_flow"]) == pytest.approx(photo(torch.zeros_like(true)), rel=1e-5)
-    exact = train.evaluate_flow(Fixed(true.clone()), tok, n, "cpu")
+    exact = train.evaluate_flow(FixedFlow(true.clone()), tok, n, "cpu")
     assert exact["epe"] == 0 and exact["epe_moving"] == 0
     assert exact["photo"] == pytest.approx(exact["photo_true_flow"]) == pytest.approx(photo(true), rel=1e-5)
     assert exact["photo_true_flow"] < 0.9 * exact["photo_zero_flow"]   # 0.82 here: 32x48 frames occlude much
     shifted = true.clone()
     shifted[:, :, 0] += 0.6
     shifted[:, :, 1] -= 0.8
-    off = train.evaluate_flow(Fixed(shifted), tok, n, "cpu")
+    off = train.evaluate_flow(FixedFlow(shifted), tok, n, "cpu")
     assert off["epe"] == pytest.approx(1.0, abs=1e-5) and off["epe_moving"] == pytest.approx(1.0, abs=1e-5)
     assert off["photo"] > exact["photo"]
 
@@ -573,13 +577,6 @@ class HandMadeFlows(torch.utils.data.Dataset):
         return self.items[i]
 
 
-class FixedFlow(torch.nn.Module):
-    def __init__(self, flow_of):
-        super().__init__()
-        self.cfg, self.flow_of = slvp.SLVPConfig.tiny(), flow_of
-
-    def flow(self, frames, ids, mask):
-        return self.flow_of(frames)
 
 
 def test_moving_pixels_are_strictly_above_half_a_pixel(spm_model, monkeypatch):
@@ -588,7 +585,7 @@ def test_moving_pixels_are_strictly_above_half_a_pixel(spm_model, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the warp's torch path (the kernels have their own tests)
     monkeypatch.setattr(data, "build_dataset", lambda *a, **k: HandMadeFlows())
     true = HandMadeFlows()[0]["flow"]
-    s = train.evaluate_flow(FixedFlow(lambda f: torch.zeros(len(f), *true.shape)), slvp.Tokenizer(spm_model), 2, "cpu")
+    s = train.evaluate_flow(FixedFlow(torch.zeros(2, *true.shape)), slvp.Tokenizer(spm_model), 2, "cpu")
     assert s["epe_moving_zero_flow"] == pytest.approx(1.5) and s["epe_moving"] == pytest.approx(1.5)
     assert s["epe"] == pytest.approx(3.5 / 4) and s["epe_zero_flow"] == pytest.approx(3.5 / 4)
 
@@ -601,7 +598,7 @@ def test_frame_one_flow_is_left_out_of_the_epe(spm_model, monkeypatch):
     true = HandMadeFlows()[0]["flow"]
     wild = true.clone()
     wild[0] = 5.0
-    s = train.evaluate_flow(FixedFlow(lambda f: torch.stack([wild] * len(f))), slvp.Tokenizer(spm_model), 2, "cpu")
+    s = train.evaluate_flow(FixedFlow(torch.stack([wild] * 2)), slvp.Tokenizer(spm_model), 2, "cpu")
     assert s["epe"] == 0 and s["epe_moving"] == 0
 
 
@@ -612,7 +609,7 @@ def test_photo_true_flow_is_the_true_flows_loss_whatever_the_model_predicts(spm_
     monkeypatch.setattr(data, "build_dataset", lambda *a, **k: HandMadeFlows())
     clips = HandMadeFlows()
     true = clips[0]["flow"]
-    s = train.evaluate_flow(FixedFlow(lambda f: torch.zeros(len(f), *true.shape)), slvp.Tokenizer(spm_model), 2, "cpu")
+    s = train.evaluate_flow(FixedFlow(torch.zeros(2, *true.shape)), slvp.Tokenizer(spm_model), 2, "cpu")
     frames = torch.stack([clips[0]["frames"]] * 2)
     want = slvp.photometric_objective(frames, torch.stack([true] * 2)).item()
     assert s["photo_true_flow"] == pytest.approx(want, rel=1e-6)
