@@ -130,46 +130,56 @@ def db_statistics(values):
 
 
 def linear_sum_assignment(score):
-    """Maximum-score assignment (the Hungarian method with potentials) for a [rows, cols] matrix: returns
-    (row_ind, col_ind), min(rows, cols) pairs sorted by row, like scipy.optimize.linear_sum_assignment(-score)."""
-    score = np.asarray(score, np.float64)
-    transposed = score.shape[0] > score.shape[1]
-    cost = -(score.T if transposed else score)                      # n <= m
-    n, m = cost.shape
-    u, v = np.zeros(n + 1), np.zeros(m + 1)
-    p = np.zeros(m + 1, int)                                        # p[j]: row (1-based) matched to column j
-    way = np.zeros(m + 1, int)
-    for i in range(1, n + 1):
-        p[0], j0 = i, 0
-        minv = np.full(m + 1, np.inf)
-        used = np.zeros(m + 1, bool)
-        while True:
-            used[j0] = True
-            i0 = p[j0]
-            cur = cost[i0 - 1] - u[i0] - v[1:]
-            free = ~used[1:]
-            better = free & (cur < minv[1:])
-            minv[1:][better] = cur[better]
-            way[1:][better] = j0
-            cand = np.where(free, minv[1:], np.inf)
-            j1 = int(np.argmin(cand)) + 1
-            delta = cand[j1 - 1]
-            u[p[used]] += delta
-            v[used] -= delta
-            minv[1:][free] -= delta
-            j0 = j1
-            if p[j0] == 0:
-                break
-        while j0:
-            j1 = way[j0]
-            p[j0] = p[j1]
-            j0 = j1
-    rows = np.array([p[j] - 1 for j in range(1, m + 1) if p[j]])
-    cols = np.array([j - 1 for j in range(1, m + 1) if p[j]])
+    """Maximum-score assignment for a [rows, cols] matrix: (row_ind, col_ind), min(rows, cols) pairs sorted by row.
+    The shortest augmenting path method (Crouse, 2016) as scipy.optimize.linear_sum_assignment(-score) runs it,
+    with its order of search and its choice among ties, so that tied scores pair as in the official evaluator."""
+    cost = -np.asarray(score, np.float64)
+    transposed = cost.shape[0] > cost.shape[1]
     if transposed:
-        rows, cols = cols, rows
-    order = np.argsort(rows)
-    return rows[order], cols[order]
+        cost = cost.T                                               # [n, m], n <= m
+    n, m = cost.shape
+    u, v = np.zeros(n), np.zeros(m)                                 # dual variables of rows and columns
+    col4row, row4col = np.full(n, -1), np.full(m, -1)
+    for cur in range(n):                                            # add row `cur` by a shortest augmenting path
+        cost_to = np.full(m, np.inf)                                # shortest path cost from `cur` to each column
+        path = np.full(m, -1)                                       # the row before each column on that path
+        rows_seen, cols_seen = np.zeros(n, bool), np.zeros(m, bool)
+        remaining = list(range(m - 1, -1, -1))                      # columns not reached (a constant cost: j = i)
+        i, min_val, sink = cur, 0.0, -1
+        while sink < 0:
+            rows_seen[i] = True
+            lowest, index = np.inf, -1
+            for it, j in enumerate(remaining):
+                r = min_val + cost[i, j] - u[i] - v[j]
+                if r < cost_to[j]:
+                    path[j], cost_to[j] = i, r
+                if cost_to[j] < lowest or (cost_to[j] == lowest and row4col[j] < 0):  # a tie: a free column
+                    lowest, index = cost_to[j], it
+            min_val = lowest
+            j = remaining[index]
+            if row4col[j] < 0:
+                sink = j                                            # a free column: the path ends
+            else:
+                i = row4col[j]                                      # go on from the row that holds it
+            cols_seen[j] = True
+            remaining[index] = remaining[-1]
+            remaining.pop()
+        u[cur] += min_val
+        for r in np.flatnonzero(rows_seen):
+            if r != cur:
+                u[r] += min_val - cost_to[col4row[r]]
+        v[cols_seen] -= min_val - cost_to[cols_seen]
+        j = sink
+        while True:                                                 # flip the path's pairs
+            i = path[j]
+            row4col[j] = i
+            col4row[i], j = j, col4row[i]
+            if i == cur:
+                break
+    if transposed:
+        order = np.argsort(col4row)
+        return col4row[order], order
+    return np.arange(n), col4row
 
 
 MAX_PROPOSALS = 20  # the unsupervised protocol's limit on predicted ids per sequence
@@ -224,6 +234,19 @@ def first_frame_objects(gt_dir, seq):
     return int(np.where(first == 255, 0, first).max())
 
 
+PROGRESS_LINE = [False]  # a progress line ("\r3/8 clips, ETA 2s") is open: an error must start a new one
+
+
+def show_progress(text):
+    print("\r" + text, end="", file=sys.stderr, flush=True)
+    PROGRESS_LINE[0] = True
+
+
+def end_progress():
+    print(file=sys.stderr)
+    PROGRESS_LINE[0] = False
+
+
 def evaluate_davis(gt_dir, sequences, pred_dir, match=True, progress=True):
     """The DAVIS 2017 evaluation of pred_dir/<seq>/<frame>.png against gt_dir/<seq>/<frame>.png (255 = void).
     Returns (global row dict, per-object rows)."""
@@ -260,9 +283,9 @@ def evaluate_davis(gt_dir, sequences, pred_dir, match=True, progress=True):
             rows.append((f"{seq}_{k + 1}", jm, fm))
         if progress:
             eta = (time.time() - t0) / (s + 1) * (len(sequences) - s - 1)
-            print(f"\r{s + 1}/{len(sequences)} sequences, ETA {eta:.0f}s", end="", file=sys.stderr, flush=True)
+            show_progress(f"{s + 1}/{len(sequences)} sequences, ETA {eta:.0f}s")
     if progress:
-        print(file=sys.stderr)
+        end_progress()
     jm, fm = np.mean(J["M"]), np.mean(F["M"])
     g = {"J&F-Mean": (jm + fm) / 2, "J-Mean": jm, "J-Recall": np.mean(J["R"]), "J-Decay": np.mean(J["D"]),
          "F-Mean": fm, "F-Recall": np.mean(F["R"]), "F-Decay": np.mean(F["D"])}
@@ -399,9 +422,9 @@ def predict(model, dataset, tokenizer, batch_size=4, device="cpu", progress=True
         done += len(logits)
         if progress:
             eta = (time.time() - t0) / done * (len(dataset) - done)
-            print(f"\r{done}/{len(dataset)} clips, ETA {eta:.0f}s", end="", file=sys.stderr, flush=True)
+            show_progress(f"{done}/{len(dataset)} clips, ETA {eta:.0f}s")
     if progress:
-        print(file=sys.stderr)
+        end_progress()
     if key is not None:
         yield key, per
 
@@ -617,7 +640,7 @@ def main(argv=None):
                    "layout), Ref-YouTube-VOS or VISOR")
     p.add_argument("--video", help="demo: a folder of frames or an .mp4")
     p.add_argument("--text", help="demo: the referring expression")
-    p.add_argument("--out", default="out/eval", help="where predictions, tables and pictures go (default: %(default)s); "
+    p.add_argument("--out", default=None, help="where predictions, tables and pictures go (default: out/eval); "
                    "with --predictions the two CSV tables go into that folder, as the official tool writes them")
     p.add_argument("--batch-size", type=data.number(int, 1), default=4,
                    help="clips per forward pass (default: %(default)s)")
@@ -629,13 +652,20 @@ def main(argv=None):
                         "a few hundredths, README 'At 64x96')")
     args = p.parse_args(argv)
     args.workers = data.default_workers(torch.cuda.is_available()) if args.workers is None else args.workers
-    if args.predictions and (args.bench != "davis17" or args.ckpt):
-        p.error("--predictions scores a folder of masks, with --bench davis17 and no --ckpt: leave out --predictions "
-                "to run the model, or --ckpt to score the folder")
+    if args.predictions and args.bench != "davis17":
+        p.error("--predictions scores a folder of DAVIS-style masks: it goes with --bench davis17")
+    if args.predictions and args.ckpt:
+        p.error("--predictions scores a folder of masks and --ckpt runs a model: give one of them")
+    if args.predictions and args.out:
+        p.error("--out: with --predictions the tables go into the predictions folder, as the official tool writes "
+                "them; leave out --out")
+    args.out = args.out or "out/eval"
     if (args.video or args.text is not None) and args.bench:
         p.error(f"--video and --text are for the demo: leave out --bench {args.bench}, or them")
     if args.text is not None and not args.text.strip():
         p.error("--text is empty: expected the referring expression")
+    if not args.predictions and Path(args.out).exists() and not Path(args.out).is_dir():
+        p.error(f"--out {args.out} is a file; expected a folder")
     try:
         if args.bench == "davis17" and args.data_root and not args.davis_root:   # the ground truth is inside
             original = data.davis17_layout(args.data_root) == "original"
@@ -645,7 +675,8 @@ def main(argv=None):
                 p.error("--predictions needs --davis-root (or Ref-DAVIS17 as --data-root)")
             gt_dir, seqs = davis_sequences(args.davis_root)
             if not Path(args.predictions).is_dir():
-                raise FileNotFoundError(f"{args.predictions}: no such predictions folder")
+                raise FileNotFoundError(f"{args.predictions}: " + ("a file; expected" if Path(args.predictions).exists()
+                                                                   else "no such") + " predictions folder")
             g, rows = evaluate_davis(gt_dir, seqs, args.predictions)
             write_tables(args.predictions, g, rows)
             print_table(g)
@@ -669,6 +700,8 @@ def main(argv=None):
             p.error(f"--bench {args.bench} needs --data-root")
         return {"davis17": bench_davis17, "ytvos": bench_ytvos, "visor": bench_visor}[args.bench](args, model, tokenizer, device)
     except (FileNotFoundError, ValueError) as e:
+        if PROGRESS_LINE[0]:                        # the error on a line of its own, not after "3/8 clips, ETA 2s"
+            end_progress()
         sys.exit(f"error: {e}")
 
 
