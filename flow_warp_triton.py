@@ -3,7 +3,8 @@ Bilinear backward warp and the fused photometric loss of Eq. (1), as Triton kern
 
     flow_warp(image [B,C,H,W], flow [B,2,H,W]) -> [B,C,H,W]
         out(p) = image(p + flow(p)), bilinear, zero outside the frame; flow in pixels, channel 0 = x, 1 = y.
-        The same as grid_sample(image, grid, align_corners=True, padding_mode="zeros") with grid built from p + flow.
+        The same as grid_sample(image, grid, align_corners=True, padding_mode="zeros") with grid built from p + flow,
+        except along a one-pixel dimension, which grid_sample maps every coordinate onto; here points off it read 0.
     photometric_loss(image, flow, target, mask=None) -> scalar
         mean of (flow_warp(image, flow) - target)^2 over all elements, or over those where mask is 1. Warp, squared
         error, reduction and dL/dflow in one pass: no warped image or residual is written. image and target get no
@@ -11,7 +12,8 @@ Bilinear backward warp and the fused photometric loss of Eq. (1), as Triton kern
 
 Layout of this file: the plain torch reference; the Triton kernels; launchers; the autograd Functions and the
 public functions that choose a path (Triton on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 was set
-before triton was imported; the torch reference otherwise); a benchmark under __main__.
+before this file was imported and still is; the torch reference otherwise, and for frames of 2^31 pixels or more);
+a benchmark under __main__.
 """
 import os
 
@@ -23,6 +25,8 @@ try:
     import triton.language as tl
 except ImportError:  # CPU-only installs without triton run the torch reference
     triton = None
+# triton.jit builds interpreter kernels, which run on CPU tensors, only when TRITON_INTERPRET=1 as they are defined
+INTERPRETED = triton is not None and os.environ.get("TRITON_INTERPRET") == "1"
 
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MASK_DTYPES = (torch.bool, torch.uint8, *TRITON_DTYPES)  # masks the kernel reads (bool as its bytes)
@@ -65,7 +69,8 @@ def photometric_loss_reference(image, flow, target, mask=None):
 # ----------------------------------------------------------------------------------------------------------
 # Triton kernels. One program: BLOCK pixels of one image (axis 0: pixel block, axis 1: image). Each pixel finds
 # its four bilinear corners once and loops over the channels. Batch and channel offsets are 64-bit; in-plane
-# offsets are 64-bit too when WIDE (an in-plane extent above 2^31 - 1).
+# offsets are 64-bit too when WIDE (an in-plane extent above 2^31 - 1). Pixel numbers are 32-bit: frames of 2^31
+# pixels or more take the torch reference (use_triton).
 # ----------------------------------------------------------------------------------------------------------
 
 if triton is not None:
@@ -280,10 +285,11 @@ class PhotometricLossFunction(torch.autograd.Function):
 
 
 def use_triton(*tensors):
-    """Triton on CUDA tensors, or on CPU tensors under the interpreter (TRITON_INTERPRET=1); fp32/fp16/bf16 only."""
-    if triton is None or any(t.dtype not in TRITON_DTYPES for t in tensors):
+    """Triton on CUDA tensors, or on CPU tensors under the interpreter (TRITON_INTERPRET=1 when this file was
+    imported, and still set: the tests unset it to take the torch path); fp32/fp16/bf16, frames below 2^31 pixels."""
+    if triton is None or any(t.dtype not in TRITON_DTYPES or t.shape[-2] * t.shape[-1] >= 2 ** 31 for t in tensors):
         return False
-    return all(t.is_cuda for t in tensors) or os.environ.get("TRITON_INTERPRET") == "1"
+    return all(t.is_cuda for t in tensors) or (INTERPRETED and os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def flow_warp(image, flow):
@@ -297,7 +303,7 @@ def flow_warp(image, flow):
 def photometric_loss(image, flow, target, mask=None):
     """Eq. (1): mean of (flow_warp(image, flow) - target)^2 over all elements, or over those where mask (0/1,
     broadcastable to [B,C,H,W], e.g. [B,1,H,W]) is 1; a mask of other weights gives the mean weighted by them.
-    A float32 scalar; only flow gets a gradient."""
+    A float32 scalar (float64 for float64 inputs, which take the torch reference); only flow gets a gradient."""
     _check(image, flow)
     if target.shape != image.shape:
         raise ValueError(f"target {tuple(target.shape)} must have the image's shape {tuple(image.shape)}")

@@ -9,14 +9,13 @@ Every GPU figure of the project in one command, on a machine with a CUDA GPU:
 3. the kernel benchmark of flow_warp_triton.py (eager, torch.compile, fused; fwd and fwd+bwd; GB/s, % of copy;
    timed with the host's work and, eager and fused, as CUDA graph replays);
 4. pre-training and fine-tuning of the paper config (random weights, synthetic clips, bf16 autocast), eager and
-   with torch.compile: step time, clips/s, peak memory, MFU, and the largest batch that fits;
+   with torch.compile: step time, clips/s, peak memory, MFU, and (eager) the largest batch that fits;
 5. train.py itself on the paper config, its DataLoader workers making the clips: clips/s against the step alone.
 
 A failed check is written into the table as FAILED with its error and makes the exit status 1: nothing is skipped.
 `--parts` runs some of them (`--parts 3` times the kernel again after a change). Part 1 needs no GPU:
 `python tests/gpu_check.py --parts 1` runs it on any machine with triton (CI does).
 """
-import argparse
 import gc
 import json
 import os
@@ -52,7 +51,9 @@ def kernel_variants():
     """Every (kernel name, signature, constexprs) the launchers of flow_warp_triton.py can request, for inputs of
     one dtype: WIDE (64-bit in-plane offsets, with 64-bit strides), IMAGE_GRAD, HAS_MASK with each mask dtype
     (bool is read as uint8), FLOW_GRAD. The warp's gradient buffers, the partial sums and the count are fp32; the
-    fused loss writes its flow gradient in the flow's dtype."""
+    fused loss writes its flow gradient in the flow's dtype (without FLOW_GRAD its pointer is the fp32 partial
+    sums'). Each is the generic variant: at run time triton also specializes integers equal to 1 (and notes
+    multiples of 16), which compiles the same code with fewer unknowns."""
     out = []
     for dtype in fw.TRITON_DTYPES:
         t = "*" + TRITON_TYPE[dtype]
@@ -70,7 +71,8 @@ def kernel_variants():
                 variant("_warp_bwd_kernel", {"img_ptr": t, "flow_ptr": t, "gout_ptr": t}, IMAGE_GRAD=image_grad)
             for mask in [None] + [m for m in fw.MASK_DTYPES if m != torch.bool]:
                 for flow_grad in (False, True):  # no mask: the image is passed as a placeholder pointer
-                    variant("_photometric_kernel", {"img_ptr": t, "flow_ptr": t, "tgt_ptr": t, "gflow_ptr": t,
+                    variant("_photometric_kernel", {"img_ptr": t, "flow_ptr": t, "tgt_ptr": t,
+                                                    "gflow_ptr": t if flow_grad else "*fp32",
                                                     "mask_ptr": t if mask is None else "*" + TRITON_TYPE[mask]},
                             HAS_MASK=mask is not None, FLOW_GRAD=flow_grad)
     return out
@@ -136,7 +138,7 @@ def kernel_tests():
 def full_size_check(clips=8, frames=3, H=360, W=648):
     """The fused loss and its flow gradient on the benchmark's size against the float64 torch reference, for fp32
     and bf16 inputs (the reference gets the same rounded inputs). Flows keep their fractional part in [0.1, 0.9]
-    (bilinear sampling is not differentiable at whole pixels)."""
+    (in bf16, rounded: [0.09, 0.91]), off whole pixels, where bilinear sampling is not differentiable."""
     assert fw.use_triton(torch.empty(1, device="cuda")), "the Triton path is not taken on CUDA tensors"
     g = torch.Generator(device="cuda").manual_seed(0)
     B = clips * frames
@@ -273,7 +275,7 @@ def end_to_end(batch_size, steps, tmp, step_row, config="paper"):
     """train.py as a user runs it (pre-training on synthetic clips, eager, its default --workers): clips/s over its
     last `steps` steps, data loading included (evaluation and checkpoint writing are not counted), against the step
     alone (`step_row`, the eager pre-training row of part 4; None where that failed). Under 0.9x of it the loader
-    holds the GPU back: FAILED."""
+    holds the GPU back: FAILED. A batch of the paper config's frames takes 10.7 MiB of /dev/shm a clip."""
     import train
     out = Path(tmp) / f"train_py_{config}"
     try:
@@ -287,7 +289,7 @@ def end_to_end(batch_size, steps, tmp, step_row, config="paper"):
     row = {"workers": data.default_workers(torch.cuda.is_available()), "batch": batch_size,
            "clips/s": batch_size * last["it_per_s"], "MFU %": 100 * last["mfu"] if "mfu" in last else ""}
     if step_row is None:
-        row["loader keeps up"] = "FAILED: no step-alone row to compare with (part 4 failed)"
+        row["loader keeps up"] = "FAILED: no step-alone row to compare with (part 4's eager pre-training failed)"
         return row
     ratio = row["clips/s"] / step_row["clips/s"]
     row.update({"step alone, clips/s": step_row["clips/s"], "x the step alone": ratio,
@@ -340,14 +342,16 @@ def run_sections(sections, head, out):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = data.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="gpu_check.md", help="the Markdown report to write (default: %(default)s)")
     p.add_argument("--parts", default="1,2,3,4,5",
                    help="the parts to run, comma-separated (default: %(default)s): 1 kernels compiled ahead of "
                         "time (no GPU needed), 2 kernel tests on CUDA, 3 kernel benchmark, 4 training steps of the "
-                        "paper config, 5 train.py end to end (against part 4's eager pre-training row)")
-    p.add_argument("--steps", type=int, default=30, help="timed training steps per row (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=16,
+                        "paper config, 5 train.py end to end (against part 4's eager pre-training row, measured for "
+                        "it when 4 is not among the parts)")
+    p.add_argument("--steps", type=data.number(int, 1), default=30,
+                   help="timed training steps per row (default: %(default)s)")
+    p.add_argument("--batch-size", type=data.number(int, 1), default=16,
                    help="clips per training step in the timed rows (default: %(default)s)")
     args = p.parse_args(argv)
     try:
@@ -364,6 +368,11 @@ def main(argv=None):
     def step_rows(mode, c):
         timed[mode, c] = train_benchmark(mode, args.batch_size, args.steps, c, tmp)
         return [timed[mode, c]]
+
+    def step_alone():  # part 5's yardstick, part 4's eager pre-training row: measured here when part 4 is not run
+        if 4 not in parts:
+            step_rows("pretrain", False)
+        return timed.get(("pretrain", False))
     sections = [
         (1, "Kernels compiled ahead of time (ptxas -v)", compile_all),
         (2, "Kernel tests on CUDA, compiled (tests/test_flow_warp.py)", kernel_tests),
@@ -372,13 +381,13 @@ def main(argv=None):
         *[(4, f"Paper config, {mode}, bf16, {'torch.compile' if c else 'eager'}",
            lambda mode=mode, c=c: step_rows(mode, c)) for mode in ("pretrain", "finetune") for c in (False, True)],
         (5, "train.py, paper config, pre-training, eager, data loading included",
-         lambda: [end_to_end(args.batch_size, args.steps, tmp, timed.get(("pretrain", False)))]),
+         lambda: [end_to_end(args.batch_size, args.steps, tmp, step_alone())]),
     ]
     sections = [(title, fn) for part, title, fn in sections if part in parts]
     head = f"# GPU check\n\n`python tests/gpu_check.py` on {time.strftime('%Y-%m-%d')}: "
     gpu = f"{torch.cuda.get_device_name()}, CUDA {torch.version.cuda}" if torch.cuda.is_available() else "no GPU"
     head += f"{gpu}, torch {torch.__version__}, triton {fw.triton.__version__}; {data.cpu_cores()} CPU cores"
-    if os.path.isdir("/dev/shm"):  # part 5's DataLoader workers pass their batches through it (171 MiB a batch)
+    if os.path.isdir("/dev/shm"):  # part 5's DataLoader workers pass their batches through it (10.7 MiB a clip)
         head += f", /dev/shm {shutil.disk_usage('/dev/shm').free / 2**30:.1f} GiB free"
     head += "\n\n"
     body, failed = run_sections(sections, head, args.out)

@@ -6,11 +6,16 @@ Sample points are kept off exact pixel borders: at an integer sample coordinate 
 differentiable and the two implementations may take different one-sided derivatives (the reference's coordinate
 also takes a round trip through [-1, 1]), so every flow here has its fractional part in [0.1, 0.9]."""
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import flow_warp_triton as fw
+
+ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.skipif(fw.triton is None, reason="triton is not installed")
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
@@ -43,6 +48,30 @@ def test_triton_path_runs_under_the_interpreter(monkeypatch):
         fw.photometric_loss(image, flow, target, mask).backward()
     with pytest.raises(AssertionError, match="reference was called"):   # float64 takes the torch path
         fw.flow_warp(image.double(), flow.detach().double())
+
+
+def test_frames_of_2_31_pixels_take_the_torch_path():
+    """The kernels number a frame's pixels in 32 bits (H * W wrapped past 2^31 and they computed nothing): such
+    frames go to the torch reference. Views of one element, so nothing is allocated."""
+    one = torch.zeros(1, 1, 1, 1, device=DEVICE)
+    assert fw.use_triton(one.expand(1, 3, 46340, 46340), one.expand(1, 2, 46340, 46340))     # 2^31 - 88048 pixels
+    assert not fw.use_triton(one.expand(1, 3, 46341, 46341), one.expand(1, 2, 46341, 46341))  # 2^31 + 9265
+    assert not fw.use_triton(one.expand(1, 3, 1, 2 ** 31), one.expand(1, 2, 1, 2 ** 31))
+
+
+def test_interpreter_set_after_import_takes_the_torch_path():
+    """Kernels defined without TRITON_INTERPRET=1 are compiled ones: setting it later must not send CPU tensors to
+    them (it did: 'RuntimeError: 0 active drivers'), and the loss is the reference's."""
+    code = ("import os, torch, flow_warp_triton as fw\n"
+            "os.environ['TRITON_INTERPRET'] = '1'\n"
+            "g = torch.Generator().manual_seed(0)\n"
+            "image, flow, target = (torch.rand(1, c, 5, 6, generator=g) for c in (3, 2, 3))\n"
+            "assert not fw.use_triton(image, flow)\n"
+            "print(fw.photometric_loss(image, flow, target).item() == fw.photometric_loss_reference(image, flow, "
+            "target).item())\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "True", r.stderr[-2000:]
 
 
 @pytest.mark.parametrize("C,H,W,B,reach", [(3, 37, 53, 2, 6), (1, 37, 53, 3, 6), (3, 8, 300, 1, 6), (2, 9, 14, 2, 40)])

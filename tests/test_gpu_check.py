@@ -69,6 +69,71 @@ def test_gpu_check_parts_are_checked(parts, capsys):
     assert e.value.code == 2 and f"--parts {parts}: expected numbers from 1 to 5" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag", ["--steps", "--batch-size"])
+def test_gpu_check_counts_are_checked(flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        gpu_check.main([flag, "0"])
+    assert e.value.code == 2 and f"error: argument {flag}: got '0', expected an integer >= 1" in capsys.readouterr().err
+
+
+def test_part_5_alone_measures_its_step_alone_row(tmp_path, monkeypatch):
+    """--parts 5 compares train.py with the eager pre-training step of part 4: measured for it when part 4 is not
+    run (it ended FAILED, 'part 4 failed'), taken from part 4 when it is (not measured twice)."""
+    calls, given = [], []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a stand-in GPU")
+    monkeypatch.setattr(gpu_check, "train_benchmark", lambda mode, b, s, c, tmp: calls.append((mode, c)) or
+                        {"stage": mode, "clips/s": 10.0})
+    monkeypatch.setattr(gpu_check, "end_to_end", lambda b, s, tmp, step_row: given.append(step_row) or
+                        {"loader keeps up": "yes"})
+    gpu_check.main(["--parts", "5", "--out", str(tmp_path / "r.md")])
+    assert calls == [("pretrain", False)] and given == [{"stage": "pretrain", "clips/s": 10.0}]
+    calls.clear()
+    gpu_check.main(["--parts", "4,5", "--out", str(tmp_path / "r.md")])
+    assert calls == [("pretrain", False), ("pretrain", True), ("finetune", False), ("finetune", True)]
+    assert given[-1] == {"stage": "pretrain", "clips/s": 10.0} and "All checks passed" in (tmp_path / "r.md").read_text()
+
+
+def test_kernel_variants_have_the_signatures_the_launchers_use(monkeypatch):
+    """Each launch of the three kernels (every dtype, mask dtype and flag; 32-bit offsets) passes the argument types
+    of a variant that part 1 compiles: pointers by their tensors' dtypes, integers 32-bit, 1 / count fp32."""
+    fw = gpu_check.fw
+    names = ("_warp_fwd_kernel", "_warp_bwd_kernel", "_photometric_kernel")
+    arg_names = {n: getattr(fw, n).arg_names for n in names}
+    compiled = {}                                     # (kernel, constexprs) -> the signatures, one per dtype
+    for n, sig, c in gpu_check.kernel_variants():
+        compiled.setdefault((n, json.dumps(c, sort_keys=True)), []).append(
+            {k: t for k, t in sig.items() if t != "constexpr"})
+    launches = []
+
+    class Recorder:                                   # kernel[grid](*args, **constexprs): recorded, not run
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kw: launches.append((self.name, args, kw))
+    for n in names:
+        monkeypatch.setattr(fw, n, Recorder(n))
+    for dtype in fw.TRITON_DTYPES:
+        image, flow, target = (torch.rand(1, c, 4, 5).to(dtype) for c in (3, 2, 3))
+        fw._launch_warp_fwd(image, flow)
+        for image_grad in (False, True):
+            fw._launch_warp_bwd(image, flow, target, image_grad)
+        for m in (None, *fw.MASK_DTYPES):
+            mask = None if m is None else torch.ones(1, 1, 4, 5, dtype=m).expand(1, 3, 4, 5)
+            if m == torch.bool:
+                mask = mask.view(torch.uint8)         # as photometric_loss passes a bool mask
+            for flow_grad in (False, True):
+                fw._launch_photometric(image, flow, target, mask, flow_grad)
+    assert len(launches) == 3 * (1 + 2 + 6 * 2)
+    typ = lambda v: ("*" + gpu_check.TRITON_TYPE[v.dtype] if isinstance(v, torch.Tensor) else
+                     "fp32" if isinstance(v, float) else "i32")
+    for name, args, kw in launches:
+        constexprs = {k: v for k, v in kw.items() if k != "num_warps"}
+        launched = {n: typ(a) for n, a in zip(arg_names[name], args)}
+        assert launched in compiled[name, json.dumps(constexprs, sort_keys=True)], (name, launched)
+
+
 def test_largest_batch_search():
     for limit_fit in (1, 5, 8, 9, 63, 64, 94, 1000):
         calls = []
