@@ -6,9 +6,9 @@ Datasets for SLVP. One entry point:
 name: synthetic (the embedded default, no download), smit (pre-training), ytvos, davis17, refcoco, visor.
 Items are dicts: frames Float[T,3,H,W] in [0,1] at cfg.frame_size, text str, id (video, expression id, clip
 start); for R-VOS masks Bool[T,H,W], boxes Float[T,4] normalized (x1, y1, x2, y2), valid Bool[T]; synthetic
-clips also carry the true flow Float[T,2,H,W] (frame i into frame 1, zero for frame 1). Evaluation datasets
-(train=False) also give orig_size (H, W) and the T frame_names, and cover every frame of every video with clips
-of T frames, the last one padded by repeating its last frame (num_real says how many are real).
+clips not augmented also carry the true flow Float[T,2,H,W] (frame i into frame 1, zero for frame 1). R-VOS
+evaluation datasets (train=False) also give orig_size (H, W) and the T frame_names, and cover every frame of every
+video with clips of T frames, the last one padded by repeating its last frame (num_real says how many are real).
 
 All randomness (clip sampling, augmentation, synthetic scenes) is drawn from a generator seeded by
 (seed, epoch, index): items do not depend on the worker that loads them, so any number of DataLoader workers,
@@ -145,18 +145,19 @@ def read_json(path, what):
     """A JSON file; missing or not JSON, it fails with one line naming the path and what was expected there."""
     try:
         return json.loads(need(path, what).read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BadFile(f"{path}: not JSON ({e}); expected {what}") from e
 
 
-def read_expressions(path, what):
+def read_expressions(path, what, obj_ids=False):
     """The videos of a meta_expressions.json ({"videos": {vid: {"expressions": {exp_id: {"exp": text, "obj_id":
-    id}}, "frames": [...]}}}); a file of another shape fails naming it."""
+    id}}, "frames": [...]}}}); with obj_ids (a split with annotations) each expression names its object. A file of
+    another shape fails naming it."""
     meta = read_json(path, what)
     try:
         for v in meta["videos"].values():
             for e in v["expressions"].values():
-                e["exp"], int(e.get("obj_id", 0))                   # there, and the object id a number
+                e["exp"], int(e["obj_id"] if obj_ids else e.get("obj_id", 0))   # there, the object id a number
     except (KeyError, TypeError, AttributeError, ValueError) as e:
         raise BadFile(f"{path}: {type(e).__name__} {e}; expected {what}: {{\"videos\": {{video: {{\"expressions\": "
                          f"{{id: {{\"exp\": text, \"obj_id\": id}}}}}}}}}}") from e
@@ -197,8 +198,8 @@ def augment(item, rng, crop_scale=(0.6, 1.0), jitter=0.2):
     ch, cw = max(1, round(H * s)), max(1, round(W * s))
     y0, x0 = _crop_origin(masks.any(0), ch, cw, rng)
     # Frames and masks are resampled alike (bilinear, align_corners=False: output pixel i samples the crop at
-    # (i + 0.5) * ch / H - 0.5), the masks then thresholded at 0.5: a pixel is in the mask when the object covers
-    # more than half of it in the resampled frame. mode="nearest" would sample floor(i * ch / H), half a source
+    # (i + 0.5) * ch / H - 0.5), the masks then thresholded at 0.5: a pixel is in the mask when the mask's bilinear
+    # interpolant exceeds 0.5 at its sample point. mode="nearest" would sample floor(i * ch / H), half a source
     # pixel off the frames.
     frames = F.interpolate(frames[:, :, y0:y0 + ch, x0:x0 + cw], size=(H, W), mode="bilinear", align_corners=False)
     masks = F.interpolate(masks[:, None, y0:y0 + ch, x0:x0 + cw].float(), size=(H, W), mode="bilinear",
@@ -438,7 +439,8 @@ def referring_expression(scene, rng):
 class SyntheticClips(ClipDataset):
     """Procedural clips, deterministic from (seed, split, index). split: pretrain (captions; the default run),
     pretrain_val (held-out clips for the flow EPE), train (a small labelled R-VOS set), val (held-out R-VOS).
-    Every item carries the caption-or-expression text, masks/boxes/valid of the target, and the true flow."""
+    Every item carries the caption-or-expression text, masks/boxes/valid of the target, and the true flow, except
+    augmented items (train and val with train=True), whose frames the flow no longer describes."""
 
     SPLITS = {"pretrain": (1, 100_000), "pretrain_val": (2, 64), "train": (3, 256), "val": (4, 64)}
 
@@ -652,7 +654,8 @@ def _ytvos_layout(root, split, what, annotations):
     root = need(root, f"the {what} root (train/, valid/, meta_expressions/)")
     if split not in ("train", "valid"):
         raise ValueError(f"{what} split must be train or valid, got {split!r}")
-    meta = read_expressions(root / "meta_expressions" / split / "meta_expressions.json", f"the {what} expression file")
+    meta = read_expressions(root / "meta_expressions" / split / "meta_expressions.json", f"the {what} expression file",
+                            obj_ids=annotations)
     jpeg = need(root / split / "JPEGImages", "one folder of JPEG frames per video")
     anno = need(root / split / "Annotations", "one folder of indexed PNGs per video") if annotations else None
     return meta, jpeg, anno
@@ -800,18 +803,23 @@ class VISOR(VideoExpressions):
         root = need(root, "the VISOR root converted to the DAVIS layout")
         seqs = [s.strip() for s in need(root / "ImageSets" / "2022" / f"{split}.txt", "one sequence a line")
                 .read_text().splitlines() if s.strip()]
-        mapping = read_json(root / f"{split}_data_mapping.json", "{seq: {object index: name}}")
+        mapping_path = root / f"{split}_data_mapping.json"
+        mapping = read_json(mapping_path, "{seq: {object index: name}}")
         jpeg = need(root / "JPEGImages" / "480p", "one folder of JPEG frames per sequence")
         anno = need(root / "Annotations" / "480p", "one folder of indexed PNGs per sequence")
         for seq in seqs:
             if not isinstance(mapping, dict) or not isinstance(mapping.get(seq), dict):
-                raise ValueError(f"{root / f'{split}_data_mapping.json'}: no entry for sequence {seq}; expected "
-                                 f"{{seq: {{object index: name}}}}")
+                raise BadFile(f"{mapping_path}: no entry for sequence {seq}; expected {{seq: {{object index: name}}}}")
+            try:                                                     # indices are numbers, names "noun:part" text
+                objects = sorted((int(k), k, name.replace(":", " ")) for k, name in mapping[seq].items())
+            except (ValueError, AttributeError) as e:
+                raise BadFile(f"{mapping_path}: sequence {seq}: {type(e).__name__} {e}; expected "
+                              f"{{seq: {{object index: name}}}}") from e
             frames, annos = _video_frames(jpeg, anno, seq)
             # the conversion writes a frame's PNG only where some object of the mapping is visible
             self.videos[seq] = frames, [p if p.is_file() else None for p in annos]
-            for obj_id, name in sorted(mapping[seq].items(), key=lambda kv: int(kv[0])):
-                self.add_expression(seq, obj_id, name.replace(":", " "), obj_id)
+            for obj_id, key, name in objects:
+                self.add_expression(seq, key, name, obj_id)
         self.layout = (f"VISOR in the DAVIS layout: ImageSets/2022/{split}.txt, {split}_data_mapping.json, "
                        f"JPEGImages/480p, Annotations/480p")
         self.finish(f"VISOR {split}")
@@ -969,9 +977,9 @@ class RefCOCO(ClipDataset):
 def fill_polygon(poly, H, W):
     """A COCO polygon [x1, y1, x2, y2, ...] (pixel (x, y) spans [x, x+1) x [y, y+1)) -> Bool[H, W]: the pixels whose
     centre it contains, by the even-odd rule; a centre on a top or left edge is outside, on a bottom or right edge
-    inside. So pycocotools rasterizes, but for its vertices snapped to 1/5 px (about 1% of the pixels differ, on the
-    edges). PIL's polygon also fills the pixels its outline touches (a 10 x 10 square: 121). Each row's crossings
-    toggle the columns to their right."""
+    inside. So pycocotools rasterizes, close to: it snaps the vertices to 1/5 px and traces the edges its own way
+    (about 1% of the pixels differ, on the edges). PIL's polygon also fills the pixels its outline touches (a 10 x 10
+    square: 121). Each row's crossings toggle the columns to their right."""
     x0, y0 = np.asarray(poly, np.float64).reshape(-1, 2).T                       # [E] vertices
     x1, y1 = np.roll(x0, -1), np.roll(y0, -1)                                   # [E] the next ones
     yc = np.arange(H)[:, None] + 0.5                                             # [H, 1] row centres
@@ -1003,8 +1011,8 @@ DATASETS = {"synthetic": None, "smit": SMiT, "ytvos": RefYouTubeVOS, "davis17": 
 
 
 def build_dataset(name, root, split, cfg, train, **options):
-    """options: seed, skip_bad (bad files skipped and counted in a warning instead of raising), and per dataset:
-    size (synthetic), stride (smit), annotation (davis17, 0-3)."""
+    """options: seed, and per dataset: skip_bad (the datasets read from files: bad files skipped and counted in a
+    warning instead of raising), size (synthetic), stride (smit), annotation (davis17, 0-3)."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
     if name == "synthetic":
@@ -1128,6 +1136,15 @@ def main(argv=None):
     # the frames a model would see: the default run's (tiny) config on the synthetic world, the paper's on real data
     cfg = slvp.SLVPConfig.tiny() if args.name == "synthetic" else slvp.SLVPConfig.paper()
     out = Path(args.out or f"out/inspect/{args.name}-{args.split}.png")
+    if out.suffix.lower() not in Image.registered_extensions():
+        p.error(f"--out {out}: expected an image file name (.png, .jpg)")
+    if out.is_dir():
+        p.error(f"--out {out} is a folder; expected an image file name")
+    blocked = next((d for d in out.parents if d.exists() and not d.is_dir()), None)
+    if blocked is not None:
+        p.error(f"--out {out}: {blocked} is a file, not a folder")
+    if args.name == "synthetic" and args.data_root:
+        p.error("--data-root: the synthetic world is made here and has no root; leave it out")
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -1146,7 +1163,8 @@ def main(argv=None):
         contact_sheet(items).save(out)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
-    print(f"wrote {out}: clips {', '.join(map(str, picks))}, the target outlined in yellow")
+    outlined = ", the target outlined in yellow" if any("masks" in it for it in items) else ""
+    print(f"wrote {out}: clips {', '.join(map(str, picks))}{outlined}")
     return out
 
 

@@ -77,6 +77,11 @@ def d(tmp_path_factory, spm_model):
     meta = {"videos": {v: {"expressions": {"0": {"exp": "the red square", "obj_id": "1"}}} for v in ("vid_a", "vid_b")}}
     ytvos_tree(d / "ytvos-not-json", '{"videos": ')
     ytvos_tree(d / "ytvos-no-expressions", json.dumps({"videos": {"vid_a": {"frames": ["00000"]}}}))
+    ytvos_tree(d / "ytvos-not-utf8", "")
+    for split in ("train", "valid"):
+        (d / f"ytvos-not-utf8/meta_expressions/{split}/meta_expressions.json").write_bytes(b"\xff\xfe{}")
+    no_obj = {"videos": {v: {"expressions": {"0": {"exp": "the red square"}}} for v in ("vid_a", "vid_b")}}
+    ytvos_tree(d / "ytvos-no-obj-id", json.dumps(no_obj))      # valid as the download's valid split, not as train
     ytvos_tree(d / "ytvos-truncated-frame", json.dumps(meta))
     truncate(d / "ytvos-truncated-frame/train/JPEGImages/vid_b/00003.jpg")
     truncate(d / "ytvos-truncated-frame/valid/JPEGImages/vid_b/00003.jpg")
@@ -145,6 +150,12 @@ CASES = [
      ["train/meta_expressions.json: KeyError 'expressions'"]),
     ("eval", "--bench ytvos --ckpt {good} --data-root {d}/ytvos-no-expressions",
      ["valid/meta_expressions.json: KeyError", "expected the Ref-YouTube-VOS expression file"]),
+    ("train", "--mode finetune --data ytvos --data-root {d}/ytvos-not-utf8",
+     ["train/meta_expressions.json: not JSON ('utf-8' codec can't decode"]),
+    ("train", "--mode finetune --data ytvos --data-root {d}/ytvos-no-obj-id",       # it trained on the background
+     ["train/meta_expressions.json: KeyError 'obj_id'"]),
+    ("train", "--mode finetune --data davis17 --data-root {d}/ytvos-no-obj-id",       # a KeyError's traceback
+     ["train/meta_expressions.json: KeyError 'obj_id'", "expected the converted Ref-DAVIS17 expression file"]),
     # flags out of range, not finite, not numbers
     ("train", "--steps -5", ["argument --steps: got '-5', expected an integer >= 1"]),
     ("train", "--batch-size 0", ["argument --batch-size: got '0'"]),
@@ -173,9 +184,18 @@ CASES = [
     ("train", "--mode finetune --init {d}/no-spm/pre.safetensors", ["no spm.model beside", "no-spm/pre.safetensors"]),
     ("train", "--mode finetune --encoders {d}/no-spm/pre.safetensors", ["no spm.model beside", "no-spm/pre.safetensors"]),
     ("eval", "--bench davis17 --davis-root {d}/davis --predictions {d}/pred --ckpt {good}",
-     ["--predictions", "or --ckpt to score the folder"]),
+     ["--predictions scores a folder of masks and --ckpt runs a model: give one of them"]),
+    ("eval", "--bench ytvos --predictions {d}/pred --data-root {d}", ["--predictions", "goes with --bench davis17"]),
+    ("eval", "--bench davis17 --davis-root {d}/davis --predictions {d}/pred --out {d}/o", ["--out: with --predictions"]),
+    ("eval", "--bench davis17 --davis-root {d}/davis --predictions {d}/a-file", ["a-file: a file; expected predictions"]),
+    ("train", "--mode finetune --init {d}/pre.safetensors --config small", ["--config small: --init and --encoders take"]),
     ("eval", "--bench synthetic --ckpt {good} --video {d}/frames --text the", ["--video and --text"]),
     ("eval", "--ckpt {good} --video {d}/frames --text ' '", ["--text is empty"]),
+    # output paths that cannot be written (a traceback, after the whole evaluation for --bench synthetic)
+    ("eval", "--bench synthetic --ckpt {good} --out {d}/a-file", ["--out", "a-file is a file; expected a folder"]),
+    ("data", "--out {d}/sheet.xyz", ["--out", "sheet.xyz: expected an image file name"]),
+    ("data", "--out {d}/a-file/sheet.png", ["--out", "a-file is a file, not a folder"]),
+    ("data", "synthetic --data-root {d}", ["--data-root: the synthetic world is made here and has no root"]),
 ]
 
 
@@ -192,7 +212,7 @@ def test_bad_input_gives_one_error_line(program, args, names, d, tmp_path, capsy
     argv = shlex.split(args.format(d=d, good=d / "good.safetensors", spm=d / "spm.model"))
     if program == "train":
         argv = [*FAST, "--out", str(tmp_path / "out"), *argv]        # a later --out wins
-    status, text = error_line(train.main if program == "train" else ev.main, argv, capsys)
+    status, text = error_line({"train": train.main, "eval": ev.main, "data": data.main}[program], argv, capsys)
     assert status != 0
     assert text.startswith("error: ") and len(text.strip().splitlines()) == 1 and "Traceback" not in text, text
     for name in names:

@@ -147,9 +147,14 @@ def test_synthetic_words_are_needed():
     # same colour and kind, another direction: the motion is needed
     s = scene(("square", "green", "small", 5, (20, 20), (0, -2)), ("square", "green", "small", 5, (40, 20), (2, 0)))
     assert data.referring_expression(s, rng) in ("the square moving up", "the shape moving up")
-    # same colour, different sizes: a comparative
+    # same colour, different sizes: a comparative; the kind is shorter here
     s = scene(("circle", "blue", "large", 9, (20, 20), (1, 0)), ("square", "blue", "small", 4, (40, 20), (1, 0)))
     assert data.referring_expression(s, np.random.default_rng(1)) in ("the circle", "the larger blue shape")
+    # two blue circles, both "large" and moving right, radii 9 and 7: only the comparative tells them apart
+    twins = scene(("circle", "blue", "large", 9, (20, 20), (1, 0)), ("circle", "blue", "large", 7, (40, 20), (1, 0)))
+    assert data.referring_expression(twins, rng) == "the larger blue shape"
+    twins["target"] = 1
+    assert data.referring_expression(twins, rng) == "the smaller blue shape"
     # a caption says what moves, not where: directions in words would be flow labels (README)
     assert data.caption(s) == "a large blue circle moves while a small blue square moves"
     assert data.caption(scene(("triangle", "red", "small", 4, (20, 20), (0, 2)), ("circle", "white", "large", 9,
@@ -459,6 +464,16 @@ def test_visor_names_become_expressions(tmp_path):
             b = obj_box(obj, t)
             area = 0 if b is None else (b[2] - b[0]) * (b[3] - b[1])
             assert bool(it["valid"][t]) == (b is not None) and int(it["masks"][t].sum()) == area
+    # a mapping of another shape fails naming the file (a name not text gave an AttributeError's traceback, an
+    # index not a number a ValueError without the file)
+    for objects, error in (({"1": ["hand", "left"]}, "AttributeError"), ({"one": "hand:left"}, "ValueError"),
+                           ({"1": None}, "AttributeError")):
+        (root / "val_data_mapping.json").write_text(json.dumps({"P01_107_seq_00001": objects}))
+        with pytest.raises(data.BadFile, match=rf"val_data_mapping.json: sequence P01_107_seq_00001: {error}"):
+            data.build_dataset("visor", root, "val", CFG, train=False)
+    (root / "val_data_mapping.json").write_bytes(b"\xff\xfe{}")                  # UTF-16's mark: not UTF-8
+    with pytest.raises(data.BadFile, match=r"val_data_mapping.json: not JSON \('utf-8' codec can't decode"):
+        data.build_dataset("visor", root, "val", CFG, train=False)
 
 
 def test_refcoco_pseudo_clips(tmp_path):
@@ -760,6 +775,34 @@ def test_colour_jitter_is_one_for_the_whole_clip():
         out = data.augment(item, np.random.default_rng(seed), crop_scale=(1.0, 1.0))["frames"]
         assert all(torch.equal(out[0], out[t]) for t in range(1, 4))
         assert not torch.allclose(out[0], frame[0].flip(-1)) and not torch.allclose(out[0], frame[0])
+
+
+def test_colour_jitter_worked_by_hand_on_flat_frames():
+    """Flat frames of four colours x, one clip, no crop: saturation s moves each pixel from its own grey g = mean(x)
+    by s, contrast c from the frame's mean (g again), brightness b scales: out = b (g + c s (x - g)), with b and c s
+    one pair for the whole clip. So the grey frames stay grey and are b g, and (out / b - g) / (x - g) is one number
+    for every channel of the coloured frames (a grey taken over time, not over the channels, mixed the frames)."""
+    colours = torch.tensor([[0.4, 0.4, 0.4], [0.2, 0.5, 0.3], [0.6, 0.6, 0.6], [0.5, 0.3, 0.4]])
+    frames = colours[:, :, None, None].expand(4, 3, H, W).clone()
+    masks = torch.zeros(4, H, W, dtype=torch.bool)
+    masks[:, 10:20, 10:20] = True
+    ks = []
+    for seed in range(5):
+        out = data.augment({"frames": frames, "masks": masks, "text": "x"}, np.random.default_rng(seed),
+                           crop_scale=(1.0, 1.0))["frames"].double()
+        assert (out == out[:, :, :1, :1]).all()                                  # still flat
+        out = out[:, :, 0, 0]                                                   # [T, 3]
+        b = out[0, 0] / 0.4
+        for t, g in ((0, 0.4), (2, 0.6)):
+            assert torch.allclose(out[t], torch.full((3,), b * g, dtype=torch.float64), atol=1e-6), (seed, t)
+        for t in (1, 3):
+            x = colours[t].double()
+            g = x.mean()
+            k = (out[t] / b - g)[x != g] / (x - g)[x != g]
+            assert torch.allclose(k, k[0].expand_as(k), atol=1e-5), (seed, t, k)
+            ks.append(k[0].item())
+        assert ks[-1] == pytest.approx(ks[-2], abs=1e-5)                        # one c s for the clip
+    assert max(abs(k - 1) for k in ks) > 0.05                                   # the jitter did change them
 
 
 def test_augmented_masks_stay_on_their_objects():
