@@ -514,9 +514,9 @@ def sincos_1d(n, d):
     """[n, d] codes of the positions 0..n-1 (d even): sin(pos * w_k) then cos(pos * w_k), with d/2 frequencies w_k spread
     geometrically from 0.9 pi rad per step (just under the pi at which sin vanishes on a grid) down to pi / n (half a
     period over the n positions). The codes of Vaswani et al. and MAE (w_k = 10000^(-2k/d), 1 rad down to 1e-4) are
-    flat over a few positions: on the tiny config's 4x6 grid two neighbouring patches' codes are 0.98 alike (0.59
-    here), and the decoder was slower to learn to read frame 1 at a token's own place, which the flow waits for
-    (README, "How the miniature learns flow")."""
+    flat over a few positions: on the tiny config's 4x6 grid two neighbouring patches' codes are 0.98 alike (here
+    0.59 across columns, 0.50 across rows), and the decoder was slower to learn to read frame 1 at a token's own
+    place, which the flow waits for (README, "How the miniature learns flow")."""
     w = 0.9 * math.pi * (1 / (0.9 * n)) ** torch.linspace(0, 1, d // 2, dtype=torch.float64)
     angle = torch.arange(n, dtype=torch.float64)[:, None] * w[None]
     return torch.cat([angle.sin(), angle.cos()], dim=1).float()
@@ -784,9 +784,11 @@ def read_checkpoint_metadata(path):
 def load_checkpoint(path, task=None, **overrides):
     """The model saved at `path`. With task="rvos" on a pre-training checkpoint: the transfer model, with
     everything it shares with the pre-training model loaded, the flow head dropped and fresh box and mask heads.
-    `overrides` (fusion is fixed by the checkpoint) go to SLVP(), e.g. freeze_text=False."""
+    `overrides` (fusion is fixed by the checkpoint) go to SLVP(), e.g. freeze_text=False; loaded for its own task,
+    the model keeps the checkpoint's freeze flags unless they are overridden (None: not overridden)."""
     from safetensors.torch import load_file
     meta = read_checkpoint_metadata(path)
+    overrides = {k: v for k, v in overrides.items() if v is not None}
     if overrides.get("fusion") not in (None, meta["fusion"]):
         raise ValueError(f"{path} has fusion {meta['fusion']!r}; a checkpoint's fusion cannot be changed "
                          f"(its decoder was trained with it)")

@@ -7,7 +7,8 @@ Pre-training (Eq. (1)) and transfer learning (Eqs. (5)-(7)) of SLVP.
         --t5 t5-base/ --vit coca_ViT-B-32.bin --spm t5-base/spiece.model --batch-size 64
 
 Writes to --out: ckpt.safetensors (the model), resume.pt (model, optimizer, schedule, step, data position and
-RNG state for --resume), spm.model (the tokenizer), log.jsonl (one JSON line per log and evaluation) and pictures.
+RNG state for --resume), spm.model (the tokenizer), log.jsonl (one JSON line per log and evaluation) and, in
+pre-training, flow_0.png ... flow_2.png (frames, predicted and true flow of held-out clips).
 """
 import argparse
 import dataclasses
@@ -46,7 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--fusion", choices=["vision", "language"], default=None,
                    help="vision as query (Eq. (2), the default) or language as query (Eq. (8)); --init fixes it, "
                         "--encoders takes its checkpoint's unless given")
-    p.add_argument("--config", choices=["tiny", "small", "paper"], default="tiny",
+    p.add_argument("--config", choices=["tiny", "small", "paper"], default=None,
                    help="tiny: CPU-sized, 32x48 frames (the default); small: tiny at 64x96 frames; "
                         "paper: 360x648, p=18, T=4, L=64, T5-base + ViT-B + 8-layer decoder (--init and --encoders "
                         "take their checkpoint's)")
@@ -71,11 +72,14 @@ def parse_args(argv=None):
                                       "for --init with the same encoders")
     p.add_argument("--freeze-text", action=argparse.BooleanOptionalAction, default=None,
                    help="freeze the text encoder (default: yes, as the paper in pre-training and in its best "
-                        "Ref-DAVIS17 finetuning, Table 2; its best VISOR one, Table 3, trains it: --no-freeze-text)")
+                        "Ref-DAVIS17 finetuning, Table 2; its best VISOR one, Table 3, trains it: --no-freeze-text; "
+                        "with --init of a fine-tuning checkpoint, that run's choice)")
     p.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=None,
-                   help="freeze the vision encoder (default: yes in pre-training, no in finetuning)")
+                   help="freeze the vision encoder (default: yes in pre-training, no in finetuning; with --init of "
+                        "a fine-tuning checkpoint, that run's choice)")
     p.add_argument("--steps", type=positive, default=None,
-                   help="optimizer steps (default: 4500 in pretrain, where the tiny run learns the flow; 1000 in finetune)")
+                   help="optimizer steps (default: 4500 in pretrain, where the tiny run learns the flow; 1000 in "
+                        "finetune; with --resume, the resumed run's)")
     p.add_argument("--batch-size", type=positive, default=8,
                    help="global batch size (clips), split over processes (default: %(default)s)")
     p.add_argument("--lr", type=data.number(float, 0, strict=True), default=None,
@@ -108,6 +112,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.out = Path(args.out or f"out/{args.mode}")
     pretrain = args.mode == "pretrain"
+    args.steps_given = args.steps is not None                  # left out on --resume: the run's own
     args.steps = args.steps or (4500 if pretrain else 1000)
     args.lr = args.lr or (1e-3 if pretrain else 5e-4)
     args.workers = data.default_workers(torch.cuda.is_available()) if args.workers is None else args.workers
@@ -122,6 +127,9 @@ def parse_args(argv=None):
         p.error("--init and --encoders are for --mode finetune")
     if args.t5 and not args.spm:
         p.error("--t5 needs --spm (the T5 checkpoint's spiece.model)")
+    if args.config and (args.init or args.encoders):
+        p.error(f"--config {args.config}: --init and --encoders take their checkpoint's config; leave out --config")
+    args.config = args.config or "tiny"
     if args.init and (args.encoders or args.t5 or args.vit):
         p.error("--init brings its own encoders: leave out --encoders, --t5 and --vit")
     if args.encoders and (args.t5 or args.vit):
@@ -164,9 +172,8 @@ def forward_flops(cfg, fusion, task, batch, text_len):
         proj = 2 * q * dim * inner * 2 + 2 * kv * (kdim or dim) * inner * 2      # q, o and k, v projections
         return proj + 2 * 2 * q * kv * inner + ffn_mats * 2 * q * dim * mlp     # scores, values; FFN
 
-    n = N + 1
-    vision = batch * T * (2 * n * 3 * cfg.patch_size ** 2 * cfg.vit_dim
-                          + cfg.vit_layers * layer(n, n, cfg.vit_dim, cfg.vit_mlp))
+    n = N + 1                                                          # the ViT's blocks see its class token too
+    vision = batch * T * (2 * N * 3 * p ** 2 * cfg.vit_dim + cfg.vit_layers * layer(n, n, cfg.vit_dim, cfg.vit_mlp))
     text = batch * cfg.t5_layers * layer(text_len, text_len, cfg.t5_dim, cfg.t5_d_ff,
                                          inner=cfg.t5_heads * cfg.t5_d_kv, ffn_mats=3 if cfg.t5_gated else 2)
     TN = T * N
@@ -312,7 +319,7 @@ def save_flow_pictures(batch, pred, out, k):
     for b in range(min(k, len(pred))):
         frames = to_uint8(batch["frames"][b])                              # [T, H, W, 3]
         T, H, W, _ = frames.shape
-        scale = max(batch["flow"][b].norm(dim=1).max().item(), 1.0)  # longest true flow vector
+        scale = max(batch["flow"][b].norm(dim=1).max().item(), 1.0)  # longest true flow vector, at least 1 px
         rows = [np.concatenate(list(frames), 1)]
         for flow in (pred[b], batch["flow"][b]):
             blank = np.full((H, W, 3), 255, np.uint8)
@@ -336,7 +343,7 @@ def save_all(args, raw, opt, sched, step, epoch, batch_idx):
                  "step": step, "epoch": epoch, "batch": batch_idx, "rng": torch.get_rng_state(),
                  "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                  "config": dataclasses.asdict(raw.cfg), "fusion": raw.fusion, "task": raw.task,
-                 "run": run_settings(args)}, args.out / "resume.pt")
+                 "run": run_settings(args), "steps": args.steps}, args.out / "resume.pt")
 
 
 def run_settings(args):
@@ -391,7 +398,7 @@ def build_model(args, tokenizer):
     if args.init:
         model = slvp.load_checkpoint(args.init, task="rvos", **freeze)
         if args.fusion and args.fusion != model.fusion:
-            raise ValueError(f"--fusion {args.fusion} but {args.init} was pre-trained with fusion {model.fusion}")
+            raise ValueError(f"--fusion {args.fusion} but {args.init} was trained with fusion {model.fusion}")
         return model
     if args.encoders:  # the checkpoint's config and fusion, as --init takes them: only the decoder starts random
         with torch.random.fork_rng(devices=[]):                       # loading draws nothing from the run's seed
@@ -552,6 +559,11 @@ def run(args, ddp, rank, world, device):
     model.to(device)
     args.freeze_text, args.freeze_vision = model.freeze_text, model.freeze_vision    # the choices made, recorded
     args.clips = [len(s) for s in sets]
+    if state is not None and not args.steps_given and "steps" in state:   # (not recorded up to commit 18e2ed9)
+        args.steps = state["steps"]
+    if state is not None and args.steps <= state["step"]:
+        raise SystemExit(f"error: --steps {args.steps}: the run in {args.out} is at step {state['step']} already; "
+                         f"expected more steps to continue it")
     if args.warmup is None:  # 5% of the steps; a resumed run keeps its own when --steps changes
         recorded = (state or {}).get("run", {}).get("--warmup")  # None in a resume.pt written before it was recorded
         args.warmup = max(1, args.steps // 20) if recorded is None else recorded
@@ -560,15 +572,20 @@ def run(args, ddp, rank, world, device):
     step, epoch, batch_idx = 0, 0, 0
     if state is not None:
         path = args.out / "resume.pt"
-        if state["config"] != dataclasses.asdict(cfg) or state["task"] != model.task or state["fusion"] != model.fusion:
-            raise SystemExit(f"error: {path} is a {state['task']}/{state['fusion']} checkpoint of another config "
-                             f"than this run's {model.task}/{model.fusion} {args.config}")
+        differ = [k for k, theirs, ours in (("model config", state["config"], dataclasses.asdict(cfg)),
+                                            ("task", state["task"], model.task),
+                                            ("fusion", state["fusion"], model.fusion)) if theirs != ours]
+        if differ:
+            raise SystemExit(f"error: {path} holds a {state['task']}/{state['fusion']} run of another "
+                             f"{' and '.join(differ)} than this one ({model.task}/{model.fusion})")
         recorded = state.get("run", {})
-        changed = [f"{k} {v} (was {recorded[k]})" for k, v in run_settings(args).items()
+        flag = lambda k, v: (k if v else "--no-" + k[2:]) if isinstance(v, bool) else f"{k} {v}"
+        changed = [f"{flag(k, v)} (was {flag(k, recorded[k])})" for k, v in run_settings(args).items()
                    if recorded.get(k, v) != v and not (k == "--warmup" and recorded[k] is None)]  # None: not recorded
         if changed:
             raise SystemExit(f"error: {path}: resuming with {', '.join(changed)}; a resumed run keeps the earlier "
-                             f"run's data order and optimizer (start a new run to change them)")
+                             f"run's data order and optimizer (start a new run to change them; a flag left out "
+                             f"takes its default, not the run's: resume with the run's own flags)")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])

@@ -500,6 +500,15 @@ def test_rvos_loss_hand_worked():
     assert abs(parts["dice"].item() - dice) < 1e-6
     assert abs(parts["bce"].item() - 0.6931471805599453) < 1e-6
     assert abs(loss.item() - (5 * 0.25 + 0.5 + 5 * dice + 0.6931471805599453)) < 1e-5
+    # logits that see the target (at logit 0 BCE is log 2 whatever the target): +ln 3 on the 64 target pixels of
+    # frame 1 (m = 3/4), -ln 3 elsewhere (m = 1/4): every pixel then costs -ln(3/4) in BCE, and a target inverted or
+    # taken from the other frame costs ln 4 on the pixels it misplaces
+    logits = torch.full((1, 2, H, W), -math.log(3))
+    logits[0, 0, :8, :8] = math.log(3)
+    _, parts = model.rvos_loss({"boxes": pred_boxes, "masks": logits}, gt_boxes, gt.bool(), valid)
+    assert parts["bce"].item() == pytest.approx(math.log(4 / 3), abs=1e-6)
+    dice = 1 - (2 * 0.75 * 64 + 1) / (0.75 ** 2 * 64 + 0.25 ** 2 * (2 * H * W - 64) + 64 + 1)
+    assert parts["dice"].item() == pytest.approx(dice, abs=1e-6)
     # Dice per clip, then the mean over clips: clip 1 predicted exactly (0), clip 2 on 2 pixels beside its 2 (1 - 1/5)
     m, g2 = torch.zeros(2, 1, 4, 4), torch.zeros(2, 1, 4, 4)
     m[0, 0, :2, :2] = g2[0, 0, :2, :2] = 1
@@ -600,6 +609,8 @@ def test_checkpoint_round_trip_and_transfer(tmp_path):
     assert all(p.requires_grad for p in ft.text.parameters()) and not any(p.requires_grad for p in ft.vision.parameters())
     ft = slvp.load_checkpoint(tmp_path / "ft.safetensors", freeze_vision=False)
     assert (ft.freeze_text, ft.freeze_vision) == (False, False)
+    ft = slvp.load_checkpoint(tmp_path / "ft.safetensors", task="rvos", freeze_text=None, freeze_vision=None)
+    assert (ft.freeze_text, ft.freeze_vision) == (False, True)          # None: not overridden
     # the config comes from the checkpoint, not from a preset
     other = dataclasses.replace(slvp.SLVPConfig.small(), num_frames=3, dec_layers=2)
     slvp.save_checkpoint(tmp_path / "other.safetensors", slvp.SLVP(other))
