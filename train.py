@@ -580,7 +580,8 @@ def run(args, ddp, rank, world, device):
                              f"{' and '.join(differ)} than this one ({model.task}/{model.fusion})")
         recorded = state.get("run", {})
         flag = lambda k, v: (k if v else "--no-" + k[2:]) if isinstance(v, bool) else f"{k} {v}"
-        changed = [f"{flag(k, v)} (was {flag(k, recorded[k])})" for k, v in run_settings(args).items()
+        changed = [f"{flag(k, v)} (was {flag(k, recorded[k]) if isinstance(v, bool) else recorded[k]})"
+                   for k, v in run_settings(args).items()
                    if recorded.get(k, v) != v and not (k == "--warmup" and recorded[k] is None)]  # None: not recorded
         if changed:
             raise SystemExit(f"error: {path}: resuming with {', '.join(changed)}; a resumed run keeps the earlier "
