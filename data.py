@@ -1136,7 +1136,7 @@ def main(argv=None):
     # the frames a model would see: the default run's (tiny) config on the synthetic world, the paper's on real data
     cfg = slvp.SLVPConfig.tiny() if args.name == "synthetic" else slvp.SLVPConfig.paper()
     out = Path(args.out or f"out/inspect/{args.name}-{args.split}.png")
-    if out.suffix.lower() not in Image.registered_extensions():
+    if Image.registered_extensions().get(out.suffix.lower()) not in Image.SAVE:     # formats Pillow writes
         p.error(f"--out {out}: expected an image file name (.png, .jpg)")
     if out.is_dir():
         p.error(f"--out {out} is a folder; expected an image file name")

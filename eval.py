@@ -640,8 +640,9 @@ def main(argv=None):
                    "layout), Ref-YouTube-VOS or VISOR")
     p.add_argument("--video", help="demo: a folder of frames or an .mp4")
     p.add_argument("--text", help="demo: the referring expression")
-    p.add_argument("--out", default=None, help="where predictions, tables and pictures go (default: out/eval); "
-                   "with --predictions the two CSV tables go into that folder, as the official tool writes them")
+    p.add_argument("--out", default=None, help="where predictions, tables and pictures go (default: out/eval; not "
+                   "with --predictions, whose two CSV tables go into the predictions folder, as the official tool "
+                   "writes them)")
     p.add_argument("--batch-size", type=data.number(int, 1), default=4,
                    help="clips per forward pass (default: %(default)s)")
     p.add_argument("--workers", type=data.number(int, 0), default=None,
@@ -651,6 +652,7 @@ def main(argv=None):
                    help="synthetic: the number of held-out clips (default: %(default)s; 64 are few for differences of "
                         "a few hundredths, README 'At 64x96')")
     args = p.parse_args(argv)
+    PROGRESS_LINE[0] = False
     args.workers = data.default_workers(torch.cuda.is_available()) if args.workers is None else args.workers
     if args.predictions and args.bench != "davis17":
         p.error("--predictions scores a folder of DAVIS-style masks: it goes with --bench davis17")
@@ -664,8 +666,9 @@ def main(argv=None):
         p.error(f"--video and --text are for the demo: leave out --bench {args.bench}, or them")
     if args.text is not None and not args.text.strip():
         p.error("--text is empty: expected the referring expression")
-    if not args.predictions and Path(args.out).exists() and not Path(args.out).is_dir():
-        p.error(f"--out {args.out} is a file; expected a folder")
+    blocked = next((d for d in (Path(args.out), *Path(args.out).parents) if d.exists() and not d.is_dir()), None)
+    if not args.predictions and blocked is not None:
+        p.error(f"--out {args.out}: {blocked} is a file; expected a folder")
     try:
         if args.bench == "davis17" and args.data_root and not args.davis_root:   # the ground truth is inside
             original = data.davis17_layout(args.data_root) == "original"
@@ -675,7 +678,7 @@ def main(argv=None):
                 p.error("--predictions needs --davis-root (or Ref-DAVIS17 as --data-root)")
             gt_dir, seqs = davis_sequences(args.davis_root)
             if not Path(args.predictions).is_dir():
-                raise FileNotFoundError(f"{args.predictions}: " + ("a file; expected" if Path(args.predictions).exists()
+                raise FileNotFoundError(f"{args.predictions}: " + ("a file; expected a" if Path(args.predictions).exists()
                                                                    else "no such") + " predictions folder")
             g, rows = evaluate_davis(gt_dir, seqs, args.predictions)
             write_tables(args.predictions, g, rows)

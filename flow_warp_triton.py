@@ -287,7 +287,7 @@ class PhotometricLossFunction(torch.autograd.Function):
 def use_triton(*tensors):
     """Triton on CUDA tensors, or on CPU tensors under the interpreter (TRITON_INTERPRET=1 when this file was
     imported, and still set: the tests unset it to take the torch path); fp32/fp16/bf16, frames below 2^31 pixels."""
-    if triton is None or any(t.dtype not in TRITON_DTYPES or t.shape[-2] * t.shape[-1] >= 2 ** 31 for t in tensors):
+    if triton is None or any(t.dtype not in TRITON_DTYPES or t.shape[-2:].numel() >= 2 ** 31 for t in tensors):
         return False
     return all(t.is_cuda for t in tensors) or (INTERPRETED and os.environ.get("TRITON_INTERPRET") == "1")
 

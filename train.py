@@ -138,7 +138,7 @@ def parse_args(argv=None):
         p.error("--resume continues the run in --out and --overwrite replaces it: give one of them")
     if args.train_size and not (args.mode == "finetune" and "synthetic" in args.data):
         p.error("--train-size is the number of labelled synthetic clips: it needs --mode finetune and --data synthetic")
-    if args.warmup is not None and args.warmup > args.steps:
+    if args.warmup is not None and args.warmup > args.steps and not (args.resume and not args.steps_given):
         p.error(f"--warmup {args.warmup} is longer than the run: expected at most --steps {args.steps}")
     return args
 
@@ -147,8 +147,9 @@ def check_out(args):
     """A new run never replaces the checkpoint of an earlier run: into an --out that holds one it needs --resume
     (continue that run) or --overwrite (replace it on purpose), as the Hugging Face Trainer guards its output folder."""
     ckpt, resume = args.out / "ckpt.safetensors", args.out / "resume.pt"
-    if args.out.exists() and not args.out.is_dir():
-        raise SystemExit(f"error: --out {args.out} is a file; expected a folder")
+    blocked = next((d for d in (args.out, *args.out.parents) if d.exists() and not d.is_dir()), None)
+    if blocked is not None:
+        raise SystemExit(f"error: --out {args.out}: {blocked} is a file; expected a folder")
     if args.resume and not resume.is_file():
         raise SystemExit(f"error: --resume but {resume} does not exist; expected the --out of an earlier run")
     if not (args.resume or args.overwrite) and (ckpt.exists() or resume.exists()):
@@ -562,8 +563,10 @@ def run(args, ddp, rank, world, device):
     if state is not None and not args.steps_given and "steps" in state:   # (not recorded up to commit 18e2ed9)
         args.steps = state["steps"]
     if state is not None and args.steps <= state["step"]:
-        raise SystemExit(f"error: --steps {args.steps}: the run in {args.out} is at step {state['step']} already; "
-                         f"expected more steps to continue it")
+        said = f"--steps {args.steps}" if args.steps_given else f"its {args.steps} steps (give more with --steps)"
+        raise SystemExit(f"error: the run in {args.out} is at step {state['step']} already: nothing left of {said}")
+    if args.warmup is not None and args.warmup > args.steps:   # checked here too: --steps left out is the run's
+        raise SystemExit(f"error: --warmup {args.warmup} is longer than the run: expected at most {args.steps} steps")
     if args.warmup is None:  # 5% of the steps; a resumed run keeps its own when --steps changes
         recorded = (state or {}).get("run", {}).get("--warmup")  # None in a resume.pt written before it was recorded
         args.warmup = max(1, args.steps // 20) if recorded is None else recorded
@@ -572,15 +575,23 @@ def run(args, ddp, rank, world, device):
     step, epoch, batch_idx = 0, 0, 0
     if state is not None:
         path = args.out / "resume.pt"
-        differ = [k for k, theirs, ours in (("model config", state["config"], dataclasses.asdict(cfg)),
+        ours = dataclasses.asdict(cfg)
+        fields = [f"{k} {ours[k]} (was {state['config'].get(k)})" for k in ours if state["config"].get(k) != ours[k]]
+        differ = [k for k, theirs, mine in (("model config", state["config"], ours),
                                             ("task", state["task"], model.task),
-                                            ("fusion", state["fusion"], model.fusion)) if theirs != ours]
+                                            ("fusion", state["fusion"], model.fusion)) if theirs != mine]
         if differ:
             raise SystemExit(f"error: {path} holds a {state['task']}/{state['fusion']} run of another "
-                             f"{' and '.join(differ)} than this one ({model.task}/{model.fusion})")
+                             f"{' and '.join(differ)} than this one ({model.task}/{model.fusion}"
+                             + "; ".join(["", *fields]) + ")")
         recorded = state.get("run", {})
-        flag = lambda k, v: (k if v else "--no-" + k[2:]) if isinstance(v, bool) else f"{k} {v}"
-        changed = [f"{flag(k, v)} (was {flag(k, recorded[k]) if isinstance(v, bool) else recorded[k]})"
+
+        def typed(k, v, name=True):  # a setting as the command line gives it
+            if isinstance(v, bool):
+                return k if v else "--no-" + k[2:]
+            value = "not given" if v is None else " ".join(map(str, v)) if isinstance(v, list) else v
+            return f"{k} {value}" if name else value
+        changed = [f"{typed(k, v)} (was {typed(k, recorded[k], isinstance(v, bool))})"
                    for k, v in run_settings(args).items()
                    if recorded.get(k, v) != v and not (k == "--warmup" and recorded[k] is None)]  # None: not recorded
         if changed:

@@ -139,7 +139,7 @@ def full_size_check(clips=8, frames=3, H=360, W=648):
     """The fused loss and its flow gradient on the benchmark's size against the float64 torch reference, for fp32
     and bf16 inputs (the reference gets the same rounded inputs). Flows keep their fractional part in [0.1, 0.9]
     (in bf16, rounded: [0.09, 0.91]), off whole pixels, where bilinear sampling is not differentiable."""
-    assert fw.use_triton(torch.empty(1, device="cuda")), "the Triton path is not taken on CUDA tensors"
+    assert fw.use_triton(torch.empty(1, 1, 1, 1, device="cuda")), "the Triton path is not taken on CUDA tensors"
     g = torch.Generator(device="cuda").manual_seed(0)
     B = clips * frames
     rows = []
@@ -211,9 +211,10 @@ def synthetic_batch(cfg, mode, n_clips, batch_size, tmp):
             for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
 
-def train_benchmark(mode, batch_size, steps, compile_model, tmp, warmup=5):
+def train_benchmark(mode, batch_size, steps, compile_model, tmp, warmup=5, search=True):
     """Step time, clips/s, peak memory and MFU of the paper config's training step (random weights, vision as
-    query, bf16 autocast, fused AdamW): the step of train.py, timed over `steps` steps after `warmup`."""
+    query, bf16 autocast, fused AdamW): the step of train.py, timed over `steps` steps after `warmup`; eager and
+    with `search`, the largest batch that fits."""
     import slvp
     import train
     cfg = slvp.SLVPConfig.paper()
@@ -259,7 +260,7 @@ def train_benchmark(mode, batch_size, steps, compile_model, tmp, warmup=5):
             opt.zero_grad(set_to_none=True)
             gc.collect()
             torch.cuda.empty_cache()
-    if not compile_model:  # batch sizes would each recompile the graph
+    if search and not compile_model:  # batch sizes would each recompile the graph
         try:                   # an error in the search keeps the timed row, its cell FAILED
             row["largest batch"] = largest_batch(fits, start=batch_size)
         except Exception as e:
@@ -369,9 +370,9 @@ def main(argv=None):
         timed[mode, c] = train_benchmark(mode, args.batch_size, args.steps, c, tmp)
         return [timed[mode, c]]
 
-    def step_alone():  # part 5's yardstick, part 4's eager pre-training row: measured here when part 4 is not run
+    def step_alone():  # part 5's yardstick, part 4's eager pre-training row: timed here when part 4 is not run
         if 4 not in parts:
-            step_rows("pretrain", False)
+            return train_benchmark("pretrain", args.batch_size, args.steps, False, tmp, search=False)
         return timed.get(("pretrain", False))
     sections = [
         (1, "Kernels compiled ahead of time (ptxas -v)", compile_all),

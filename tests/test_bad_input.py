@@ -187,12 +187,14 @@ CASES = [
      ["--predictions scores a folder of masks and --ckpt runs a model: give one of them"]),
     ("eval", "--bench ytvos --predictions {d}/pred --data-root {d}", ["--predictions", "goes with --bench davis17"]),
     ("eval", "--bench davis17 --davis-root {d}/davis --predictions {d}/pred --out {d}/o", ["--out: with --predictions"]),
-    ("eval", "--bench davis17 --davis-root {d}/davis --predictions {d}/a-file", ["a-file: a file; expected predictions"]),
+    ("eval", "--bench davis17 --davis-root {d}/davis --predictions {d}/a-file", ["a-file: a file; expected a predictions"]),
     ("train", "--mode finetune --init {d}/pre.safetensors --config small", ["--config small: --init and --encoders take"]),
     ("eval", "--bench synthetic --ckpt {good} --video {d}/frames --text the", ["--video and --text"]),
     ("eval", "--ckpt {good} --video {d}/frames --text ' '", ["--text is empty"]),
     # output paths that cannot be written (a traceback, after the whole evaluation for --bench synthetic)
     ("eval", "--bench synthetic --ckpt {good} --out {d}/a-file", ["--out", "a-file is a file; expected a folder"]),
+    ("eval", "--bench synthetic --ckpt {good} --out {d}/a-file/o", ["--out", "a-file is a file; expected a folder"]),
+    ("data", "--out {d}/sheet.psd", ["--out", "sheet.psd: expected an image file name"]),       # Pillow reads, not writes
     ("data", "--out {d}/sheet.xyz", ["--out", "sheet.xyz: expected an image file name"]),
     ("data", "--out {d}/a-file/sheet.png", ["--out", "a-file is a file, not a folder"]),
     ("data", "synthetic --data-root {d}", ["--data-root: the synthetic world is made here and has no root"]),

@@ -55,8 +55,9 @@ def test_frames_of_2_31_pixels_take_the_torch_path():
     frames go to the torch reference. Views of one element, so nothing is allocated."""
     one = torch.zeros(1, 1, 1, 1, device=DEVICE)
     assert fw.use_triton(one.expand(1, 3, 46340, 46340), one.expand(1, 2, 46340, 46340))     # 2^31 - 88048 pixels
-    assert not fw.use_triton(one.expand(1, 3, 46341, 46341), one.expand(1, 2, 46341, 46341))  # 2^31 + 9265
+    assert not fw.use_triton(one.expand(1, 3, 46341, 46341), one.expand(1, 2, 46341, 46341))  # 2^31 + 4633
     assert not fw.use_triton(one.expand(1, 3, 1, 2 ** 31), one.expand(1, 2, 1, 2 ** 31))
+    assert fw.use_triton(one[0, 0, 0]) == fw.use_triton(one)          # any shape asks (gpu_check asked with [1])
 
 
 def test_interpreter_set_after_import_takes_the_torch_path():

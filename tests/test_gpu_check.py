@@ -82,15 +82,16 @@ def test_part_5_alone_measures_its_step_alone_row(tmp_path, monkeypatch):
     calls, given = [], []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a stand-in GPU")
-    monkeypatch.setattr(gpu_check, "train_benchmark", lambda mode, b, s, c, tmp: calls.append((mode, c)) or
-                        {"stage": mode, "clips/s": 10.0})
+    monkeypatch.setattr(gpu_check, "train_benchmark", lambda mode, b, s, c, tmp, search=True:
+                        calls.append((mode, c, search)) or {"stage": mode, "clips/s": 10.0})
     monkeypatch.setattr(gpu_check, "end_to_end", lambda b, s, tmp, step_row: given.append(step_row) or
                         {"loader keeps up": "yes"})
     gpu_check.main(["--parts", "5", "--out", str(tmp_path / "r.md")])
-    assert calls == [("pretrain", False)] and given == [{"stage": "pretrain", "clips/s": 10.0}]
+    assert calls == [("pretrain", False, False)] and given == [{"stage": "pretrain", "clips/s": 10.0}]   # no search
     calls.clear()
     gpu_check.main(["--parts", "4,5", "--out", str(tmp_path / "r.md")])
-    assert calls == [("pretrain", False), ("pretrain", True), ("finetune", False), ("finetune", True)]
+    assert calls == [("pretrain", False, True), ("pretrain", True, True), ("finetune", False, True),
+                     ("finetune", True, True)]
     assert given[-1] == {"stage": "pretrain", "clips/s": 10.0} and "All checks passed" in (tmp_path / "r.md").read_text()
 
 

@@ -193,9 +193,15 @@ def test_resume_without_steps_finishes_the_run_as_planned(tmp_path, spm_model, m
     train.main([*first, "--resume"])
     log = [json.loads(line) for line in (tmp_path / "run/log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if r["kind"] == "train"] == [1, 2, 3, 4]
-    for more in ([], ["--steps", "3"]):
-        with pytest.raises(SystemExit, match=rf"--steps {3 if more else 4}: the run in .* is at step 4 already"):
+    for more, said in (([], "its 4 steps"), (["--steps", "3"], "--steps 3")):
+        with pytest.raises(SystemExit, match=rf"the run in .* is at step 4 already: nothing left of {said}"):
             train.main([*first, "--resume", *more])
+    # --warmup is checked against the run's own steps, not the default's 4500
+    state = torch.load(tmp_path / "run/resume.pt", weights_only=True)
+    state["steps"] = 5000
+    torch.save(state, tmp_path / "run/resume.pt")
+    with pytest.raises(SystemExit, match=re.escape("resuming with --warmup 4600 (was 1)")):   # past the parser
+        train.main([*first, "--resume", "--warmup", "4600"])
 
 
 def test_a_resume_on_other_training_clips_fails(tmp_path, spm_model, monkeypatch):
@@ -216,7 +222,7 @@ def test_a_resume_on_other_training_clips_fails(tmp_path, spm_model, monkeypatch
                 "--spm", str(spm_model), "--out", str(tmp_path / "run")]
     train.main([*run_args, "--steps", "1"])
     add_video("vid_c")
-    with pytest.raises(SystemExit, match=re.escape("resuming with training clips [3] (was [2]); a resumed run keeps")):
+    with pytest.raises(SystemExit, match=re.escape("resuming with training clips 3 (was 2); a resumed run keeps")):
         train.main([*run_args, "--steps", "2", "--resume"])
     assert torch.load(tmp_path / "run/resume.pt", weights_only=True)["step"] == 1
 
