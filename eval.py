@@ -19,6 +19,7 @@ import csv
 import itertools
 import json
 import math
+import os
 import sys
 import time
 import zipfile
@@ -523,15 +524,21 @@ def bench_ytvos(args, model, tokenizer, device):
     zpath = out / "submission.zip"
     out.mkdir(parents=True, exist_ok=True)
     vids, n = set(), 0
-    with zipfile.ZipFile(zpath, "w", zipfile.ZIP_DEFLATED) as z:
-        for (vid, exp_id), frames in predict(model, ds, tokenizer, args.batch_size, device, workers=args.workers):
-            for name, m in frames.items():
-                path = out / "Annotations" / vid / exp_id / f"{name}.png"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray((m > 0).astype(np.uint8) * 255, mode="L").save(path)
-                z.write(path, f"Annotations/{vid}/{exp_id}/{name}.png")
-            vids.add(vid)
-            n += 1
+    partial = zpath.with_name(zpath.name + ".part")   # renamed when whole: a failed run leaves no zip to upload
+    try:
+        with zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED) as z:
+            for (vid, exp_id), frames in predict(model, ds, tokenizer, args.batch_size, device, workers=args.workers):
+                for name, m in frames.items():
+                    path = out / "Annotations" / vid / exp_id / f"{name}.png"
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    Image.fromarray((m > 0).astype(np.uint8) * 255, mode="L").save(path)
+                    z.write(path, f"Annotations/{vid}/{exp_id}/{name}.png")
+                vids.add(vid)
+                n += 1
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    os.replace(partial, zpath)
     print(f"wrote {zpath} ({n} expressions of {len(vids)} videos)")
     return zpath
 

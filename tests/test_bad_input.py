@@ -93,6 +93,7 @@ def d(tmp_path_factory, spm_model):
     (d / "t5/config.json").write_text("{not json")
     (d / "vit.bin").write_bytes(b"\x80\x02garbage")
     (d / "a-file").touch()
+    (d / "sheet-folder.png").mkdir()
     (d / "no-resume").mkdir()
     (d / "bad-resume").mkdir()
     (d / "bad-resume/resume.pt").write_bytes(good[:100])
@@ -133,9 +134,9 @@ CASES = [
     ("eval", "--ckpt {good} --video {d}/none.mp4 --text the", ["none.mp4: no such video"]),
     ("train", "--mode finetune --data ytvos --data-root {d}/ytvos-truncated-frame --spm {spm} --workers 1 "
               "--steps 4 --batch-size 2", ["vid_b/00003.jpg: unreadable image"]),              # mid-run, in a worker
-    ("eval", "--bench ytvos --ckpt {good} --data-root {d}/ytvos-truncated-frame --workers 1",
+    ("eval", "--bench ytvos --ckpt {good} --data-root {d}/ytvos-truncated-frame --workers 1 --out {d}/failed-w1",
      ["valid/JPEGImages/vid_b/00003.jpg: unreadable image"]),
-    ("eval", "--bench ytvos --ckpt {good} --data-root {d}/ytvos-truncated-frame --workers 0",
+    ("eval", "--bench ytvos --ckpt {good} --data-root {d}/ytvos-truncated-frame --workers 0 --out {d}/failed-w0",
      ["valid/JPEGImages/vid_b/00003.jpg: unreadable image"]),
     # annotations and prediction PNGs
     ("train", "--mode finetune --data ytvos --data-root {d}/ytvos-truncated-annotation --spm {spm} "
@@ -189,6 +190,8 @@ CASES = [
     ("eval", "--bench davis17 --davis-root {d}/davis --predictions {d}/pred --out {d}/o", ["--out: with --predictions"]),
     ("eval", "--bench davis17 --davis-root {d}/davis --predictions {d}/a-file", ["a-file: a file; expected a predictions"]),
     ("train", "--mode finetune --init {d}/pre.safetensors --config small", ["--config small: --init and --encoders take"]),
+    ("train", "--mode finetune --encoders {d}/pre.safetensors --config small --steps 1", ["--config small: --init and"]),
+    ("data", "--out {d}/sheet-folder.png", ["--out", "sheet-folder.png is a folder; expected an image file name"]),
     ("eval", "--bench synthetic --ckpt {good} --video {d}/frames --text the", ["--video and --text"]),
     ("eval", "--ckpt {good} --video {d}/frames --text ' '", ["--text is empty"]),
     # output paths that cannot be written (a traceback, after the whole evaluation for --bench synthetic)
@@ -219,6 +222,16 @@ def test_bad_input_gives_one_error_line(program, args, names, d, tmp_path, capsy
     assert text.startswith("error: ") and len(text.strip().splitlines()) == 1 and "Traceback" not in text, text
     for name in names:
         assert name in text, text
+
+
+def test_a_failed_submission_leaves_no_zip(d, tmp_path, capsys):
+    """Ref-YouTube-VOS valid with a truncated frame of its second video: the run stops with its line and leaves no
+    submission.zip (it left an empty or partial one, a file that looks like a submission)."""
+    argv = ["--bench", "ytvos", "--ckpt", str(d / "good.safetensors"), "--data-root", str(d / "ytvos-truncated-frame"),
+            "--workers", "0", "--out", str(tmp_path / "o")]
+    status, text = error_line(ev.main, argv, capsys)
+    assert status != 0 and "vid_b/00003.jpg: unreadable image" in text
+    assert (tmp_path / "o").is_dir() and not list((tmp_path / "o").glob("submission.zip*"))
 
 
 def test_skip_bad_trains_past_an_unreadable_frame(d, tmp_path):

@@ -464,6 +464,9 @@ def test_visor_names_become_expressions(tmp_path):
             b = obj_box(obj, t)
             area = 0 if b is None else (b[2] - b[0]) * (b[3] - b[1])
             assert bool(it["valid"][t]) == (b is not None) and int(it["masks"][t].sum()) == area
+    # the expressions follow the objects' indices as numbers (10 after 2), whatever the mapping's order
+    (root / "val_data_mapping.json").write_text(json.dumps({"P01_107_seq_00001": {"10": "cup", "2": "board", "1": "hand"}}))
+    assert [e[3] for e in data.build_dataset("visor", root, "val", CFG, train=False).exprs] == [1, 2, 10]
     # a mapping of another shape fails naming the file (a name not text gave an AttributeError's traceback, an
     # index not a number a ValueError without the file)
     for objects, error in (({"1": ["hand", "left"]}, "AttributeError"), ({"one": "hand:left"}, "ValueError"),
@@ -961,6 +964,8 @@ def test_inspector_prints_what_it_found_and_writes_a_sheet(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert printed.startswith("synthetic train\nlayout: generated, no files")
     assert "\nfound: 256 clips, 1024 frames\nitems: 256 clips of 4 frames at 32x48\n" in printed and out.is_file()
+    out.write_bytes(b"an earlier sheet")
+    assert data.main(["--out", str(out)]) == out and Image.open(out).format == "PNG"   # a new run replaces a sheet
     with pytest.raises(SystemExit, match=r"nowhere not found: expected the Ref-DAVIS17 root"):
         data.main(["davis17", "--data-root", str(tmp_path / "nowhere")])
     (root / "DAVIS/ImageSets/2017/val.txt").unlink()

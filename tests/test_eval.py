@@ -156,20 +156,43 @@ def write_ids(path, ids):
     im.save(path)
 
 
-def test_an_error_after_a_progress_line_starts_a_line_of_its_own(tmp_path, capsys):
-    """Sequence a scored, b's prediction unreadable: the progress line "1/2 sequences, ETA 0s" is ended before the
-    error, which the shell printed after it on the same line."""
+def two_sequences(root):
+    """A DAVIS tree of sequences a and b (one square object, 2 frames) and predictions equal to it: J = F = 1."""
     for seq in ("a", "b"):
         for t in range(2):
-            write_ids(tmp_path / f"davis/Annotations_unsupervised/480p/{seq}/{t:05d}.png", square().astype(np.uint8))
-            write_ids(tmp_path / f"pred/{seq}/{t:05d}.png", square().astype(np.uint8))
-    (tmp_path / "davis/ImageSets/2017").mkdir(parents=True)
-    (tmp_path / "davis/ImageSets/2017/val.txt").write_text("a\nb\n")
+            write_ids(root / f"davis/Annotations_unsupervised/480p/{seq}/{t:05d}.png", square().astype(np.uint8))
+            write_ids(root / f"pred/{seq}/{t:05d}.png", square().astype(np.uint8))
+    (root / "davis/ImageSets/2017").mkdir(parents=True)
+    (root / "davis/ImageSets/2017/val.txt").write_text("a\nb\n")
+    return ["--bench", "davis17", "--davis-root", str(root / "davis"), "--predictions", str(root / "pred")]
+
+
+def test_an_error_after_a_progress_line_starts_a_line_of_its_own(tmp_path, capsys, monkeypatch):
+    """Sequence a scored, b's prediction unreadable: the progress line "1/2 sequences, ETA 0s" is ended before the
+    error, which the shell printed after it on the same line; an error after the line ended adds no blank line."""
+    argv = two_sequences(tmp_path)
+    good = (tmp_path / "pred/b/00001.png").read_bytes()
     (tmp_path / "pred/b/00001.png").write_bytes(b"not a png")
     with pytest.raises(SystemExit, match=r"pred/b/00001.png: unreadable"):
-        ev.main(["--bench", "davis17", "--davis-root", str(tmp_path / "davis"), "--predictions", str(tmp_path / "pred")])
+        ev.main(argv)
     err = capsys.readouterr().err
     assert "1/2 sequences" in err and err.endswith("\n"), repr(err)
+    (tmp_path / "pred/b/00001.png").write_bytes(good)
+    monkeypatch.setattr(ev, "write_tables", lambda *a: (_ for _ in ()).throw(ValueError("tables: no room")))
+    with pytest.raises(SystemExit, match="tables: no room"):
+        ev.main(argv)
+    err = capsys.readouterr().err
+    assert "2/2 sequences" in err and err.endswith("\n") and not err.endswith("\n\n"), repr(err)
+
+
+def test_predictions_write_nothing_to_the_default_out(tmp_path, monkeypatch):
+    """--predictions writes its tables into the predictions folder: a file named out where the command runs (the
+    default --out's parent) does not stop it."""
+    argv = two_sequences(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").write_text("not a folder")
+    g = ev.main(argv)
+    assert (g["J-Mean"], g["F-Mean"]) == (1.0, 1.0)
 
 
 def test_predictions_path_on_a_generated_davis_tree(tmp_path):

@@ -180,7 +180,7 @@ def test_a_resumed_run_keeps_its_warmup(tmp_path, spm_model, monkeypatch):
     train.main([*first, "--steps", "101", "--resume"])
 
 
-def test_resume_without_steps_finishes_the_run_as_planned(tmp_path, spm_model, monkeypatch):
+def test_resume_without_steps_finishes_the_run_as_planned(tmp_path, spm_model, monkeypatch, capsys):
     """--resume without --steps continues to the run's own last step (it went on to the default, 4500); a --steps
     the run has reached already stops with a line saying so (it printed "done" having done nothing)."""
     monkeypatch.delenv("TRITON_INTERPRET")
@@ -196,12 +196,38 @@ def test_resume_without_steps_finishes_the_run_as_planned(tmp_path, spm_model, m
     for more, said in (([], "its 4 steps"), (["--steps", "3"], "--steps 3")):
         with pytest.raises(SystemExit, match=rf"the run in .* is at step 4 already: nothing left of {said}"):
             train.main([*first, "--resume", *more])
-    # --warmup is checked against the run's own steps, not the default's 4500
+    # --warmup is checked against the run's own steps, not the default's 4500 (given, against --steps, by the parser)
     state = torch.load(tmp_path / "run/resume.pt", weights_only=True)
     state["steps"] = 5000
     torch.save(state, tmp_path / "run/resume.pt")
     with pytest.raises(SystemExit, match=re.escape("resuming with --warmup 4600 (was 1)")):   # past the parser
         train.main([*first, "--resume", "--warmup", "4600"])
+    with pytest.raises(SystemExit, match=re.escape("--warmup 5001 is longer than the run: expected at most 5000")):
+        train.main([*first, "--resume", "--warmup", "5001"])
+    del state["steps"]                                      # a resume.pt written up to commit 18e2ed9: the default's
+    torch.save(state, tmp_path / "run/resume.pt")
+    with pytest.raises(SystemExit, match=re.escape("--warmup 4600 is longer than the run: expected at most 4500")):
+        train.main([*first, "--resume", "--warmup", "4600"])
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--resume", "--steps", "10", "--warmup", "20"])
+    assert e.value.code == 2 and "--warmup 20 is longer than the run: expected at most --steps 10" in capsys.readouterr().err
+    train.main([*first, "--out", str(tmp_path / "whole"), "--steps", "2", "--warmup", "2"])   # as long as the run
+
+
+def test_a_resume_names_what_differs_as_typed(tmp_path, spm_model, monkeypatch):
+    """Another preset: the config fields that differ (tiny and small differ in frame_size alone); with another fusion
+    too, both named; a list as typed."""
+    tiny, small = dataclasses.asdict(slvp.SLVPConfig.tiny()), dataclasses.asdict(slvp.SLVPConfig.small())
+    assert [k for k in tiny if tiny[k] != small[k]] == ["frame_size"]
+    monkeypatch.delenv("TRITON_INTERPRET")
+    first = ["--mode", "finetune", *FAST, "--spm", str(spm_model), "--out", str(tmp_path / "run"), "--train-size", "4"]
+    train.main([*first, "--steps", "1"])
+    with pytest.raises(SystemExit, match=re.escape("(rvos/vision; frame_size (64, 96) (was (32, 48)))")):
+        train.main([*first, "--steps", "2", "--resume", "--config", "small"])
+    with pytest.raises(SystemExit, match="run of another model config and fusion than this one"):
+        train.main([*first, "--steps", "2", "--resume", "--config", "small", "--fusion", "language"])
+    with pytest.raises(SystemExit, match=re.escape("--data synthetic synthetic (was synthetic)")):
+        train.main([*first, "--steps", "2", "--resume", "--data", "synthetic", "synthetic"])
 
 
 def test_a_resume_on_other_training_clips_fails(tmp_path, spm_model, monkeypatch):
