@@ -141,6 +141,11 @@ def need(path, what):
     return Path(path)
 
 
+def file_in_the_way(folder):
+    """The first of `folder` and the folders above it that is a file (an output folder cannot be made), or None."""
+    return next((d for d in (Path(folder), *Path(folder).parents) if d.exists() and not d.is_dir()), None)
+
+
 def read_json(path, what):
     """A JSON file; missing or not JSON, it fails with one line naming the path and what was expected there."""
     try:
@@ -1140,7 +1145,7 @@ def main(argv=None):
         p.error(f"--out {out}: expected an image file name (.png, .jpg)")
     if out.is_dir():
         p.error(f"--out {out} is a folder; expected an image file name")
-    blocked = next((d for d in out.parents if d.exists() and not d.is_dir()), None)
+    blocked = file_in_the_way(out.parent)
     if blocked is not None:
         p.error(f"--out {out}: {blocked} is a file, not a folder")
     if args.name == "synthetic" and args.data_root:

@@ -673,7 +673,7 @@ def main(argv=None):
         p.error(f"--video and --text are for the demo: leave out --bench {args.bench}, or them")
     if args.text is not None and not args.text.strip():
         p.error("--text is empty: expected the referring expression")
-    blocked = next((d for d in (Path(args.out), *Path(args.out).parents) if d.exists() and not d.is_dir()), None)
+    blocked = data.file_in_the_way(args.out)
     if not args.predictions and blocked is not None:
         p.error(f"--out {args.out}: {blocked} is a file; expected a folder")
     try:

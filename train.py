@@ -147,7 +147,7 @@ def check_out(args):
     """A new run never replaces the checkpoint of an earlier run: into an --out that holds one it needs --resume
     (continue that run) or --overwrite (replace it on purpose), as the Hugging Face Trainer guards its output folder."""
     ckpt, resume = args.out / "ckpt.safetensors", args.out / "resume.pt"
-    blocked = next((d for d in (args.out, *args.out.parents) if d.exists() and not d.is_dir()), None)
+    blocked = data.file_in_the_way(args.out)
     if blocked is not None:
         raise SystemExit(f"error: --out {args.out}: {blocked} is a file; expected a folder")
     if args.resume and not resume.is_file():
