@@ -980,20 +980,45 @@ class RefCOCO(ClipDataset):
 
 
 def fill_polygon(poly, H, W):
-    """A COCO polygon [x1, y1, x2, y2, ...] (pixel (x, y) spans [x, x+1) x [y, y+1)) -> Bool[H, W]: the pixels whose
-    centre it contains, by the even-odd rule; a centre on a top or left edge is outside, on a bottom or right edge
-    inside. So pycocotools rasterizes, close to: it snaps the vertices to 1/5 px and traces the edges its own way
-    (about 1% of the pixels differ, on the edges). PIL's polygon also fills the pixels its outline touches (a 10 x 10
-    square: 121). Each row's crossings toggle the columns to their right."""
-    x0, y0 = np.asarray(poly, np.float64).reshape(-1, 2).T                       # [E] vertices
-    x1, y1 = np.roll(x0, -1), np.roll(y0, -1)                                   # [E] the next ones
-    yc = np.arange(H)[:, None] + 0.5                                             # [H, 1] row centres
-    crosses = (y0 < yc) != (y1 < yc)                                             # [H, E], half-open: a vertex once
-    x = x0 + (yc - y0) * (x1 - x0) / np.where(y1 == y0, 1, y1 - y0)              # [H, E] where the edge meets the row
-    first = np.clip(np.floor(x - 0.5) + 1, 0, W).astype(np.int64)               # first column whose centre is right
-    toggles = np.zeros((H, W + 1), np.int64)
-    np.add.at(toggles, (np.nonzero(crosses)[0], first[crosses]), 1)
-    return np.cumsum(toggles[:, :W], 1) % 2 == 1
+    """A COCO polygon [x1, y1, x2, y2, ...] -> Bool[H, W], pixel for pixel as pycocotools rasterizes it
+    (mask.frPyObjects + mask.decode: what the refer API's getMask and ReferFormer's convert_coco_poly_to_mask give):
+    rleFrPoly of pycocotools' maskApi.c in numpy. The vertices are snapped to a 1/5 px grid (C casts: truncation),
+    each edge is traced through that grid, each column's crossings are taken at the column's sample point and
+    rounded up to a row, and the crossings toggle the column-major run-length mask (even-odd rule). A plain
+    pixel-centre test differs on the edges (1.4% of the pixels of random polygons; a small one kept 20% of its
+    pixels); PIL's polygon also fills the pixels its outline touches (a 10 x 10 square: 121)."""
+    xy = np.asarray(poly, np.float64).reshape(-1, 2)
+    x = np.trunc(5 * xy[:, 0] + .5).astype(np.int64)                # (int)(scale * x + .5)
+    y = np.trunc(5 * xy[:, 1] + .5).astype(np.int64)
+    x, y = np.append(x, x[:1]), np.append(y, y[:1])
+    us, vs = [], []                                                  # dense points along the boundary, 1/5 px grid
+    for j in range(len(xy)):
+        xs, xe, ys, ye = int(x[j]), int(x[j + 1]), int(y[j]), int(y[j + 1])
+        dx, dy = abs(xe - xs), abs(ys - ye)
+        flip = (dx >= dy and xs > xe) or (dx < dy and ys > ye)
+        if flip:
+            xs, xe, ys, ye = xe, xs, ye, ys
+        if dx >= dy:                                                 # (a repeated vertex: one point, its v unread)
+            t = np.arange(dx + 1)
+            t = dx - t if flip else t
+            s = (ye - ys) / dx if dx else 0.0
+            us.append(t + xs)
+            vs.append(np.trunc(ys + s * t + .5).astype(np.int64))
+        else:
+            t = np.arange(dy + 1)
+            t = dy - t if flip else t
+            s = (xe - xs) / dy
+            vs.append(t + ys)
+            us.append(np.trunc(xs + s * t + .5).astype(np.int64))
+    u, v = np.concatenate(us), np.concatenate(vs)
+    step = u[1:] != u[:-1]                                           # points along the y-boundary, downsampled
+    un, up, vn, vp = u[1:][step], u[:-1][step], v[1:][step], v[:-1][step]
+    xd = (np.where(un < up, un, un - 1) + .5) / 5 - .5
+    yd = np.ceil(np.clip((np.minimum(vn, vp) + .5) / 5 - .5, 0, H))
+    keep = (np.floor(xd) == xd) & (xd >= 0) & (xd <= W - 1)
+    toggles = np.zeros(W * H + 1, np.int64)                          # column-major, as the RLE counts run
+    np.add.at(toggles, xd[keep].astype(np.int64) * H + yd[keep].astype(np.int64), 1)
+    return (np.cumsum(toggles[:-1]) % 2 == 1).reshape(W, H).T
 
 
 def _affine(img, angle, scale, shift, resample):
