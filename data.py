@@ -173,6 +173,11 @@ def clean_text(text):
     return " ".join(str(text).replace("\n", " ").split())
 
 
+def some(names, k=3):
+    """The first k of a list of skipped things, for a warning that names them."""
+    return ", ".join(map(str, names[:k])) + (", ..." if len(names) > k else "")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Transfer-learning augmentations (Sec. 4.1): the whole clip flipped, cropped and colour-jittered consistently
 # ----------------------------------------------------------------------------------------------------------
@@ -511,7 +516,7 @@ class SMiT(ClipDataset):
         super().__init__(cfg, train, seed, skip_bad)
         root = need(root, "the S-MiT root with videos/ or frames/, transcriptions/ and <split>.txt")
         names = [n.strip() for n in need(root / f"{split}.txt", "one video name a line").read_text().splitlines() if n.strip()]
-        self.stride, self.empty = stride, 0
+        self.stride, empty, bad = stride, [], []
         T = cfg.num_frames
         self.summary = {"videos": 0, "frames": 0}
         kinds = {"frames/<name>/*.jpg": 0, "videos/<name>.mp4": 0}
@@ -520,7 +525,7 @@ class SMiT(ClipDataset):
             lines = cap_file.read_text(errors="replace").splitlines() if cap_file.is_file() else []
             text = clean_text(lines[0]) if lines else ""
             if not text:
-                self.empty += 1
+                empty.append(cap_file)
                 continue
             source = sorted((root / "frames" / name).glob("*.jpg"), key=frame_order) or root / "videos" / f"{name}.mp4"
             try:
@@ -530,7 +535,7 @@ class SMiT(ClipDataset):
             except (FileNotFoundError, BadFile):
                 if not skip_bad:
                     raise
-                self.bad += 1
+                bad.append(source if isinstance(source, Path) else source[0].parent)
                 continue
             kinds["frames/<name>/*.jpg" if isinstance(source, list) else "videos/<name>.mp4"] += 1
             self.summary["videos"] += 1
@@ -540,9 +545,11 @@ class SMiT(ClipDataset):
                 self.items.append((name, source, [min(s + stride * j, n - 1) for j in range(T)], text))
         self.layout = (f"S-MiT: {split}.txt, captions from transcriptions/<name>.txt, "
                        + ", ".join(f"{n} videos as {k}" for k, n in kinds.items()))
-        if self.empty or self.bad:
-            warnings.warn(f"S-MiT {split}: skipped {self.empty} videos with an empty or missing caption"
-                          f" and {self.bad} with a missing or unreadable video")
+        if empty:
+            warnings.warn(f"S-MiT {split}: skipped {len(empty)} videos with an empty or missing caption "
+                          f"({some(empty)})")
+        if bad:
+            warnings.warn(f"S-MiT {split}: skipped {len(bad)} videos missing or unreadable ({some(bad)})")
 
     def load(self, entry, rng):
         name, source, idx, text = entry
@@ -598,7 +605,7 @@ class VideoExpressions(ClipDataset):
 
     def __init__(self, cfg, train, seed=0, skip_bad=False):
         super().__init__(cfg, train, seed, skip_bad)
-        self.videos, self.exprs, self.empty = {}, [], 0
+        self.videos, self.exprs, self.empty = {}, [], []
 
     @staticmethod
     def text_of(entry):
@@ -607,13 +614,13 @@ class VideoExpressions(ClipDataset):
     def add_expression(self, vid, exp_id, text, obj_id):
         text = clean_text(text)
         if not text:
-            self.empty += 1
+            self.empty.append(f"{vid} expression {exp_id}")
             return
         self.exprs.append((vid, str(exp_id), text, int(obj_id)))
 
     def finish(self, what):
         if self.empty:
-            warnings.warn(f"{what}: skipped {self.empty} empty expressions")
+            warnings.warn(f"{what}: skipped {len(self.empty)} empty expressions ({some(self.empty)})")
         self.summary = {"videos": len(self.videos), "frames": sum(len(f) for f, _ in self.videos.values()),
                         "expressions": len(self.exprs)}
         if any(a is not None for _, a in self.videos.values()):   # objects referred to (annotated splits only)
@@ -923,7 +930,7 @@ class RefCOCO(ClipDataset):
         if split != "train" and split not in self.VARIANTS:
             raise ValueError(f"refcoco split must be train or one of {tuple(self.VARIANTS)}, got {split!r}")
         self.images = need(root / "train2014", "the COCO train2014 images")
-        layouts, self.empty = [], 0
+        layouts, empty = [], []
         for v in self.VARIANTS if split == "train" else (split,):
             converted, refs = root / v / f"instances_{v}_train.json", root / v / f"refs({self.VARIANTS[v]}).p"
             if converted.is_file():
@@ -937,7 +944,7 @@ class RefCOCO(ClipDataset):
             for im, annos, text in entries:
                 text = clean_text(text)
                 if not text:
-                    self.empty += 1
+                    empty.append(f"{v} sentence {im['id']}")
                     continue
                 self.items.append((v, im, annos, text))
         if not layouts:
@@ -945,8 +952,8 @@ class RefCOCO(ClipDataset):
             raise FileNotFoundError(f"{root}: no RefCOCO annotations in {names}: expected refs(unc).p (refs(umd).p "
                                     f"for refcocog) and instances.json, or the converted "
                                     f"instances_<dataset>_train.json")
-        if self.empty:
-            warnings.warn(f"RefCOCO: skipped {self.empty} empty expressions")
+        if empty:
+            warnings.warn(f"RefCOCO: skipped {len(empty)} empty expressions ({some(empty)})")
         self.layout = "; ".join(layouts) + "; images in train2014/"
         # objects: the COCO annotation behind each sentence (the conversion keeps its id as original_id)
         self.summary = {"images": len({im["file_name"] for _, im, _, _ in self.items}),

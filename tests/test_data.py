@@ -243,7 +243,7 @@ def ytvos_root(tmp_path):
 
 
 def test_ytvos_train_and_eval_clips(ytvos_root):
-    with pytest.warns(UserWarning, match="skipped 1 empty"):
+    with pytest.warns(UserWarning, match=r"Ref-YouTube-VOS train: skipped 1 empty expressions \(vid_a expression 2\)"):
         ds = data.build_dataset("ytvos", ytvos_root, "train", CFG, train=False)
     assert len(ds) == 2 + 2 + 1   # vid_a: 2 expressions x 2 clips (6 frames, T=4); vid_b: 1 x 1
     check_clip(ds[0], "vid_a", "0", "a person on the left", 1, [0, 1, 2, 3])
@@ -417,7 +417,7 @@ def test_davis17_original_downloads_give_the_conversions_items(tmp_path):
 
     # the same data after the common conversion, written by hand: the converted layout gives the same items
     conv = write_davis_conversion(tmp_path / "converted")
-    with pytest.warns(UserWarning, match="skipped 1 empty"):
+    with pytest.warns(UserWarning, match=r"Ref-DAVIS17 valid: skipped 1 empty expressions \(motorbike expression 8\)"):
         converted = data.build_dataset("davis17", conv, "valid", CFG, train=False)
     assert data.davis17_layout(conv) == "converted" and len(converted) == len(ds)
     for i in range(len(ds)):
@@ -492,7 +492,7 @@ def test_refcoco_pseudo_clips(tmp_path):
                           "segmentation": [[40, 30, 90, 30, 90, 70, 40, 70]]}]}
     (root / "refcoco+").mkdir()
     (root / "refcoco+/instances_refcoco+_train.json").write_text(json.dumps(d))
-    with pytest.warns(UserWarning, match="skipped 1 empty"):
+    with pytest.warns(UserWarning, match=r"RefCOCO: skipped 1 empty expressions \(refcoco\+ sentence 2\)"):
         ds = data.build_dataset("refcoco", root, "train", CFG, train=False)
     assert len(ds) == 1
     it = ds[0]
@@ -611,7 +611,7 @@ def test_refcoco_original_release_gives_the_conversions_items(tmp_path):
     (root / "refcocog").mkdir()
     (root / "refcocog/refs(umd).p").write_bytes(pickle.dumps([ref(7, 11, 1, "train", ["the large box"])], protocol=4))
     (root / "refcocog/instances.json").write_text(json.dumps(instances()))
-    with pytest.warns(UserWarning, match="skipped 1 empty"):
+    with pytest.warns(UserWarning, match=r"RefCOCO: skipped 1 empty expressions \(refcoco sentence 4\)"):
         ds = data.build_dataset("refcoco", root, "train", CFG, train=False)
     assert "refcoco: original release (refs(unc).p, instances.json)" in ds.layout
     assert len(ds) == len(REFCOCO_TRAIN) + 1
@@ -633,7 +633,7 @@ def test_refcoco_original_release_gives_the_conversions_items(tmp_path):
                          for n, i, _ in sentences]}
     (conv / "refcoco").mkdir()
     (conv / "refcoco/instances_refcoco_train.json").write_text(json.dumps(d))
-    with pytest.warns(UserWarning, match="skipped 1 empty"):
+    with pytest.warns(UserWarning, match=r"RefCOCO: skipped 1 empty expressions \(refcoco sentence 4\)"):
         converted = data.build_dataset("refcoco", conv, "refcoco", CFG, train=False)
     assert len(converted) == 4 and converted.summary == {"images": 2, "expressions": 4, "objects": 2}
     for i in range(4):
@@ -698,7 +698,8 @@ def test_smit_clips_stride_6(tmp_path, as_mp4, spm_model):
     (root / "transcriptions/clip_a.txt").write_text("a man throws a ball\nsecond line\n")
     (root / "transcriptions/clip_b.txt").write_text("\n")
     (root / "train.txt").write_text("clip_a\nclip_b\n")
-    with pytest.warns(UserWarning, match="skipped 1 videos with an empty"):
+    with pytest.warns(UserWarning,
+                      match=r"S-MiT train: skipped 1 videos with an empty or missing caption \(\S+/transcriptions/clip_b.txt\)"):
         ds = data.build_dataset("smit", root, "train", CFG, train=True)
     # windows of 4 frames 6 apart (frames s .. s + 18) sharing end frames: 0-18 and 18-36 fit in 40 frames
     starts = [0, 18]
@@ -902,9 +903,11 @@ def test_smit_skips_an_unreadable_video(tmp_path):
     (root / "train.txt").write_text("good\nbroken\nmissing\n")
     with pytest.raises(ValueError, match=r"videos/broken.mp4: unreadable video"):
         data.build_dataset("smit", root, "train", CFG, train=True)
-    with pytest.warns(UserWarning, match="and 2 with a missing or unreadable video"):
+    with pytest.warns(UserWarning,
+                      match=r"S-MiT train: skipped 2 videos missing or unreadable \(\S+/videos/broken.mp4, \S+/videos/missing.mp4\)"):
         ds = data.build_dataset("smit", root, "train", CFG, train=True, skip_bad=True)
     assert len(ds) == 1 and [it["id"] for it in ds] == [("good", "0", 0)]
+    assert data.some(["a", "b", "c", "d"]) == "a, b, c, ..." and data.some(["a"]) == "a"   # the first three named
     with pytest.raises(IndexError, match="index 1 of a dataset of 1 clips"):
         ds[1]
 
@@ -1122,7 +1125,7 @@ def test_refcoco_plus_original_release_reads_refs_unc(tmp_path):
     (root / "refcoco+").mkdir()
     (root / "refcoco+/refs(unc).p").write_bytes(py2_pickle(REFCOCO_REFS))
     (root / "refcoco+/instances.json").write_text(json.dumps(instances()))
-    with pytest.warns(UserWarning, match="skipped 1 empty"):
+    with pytest.warns(UserWarning, match=r"RefCOCO: skipped 1 empty expressions \(refcoco\+ sentence 4\)"):
         ds = data.build_dataset("refcoco", root, "refcoco+", CFG, train=False)
     assert ds.layout.startswith("refcoco+: original release (refs(unc).p")
     assert len(ds) == len(REFCOCO_TRAIN)
