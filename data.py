@@ -52,19 +52,29 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message}\n")
 
 
-def number(kind, low, strict=False):
-    """An argparse type: a finite int or float (kind) >= low, or > low when strict."""
+def number(kind, low, strict=False, high=None):
+    """An argparse type: a finite int or float (kind) >= low, or > low when strict, and <= high where given."""
     what = f"{'an integer' if kind is int else 'a finite number'} {'>' if strict else '>='} {low}"
+    what += f" and <= {high:g}" if isinstance(high, float) else f" and <= {high}" if high is not None else ""
 
     def parse(text):
         try:
             x = kind(text)
         except ValueError:
             x = None
-        if x is None or not math.isfinite(x) or x < low or (strict and x == low):
+        if (x is None or not math.isfinite(x) or x < low or (strict and x == low)
+                or (high is not None and x > high)):
             raise argparse.ArgumentTypeError(f"got {text!r}, expected {what}")
         return x
     return parse
+
+
+def path(text):
+    """An argparse type for a file or folder: not empty (a quoted shell variable left unset gives '', which taken as
+    "not given" started a fine-tuning from random weights, or as "." read and wrote the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"got {text!r}, expected a path")
+    return text
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -141,9 +151,16 @@ def need(path, what):
     return Path(path)
 
 
-def file_in_the_way(folder):
-    """The first of `folder` and the folders above it that is a file (an output folder cannot be made), or None."""
-    return next((d for d in (Path(folder), *Path(folder).parents) if d.exists() and not d.is_dir()), None)
+def cannot_write(folder):
+    """Why an output folder cannot be made or written into, or None: the first of `folder` and the folders above it
+    that exists is a file, or a folder this process cannot write into (a read-only file system, permissions). Asked
+    before the work, not met at its first file after it (a traceback)."""
+    near = next((d for d in (Path(folder), *Path(folder).parents) if d.exists()), None)
+    if near is not None and not near.is_dir():
+        return f"{near} is a file; expected a folder"
+    if near is not None and not os.access(near, os.W_OK | os.X_OK):
+        return f"{near} is not writable (a read-only file system or no permission)"
+    return None
 
 
 def read_json(path, what):
@@ -1166,9 +1183,11 @@ def main(argv=None):
                                             "contact sheet of a few clips (frames, the target outlined, the text).")
     p.add_argument("name", nargs="?", default="synthetic", choices=list(DATASETS),
                    help="the dataset, as in build_dataset (default: synthetic, the embedded world: no root)")
-    p.add_argument("--data-root", help="the dataset's root folder (the README's Data table lists each layout)")
+    p.add_argument("--data-root", type=path,
+                   help="the dataset's root folder (the README's Data table lists each layout)")
     p.add_argument("--split", default="train", help="the split to read (default: train)")
-    p.add_argument("--out", help="where the contact sheet PNG goes (default: out/inspect/<name>-<split>.png)")
+    p.add_argument("--out", type=path,
+                   help="where the contact sheet PNG goes (default: out/inspect/<name>-<split>.png)")
     args = p.parse_args(argv)
     # the frames a model would see: the default run's (tiny) config on the synthetic world, the paper's on real data
     cfg = slvp.SLVPConfig.tiny() if args.name == "synthetic" else slvp.SLVPConfig.paper()
@@ -1177,9 +1196,8 @@ def main(argv=None):
         p.error(f"--out {out}: expected an image file name (.png, .jpg)")
     if out.is_dir():
         p.error(f"--out {out} is a folder; expected an image file name")
-    blocked = file_in_the_way(out.parent)
-    if blocked is not None:
-        p.error(f"--out {out}: {blocked} is a file, not a folder")
+    if cannot_write(out.parent):
+        p.error(f"--out {out}: {cannot_write(out.parent)}")
     if args.name == "synthetic" and args.data_root:
         p.error("--data-root: the synthetic world is made here and has no root; leave it out")
     try:

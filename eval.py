@@ -332,8 +332,10 @@ def davis_sequences(root):
     if lst.is_file():
         seqs = [s.strip() for s in lst.read_text().splitlines() if s.strip()]
     else:
-        seqs = sorted(data.read_expressions(root / "meta_expressions" / "valid" / "meta_expressions.json",
-                                            "the converted Ref-DAVIS17 expression file"))
+        lst = root / "meta_expressions" / "valid" / "meta_expressions.json"
+        seqs = sorted(data.read_expressions(lst, "the converted Ref-DAVIS17 expression file"))
+    if not seqs:    # the means of no objects: a table of NaN
+        raise ValueError(f"{lst}: no sequence listed; expected the DAVIS 2017 val sequences")
     if not gt_dir.is_dir():
         raise FileNotFoundError(f"{gt_dir} not found: expected {what}")
     missing = [s for s in seqs if not any((gt_dir / s).glob("*.png"))]
@@ -520,6 +522,9 @@ def bench_davis17(args, model, tokenizer, device):
 def bench_ytvos(args, model, tokenizer, device):
     """Ref-YouTube-VOS valid: Annotations/<vid>/<exp_id>/<frame>.png (0/255, original size), zipped."""
     ds = data.build_dataset("ytvos", args.data_root, "valid", model.cfg, train=False)
+    if not len(ds):  # an empty zip would look like a submission
+        raise ValueError(f"{args.data_root}: no valid video with an expression (meta_expressions/valid less "
+                         f"meta_expressions/test); nothing to predict")
     out = Path(args.out)
     zpath = out / "submission.zip"
     out.mkdir(parents=True, exist_ok=True)
@@ -638,18 +643,21 @@ def main(argv=None):
     p = data.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bench", choices=["davis17", "ytvos", "visor", "synthetic"],
                    help="the benchmark to run; leave out with --video for the demo")
-    p.add_argument("--ckpt", help="a fine-tuned (rvos) checkpoint from train.py --mode finetune")
-    p.add_argument("--spm", help="sentencepiece model (default: spm.model next to the checkpoint)")
-    p.add_argument("--predictions", help="davis17 only: score this folder of indexed PNGs (<seq>/<frame>.png), no model")
-    p.add_argument("--davis-root", help="the ground truth: the DAVIS 2017 tree (ImageSets/2017/val.txt, "
-                   "Annotations_unsupervised/480p) or converted Ref-DAVIS17 (valid/Annotations); default: in --data-root")
-    p.add_argument("--data-root", help="the dataset root: Ref-DAVIS17 (the original downloads or the converted "
-                   "layout), Ref-YouTube-VOS or VISOR")
-    p.add_argument("--video", help="demo: a folder of frames or an .mp4")
+    p.add_argument("--ckpt", type=data.path, help="a fine-tuned (rvos) checkpoint from train.py --mode finetune")
+    p.add_argument("--spm", type=data.path, help="sentencepiece model (default: spm.model next to the checkpoint)")
+    p.add_argument("--predictions", type=data.path,
+                   help="davis17 only: score this folder of indexed PNGs (<seq>/<frame>.png), no model")
+    p.add_argument("--davis-root", type=data.path,
+                   help="the ground truth: the DAVIS 2017 tree (ImageSets/2017/val.txt, Annotations_unsupervised/480p) "
+                        "or converted Ref-DAVIS17 (valid/Annotations); default: in --data-root")
+    p.add_argument("--data-root", type=data.path,
+                   help="the dataset root: Ref-DAVIS17 (the original downloads or the converted layout), "
+                        "Ref-YouTube-VOS or VISOR")
+    p.add_argument("--video", type=data.path, help="demo: a folder of frames or an .mp4")
     p.add_argument("--text", help="demo: the referring expression")
-    p.add_argument("--out", default=None, help="where predictions, tables and pictures go (default: out/eval; not "
-                   "with --predictions, whose two CSV tables go into the predictions folder, as the official tool "
-                   "writes them)")
+    p.add_argument("--out", default=None, type=data.path,
+                   help="where predictions, tables and pictures go (default: out/eval; not with --predictions, whose "
+                        "two CSV tables go into the predictions folder, as the official tool writes them)")
     p.add_argument("--batch-size", type=data.number(int, 1), default=4,
                    help="clips per forward pass (default: %(default)s)")
     p.add_argument("--workers", type=data.number(int, 0), default=None,
@@ -673,9 +681,16 @@ def main(argv=None):
         p.error(f"--video and --text are for the demo: leave out --bench {args.bench}, or them")
     if args.text is not None and not args.text.strip():
         p.error("--text is empty: expected the referring expression")
-    blocked = data.file_in_the_way(args.out)
-    if not args.predictions and blocked is not None:
-        p.error(f"--out {args.out}: {blocked} is a file; expected a folder")
+    root = "--data-root" if args.data_root else "--davis-root" if args.davis_root else None
+    if args.bench is None and root:
+        p.error(f"{root} goes with --bench davis17, ytvos or visor (the demo reads --video)")
+    if args.bench == "synthetic" and root:
+        p.error(f"{root}: --bench synthetic is made here and reads no dataset; leave it out")
+    if args.bench in ("ytvos", "visor") and args.davis_root:
+        p.error(f"--davis-root is the DAVIS 2017 ground truth of --bench davis17; --bench {args.bench} reads its own "
+                f"under --data-root: leave it out")
+    if not args.predictions and data.cannot_write(args.out):
+        p.error(f"--out {args.out}: {data.cannot_write(args.out)}")
     try:
         if args.bench == "davis17" and args.data_root and not args.davis_root:   # the ground truth is inside
             original = data.davis17_layout(args.data_root) == "original"
@@ -687,6 +702,9 @@ def main(argv=None):
             if not Path(args.predictions).is_dir():
                 raise FileNotFoundError(f"{args.predictions}: " + ("a file; expected a" if Path(args.predictions).exists()
                                                                    else "no such") + " predictions folder")
+            if data.cannot_write(args.predictions):       # the tables go there, after the scoring
+                raise ValueError(f"--predictions {data.cannot_write(args.predictions)}; the tables go into the "
+                                 f"predictions folder, as the official tool writes them: score a copy")
             g, rows = evaluate_davis(gt_dir, seqs, args.predictions)
             write_tables(args.predictions, g, rows)
             print_table(g)

@@ -153,7 +153,6 @@ def read_tensors(path):
     """A .safetensors file, a torch pickle (.bin/.pt/.pth, loaded with weights_only), or a Hugging Face sharded
     index (*.index.json). Unwraps {"state_dict": ...} and {"model": ...} and DDP's "module." prefix. A missing,
     truncated or other file fails naming it."""
-    from safetensors import SafetensorError
     from safetensors.torch import load_file
     path = Path(path)
     if not path.is_file():
@@ -173,11 +172,12 @@ def read_tensors(path):
             state = load_file(str(path))
         else:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except (SafetensorError, RuntimeError, EOFError) as e:    # a bad header, a truncated zip, an empty file
-        raise ValueError(f"{path}: unreadable weights ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
-                         f"{expected}") from e
     except pickle.UnpicklingError as e:                       # not a pickle, or one of more than tensors
         raise ValueError(f"{path}: not a pickle of tensors; {expected}") from e
+    except Exception as e:  # a bad header, a truncated zip, an empty file (SafetensorError, RuntimeError, EOFError);
+        # other bytes make the weights-only unpickler raise KeyError (a file starting with 'h' or 'j'), ValueError, ...
+        raise ValueError(f"{path}: unreadable weights ({type(e).__name__}"
+                         f"{': ' + str(e).splitlines()[0] if str(e) else ''}); {expected}") from e
     if not isinstance(state, dict):
         raise ValueError(f"{path}: holds a {type(state).__name__}, not a dict of tensors; {expected}")
     for wrapper in ("state_dict", "model"):

@@ -16,7 +16,6 @@ import gc
 import json
 import math
 import os
-import pickle
 import shutil
 import sys
 import time
@@ -51,25 +50,28 @@ def parse_args(argv=None):
                    help="tiny: CPU-sized, 32x48 frames (the default); small: tiny at 64x96 frames; "
                         "paper: 360x648, p=18, T=4, L=64, T5-base + ViT-B + 8-layer decoder (--init and --encoders "
                         "take their checkpoint's)")
-    p.add_argument("--data", nargs="+", default=["synthetic"],
+    p.add_argument("--data", nargs="+", default=["synthetic"], choices=list(data.DATASETS), metavar="DATA",
                    help="datasets (synthetic, smit, ytvos, davis17, refcoco, visor); several train jointly "
                         "(default: synthetic, the embedded world)")
-    p.add_argument("--data-root", nargs="+", default=None, help="one root folder per --data entry except synthetic")
+    p.add_argument("--data-root", nargs="+", default=None, type=data.path,
+                   help="one root folder per --data entry except synthetic")
     p.add_argument("--skip-bad", action="store_true",
                    help="real datasets: skip a clip whose file is unreadable or missing, counting them in a warning, "
                         "instead of stopping at the first with its name")
     p.add_argument("--train-size", type=positive, default=None,
                    help="synthetic finetuning: number of labelled clips (default: the split's 256)")
-    p.add_argument("--t5", help="a Hugging Face T5 folder for the text encoder (needs --spm)")
-    p.add_argument("--vit", help="an open_clip CoCa/CLIP or timm ViT checkpoint for the vision encoder")
-    p.add_argument("--spm", help="sentencepiece model; default: the one next to --init/--encoders, or one fit to the data")
-    p.add_argument("--init", help="finetune from this checkpoint: a pre-training's (shared weights, fresh box and "
-                                  "mask heads) or a fine-tuning's (its heads too, e.g. RefCOCO before Ref-YouTube-VOS); "
-                                  "without it the decoder starts random (with --encoders or --t5/--vit: the "
-                                  "'no Decoder*' rows of Table 2)")
-    p.add_argument("--encoders", help="finetune: take only the text and vision encoders (and the config and fusion, "
-                                      "unless --fusion) from this checkpoint (the decoder starts random): the control "
-                                      "for --init with the same encoders")
+    p.add_argument("--t5", type=data.path, help="a Hugging Face T5 folder for the text encoder (needs --spm)")
+    p.add_argument("--vit", type=data.path, help="an open_clip CoCa/CLIP or timm ViT checkpoint for the vision encoder")
+    p.add_argument("--spm", type=data.path,
+                   help="sentencepiece model; default: the one next to --init/--encoders, or one fit to the data")
+    p.add_argument("--init", type=data.path,
+                   help="finetune from this checkpoint: a pre-training's (shared weights, fresh box and mask heads) or a "
+                        "fine-tuning's (its heads too, e.g. RefCOCO before Ref-YouTube-VOS); without it the decoder "
+                        "starts random (with --encoders or --t5/--vit: the 'no Decoder*' rows of Table 2)")
+    p.add_argument("--encoders", type=data.path,
+                   help="finetune: take only the text and vision encoders (and the config and fusion, unless --fusion) "
+                        "from this checkpoint (the decoder starts random): the control for --init with the same "
+                        "encoders")
     p.add_argument("--freeze-text", action=argparse.BooleanOptionalAction, default=None,
                    help="freeze the text encoder (default: yes, as the paper in pre-training and in its best "
                         "Ref-DAVIS17 finetuning, Table 2; its best VISOR one, Table 3, trains it: --no-freeze-text; "
@@ -82,17 +84,20 @@ def parse_args(argv=None):
                         "finetune; with --resume, the resumed run's)")
     p.add_argument("--batch-size", type=positive, default=8,
                    help="global batch size (clips), split over processes (default: %(default)s)")
-    p.add_argument("--lr", type=data.number(float, 0, strict=True), default=None,
+    # at most float32's largest / 10: AdamW's first step moves by lr / (1 - beta1) = 10 lr, passed to torch's foreach
+    # kernels as a float32 scalar (--lr 1e300 stopped there with "value cannot be converted to type float")
+    p.add_argument("--lr", type=data.number(float, 0, strict=True, high=float(np.finfo(np.float32).max) / 10),
+                   default=None,
                    help="peak learning rate of AdamW (default: 1e-3 in pretrain, 5e-4 in finetune)")
     p.add_argument("--weight-decay", type=data.number(float, 0), default=0.05,
                    help="AdamW weight decay on matrices (default: %(default)s)")
     p.add_argument("--warmup", type=natural, default=None, help="linear warm-up steps (default: 5%% of --steps)")
     p.add_argument("--grad-clip", type=data.number(float, 0, strict=True), default=1.0,
                    help="gradient norm clipping (default: %(default)s)")
-    p.add_argument("--seed", type=natural, default=0,
+    p.add_argument("--seed", type=data.number(int, 0, high=2**32 - 1), default=0,
                    help="seed for initialization, data order, augmentation and the synthetic training clips themselves "
-                        "(the held-out clips stay the same; default: %(default)s)")
-    p.add_argument("--out", default=None, help="output folder (default: out/<mode>)")
+                        "(0 to 2**32-1; the held-out clips stay the same; default: %(default)s)")
+    p.add_argument("--out", default=None, type=data.path, help="output folder (default: out/<mode>)")
     p.add_argument("--ckpt-every", type=positive, default=250,
                    help="write the checkpoint every N steps (and at the end; default: %(default)s)")
     p.add_argument("--eval-every", type=positive, default=250,
@@ -147,9 +152,12 @@ def check_out(args):
     """A new run never replaces the checkpoint of an earlier run: into an --out that holds one it needs --resume
     (continue that run) or --overwrite (replace it on purpose), as the Hugging Face Trainer guards its output folder."""
     ckpt, resume = args.out / "ckpt.safetensors", args.out / "resume.pt"
-    blocked = data.file_in_the_way(args.out)
-    if blocked is not None:
-        raise SystemExit(f"error: --out {args.out}: {blocked} is a file; expected a folder")
+    if data.cannot_write(args.out):
+        raise SystemExit(f"error: --out {args.out}: {data.cannot_write(args.out)}")
+    start = args.init or args.encoders                     # (not both: the parser refuses it)
+    if args.overwrite and start and Path(start).resolve() in (ckpt.resolve(), resume.resolve()):
+        raise SystemExit(f"error: {'--init' if args.init else '--encoders'} {start} is the checkpoint that --overwrite "
+                         f"would delete: this run starts from it; choose another --out")
     if args.resume and not resume.is_file():
         raise SystemExit(f"error: --resume but {resume} does not exist; expected the --out of an earlier run")
     if not (args.resume or args.overwrite) and (ckpt.exists() or resume.exists()):
@@ -255,8 +263,11 @@ def build_training_data(args, cfg):
             opts["size"] = args.train_size
         if name != "synthetic":                                         # generated clips have no files
             opts["skip_bad"] = args.skip_bad
-        sets.append(data.build_dataset(name, None if name == "synthetic" else next(roots),
-                                       split if name == "synthetic" else "train", cfg, train=True, **opts))
+        root = None if name == "synthetic" else next(roots)
+        sets.append(data.build_dataset(name, root, split if name == "synthetic" else "train", cfg, train=True, **opts))
+        if not len(sets[-1]):  # an empty split list or expression file: nothing to fit a tokenizer to or train on
+            raise ValueError(f"--data {name} --data-root {root}: no training clips (found "
+                             + ", ".join(f"{n} {what}" for what, n in sets[-1].summary.items()) + ")")
     return sets
 
 
@@ -377,7 +388,8 @@ def read_resume(path):
     expected = "expected the resume.pt of an earlier train.py run"
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:   # a truncated zip, an empty file, not a pickle
+    except Exception as e:  # a truncated zip, an empty file, not a pickle: RuntimeError, EOFError, UnpicklingError, and
+        # from the weights-only unpickler on other bytes KeyError (a file starting with 'h' or 'j'), ValueError, ...
         raise ValueError(f"{path}: unreadable ({type(e).__name__}); {expected}") from e
     keys = {"model", "optimizer", "scheduler", "step", "epoch", "batch", "rng", "cuda_rng", "config", "fusion", "task"}
     if not isinstance(state, dict) or not keys <= set(state):
@@ -532,8 +544,12 @@ def run(args, ddp, rank, world, device):
         sets = build_training_data(args, probe_cfg)
         spm = Path(args.spm) if args.spm else next((Path(c).parent / "spm.model" for c in (args.init, args.encoders)
                                                     if c and (Path(c).parent / "spm.model").is_file()), None)
-        if spm is None and (args.out / "spm.model").is_file() and args.resume:
-            spm = args.out / "spm.model"
+        own = args.out / "spm.model"
+        if args.resume and own.is_file():   # the run's tokenizer; another, copied over it, was lost with a failed resume
+            if spm is not None and spm.is_file() and spm.read_bytes() != own.read_bytes():
+                raise ValueError(f"--resume: {spm} is not the tokenizer of the run in {args.out} ({own}); a resumed "
+                                 f"run keeps its own: leave out --spm (and give the run's own --init or --encoders)")
+            spm = own if spm is None or spm.is_file() else spm     # a missing --spm: the tokenizer's line names it
         if spm is None and (args.init or args.encoders):   # a new tokenizer would give its text encoder other ids
             raise ValueError(f"no spm.model beside {args.init or args.encoders}: pass the sentencepiece model it was "
                              f"trained with as --spm")

@@ -344,7 +344,8 @@ def run_sections(sections, head, out):
 
 def main(argv=None):
     p = data.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="gpu_check.md", help="the Markdown report to write (default: %(default)s)")
+    p.add_argument("--out", default="gpu_check.md", type=data.path,
+                   help="the Markdown report to write (default: %(default)s)")
     p.add_argument("--parts", default="1,2,3,4,5",
                    help="the parts to run, comma-separated (default: %(default)s): 1 kernels compiled ahead of "
                         "time (no GPU needed), 2 kernel tests on CUDA, 3 kernel benchmark, 4 training steps of the "
@@ -361,6 +362,12 @@ def main(argv=None):
         parts = set()
     if not parts or not parts <= {1, 2, 3, 4, 5}:
         p.error(f"--parts {args.parts}: expected numbers from 1 to 5, comma-separated")
+    out = Path(args.out)   # written after each part: checked before the first
+    if out.is_dir():
+        p.error(f"--out {out} is a folder; expected the report's file name")
+    if data.cannot_write(out.parent):
+        p.error(f"--out {out}: {data.cannot_write(out.parent)}")
+    out.parent.mkdir(parents=True, exist_ok=True)
     if parts - {1} and not torch.cuda.is_available():
         raise SystemExit("error: no CUDA GPU: parts 2-5 of the GPU check need one (--parts 1 runs the part that "
                          "does not)")

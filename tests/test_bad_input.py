@@ -6,11 +6,13 @@ Every flag of the command lines says what it does and, where it has one, its def
 import argparse
 import dataclasses
 import json
+import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -97,6 +99,14 @@ def d(tmp_path_factory, spm_model):
     (d / "no-resume").mkdir()
     (d / "bad-resume").mkdir()
     (d / "bad-resume/resume.pt").write_bytes(good[:100])
+    (d / "text-resume").mkdir()                 # text: the weights-only unpickler reads 'h' as BINGET (a KeyError)
+    (d / "text-resume/resume.pt").write_text("hello, not a resume state\n")
+    (d / "text-vit.bin").write_text("hello, not weights\n")
+    ytvos_tree(d / "ytvos-empty", json.dumps({"videos": {}}))                  # the folders there, no expression
+    (d / "ytvos-empty/meta_expressions/test").mkdir()
+    (d / "ytvos-empty/meta_expressions/test/meta_expressions.json").write_text('{"videos": {}}')
+    shutil.copytree(d / "davis", d / "davis-empty-list")
+    (d / "davis-empty-list/ImageSets/2017/val.txt").write_text("\n")
     return d
 
 
@@ -199,8 +209,44 @@ CASES = [
     ("eval", "--bench synthetic --ckpt {good} --out {d}/a-file/o", ["--out", "a-file is a file; expected a folder"]),
     ("data", "--out {d}/sheet.psd", ["--out", "sheet.psd: expected an image file name"]),       # Pillow reads, not writes
     ("data", "--out {d}/sheet.xyz", ["--out", "sheet.xyz: expected an image file name"]),
-    ("data", "--out {d}/a-file/sheet.png", ["--out", "a-file is a file, not a folder"]),
+    ("data", "--out {d}/a-file/sheet.png", ["--out", "a-file is a file; expected a folder"]),
     ("data", "synthetic --data-root {d}", ["--data-root: the synthetic world is made here and has no root"]),
+    # an empty path (a quoted shell variable left unset) is not "not given": --init '' trained from random weights
+    # (--steps 1: where the flag passes, the run ends soon)
+    ("train", "--mode finetune --init '' --steps 1", ["argument --init: got '', expected a path"]),
+    ("train", "--mode finetune --encoders '' --steps 1", ["argument --encoders: got ''"]),
+    ("train", "--t5 '' --spm {spm} --steps 1", ["argument --t5: got ''"]),
+    ("train", "--vit '' --steps 1", ["argument --vit: got ''"]),
+    ("train", "--spm '' --steps 1", ["argument --spm: got ''"]),
+    ("train", "--out '' --steps 1", ["argument --out: got ''"]),
+    ("train", "--mode finetune --data ytvos --data-root ''", ["argument --data-root: got ''"]),
+    ("eval", "--bench synthetic --ckpt {good} --spm '' --num-clips 2 --out {d}/o-spm", ["argument --spm: got ''"]),
+    ("eval", "--bench synthetic --ckpt {good} --num-clips 2 --out ''", ["argument --out: got ''"]),
+    ("data", "--out ''", ["argument --out: got ''"]),
+    ("gpu", "--parts 1 --out ''", ["argument --out: got ''"]),
+    # a seed past what torch's generators take (2**64 - 1, and seed * 100003 + epoch for the data order): a traceback.
+    # The range is the one of numpy's RandomState and Lightning's seed_everything, [0, 2**32 - 1]
+    ("train", "--seed 99999999999999999999", ["argument --seed: got '99999999999999999999'", "<= 4294967295"]),
+    ("train", "--seed 200000000000000", ["argument --seed: got '200000000000000'"]),
+    ("train", "--lr 1e300 --steps 1", ["argument --lr: got '1e300', expected a finite number > 0 and <= 3.40282e+37"]),
+    ("train", "--data foo", ["argument --data: invalid choice: 'foo'"]),          # it said "--data foo needs --data-root"
+    # files whose bytes make torch's weights-only unpickler raise a KeyError
+    ("train", "--resume --out {d}/text-resume", ["text-resume/resume.pt: unreadable", "expected the resume.pt"]),
+    ("train", "--vit {d}/text-vit.bin --spm {spm}", ["text-vit.bin: unreadable weights"]),
+    # the folders there, nothing in them: a sentencepiece traceback; an empty submission.zip; a table of NaN
+    ("train", "--mode finetune --data ytvos --data-root {d}/ytvos-empty", ["--data ytvos", "no training clips"]),
+    ("eval", "--bench ytvos --ckpt {good} --data-root {d}/ytvos-empty --out {d}/o-ytvos-empty",
+     ["ytvos-empty: no valid video with an expression"]),
+    ("eval", "--bench davis17 --davis-root {d}/davis-empty-list --predictions {d}/pred",
+     ["davis-empty-list/ImageSets/2017/val.txt: no sequence listed"]),
+    # a root that the benchmark does not read, silently ignored
+    ("eval", "--bench synthetic --ckpt {good} --data-root {d}/ytvos-empty --out {d}/o-synthetic",
+     ["--data-root: --bench synthetic"]),
+    ("eval", "--bench ytvos --ckpt {good} --data-root {d}/ytvos-truncated-frame --davis-root {d}/davis --out {d}/o-y",
+     ["--davis-root is the DAVIS 2017 ground truth of --bench davis17"]),
+    # the GPU check's report, written after its first part (a traceback there)
+    ("gpu", "--parts 1 --out {d}", ["is a folder; expected the report's file name"]),
+    ("gpu", "--parts 1 --out {d}/a-file/report.md", ["a-file is a file; expected a folder"]),
 ]
 
 
@@ -217,7 +263,8 @@ def test_bad_input_gives_one_error_line(program, args, names, d, tmp_path, capsy
     argv = shlex.split(args.format(d=d, good=d / "good.safetensors", spm=d / "spm.model"))
     if program == "train":
         argv = [*FAST, "--out", str(tmp_path / "out"), *argv]        # a later --out wins
-    status, text = error_line({"train": train.main, "eval": ev.main, "data": data.main}[program], argv, capsys)
+    mains = {"train": train.main, "eval": ev.main, "data": data.main, "gpu": gpu_check.main}
+    status, text = error_line(mains[program], argv, capsys)
     assert status != 0
     assert text.startswith("error: ") and len(text.strip().splitlines()) == 1 and "Traceback" not in text, text
     for name in names:
@@ -330,3 +377,83 @@ def test_every_flag_has_a_help_that_gives_its_default(monkeypatch):
             assert a.help and a.help.strip(), flag
             if a.default not in (None, False):
                 assert "default" in a.help, flag
+
+
+def test_a_refused_resume_keeps_the_runs_tokenizer(tmp_path, spm_model, monkeypatch, capsys):
+    """--resume with another --spm: the run's spm.model was replaced before the resume was checked, so the refused
+    resume left a checkpoint beside a tokenizer it was not trained with (no resume possible after it, and a fine-tuning
+    from it reading other ids without a word). It stops with one line and leaves the run's files byte for byte."""
+    import sentencepiece as spm
+    monkeypatch.delenv("TRITON_INTERPRET")
+    out = tmp_path / "run"
+    train.main(["--steps", "2", *FAST, "--spm", str(spm_model), "--out", str(out)])
+    (tmp_path / "other.txt").write_text("\n".join(f"a quick brown fox number {i} jumps over the lazy dog"
+                                                  for i in range(200)))
+    spm.SentencePieceTrainer.train(input=str(tmp_path / "other.txt"), model_prefix=str(tmp_path / "other"),
+                                   vocab_size=60, hard_vocab_limit=False, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                   minloglevel=2)
+    before = {f: (out / f).read_bytes() for f in ("spm.model", "ckpt.safetensors", "resume.pt")}
+    assert before["spm.model"] == spm_model.read_bytes()
+    status, text = error_line(train.main, ["--resume", "--steps", "4", *FAST, "--spm", str(tmp_path / "other.model"),
+                                           "--out", str(out)], capsys)
+    assert {f: (out / f).read_bytes() for f in before} == before, text
+    assert status != 0 and text.startswith("error: --resume: ") and "other.model" in text, text
+    train.main(["--resume", "--steps", "3", *FAST, "--out", str(out)])        # and the run goes on as it was
+    assert (out / "spm.model").read_bytes() == spm_model.read_bytes()
+
+
+@pytest.mark.parametrize("flag", ["--init", "--encoders"])
+def test_overwrite_never_deletes_the_checkpoint_the_run_starts_from(flag, tmp_path, spm_model, monkeypatch, capsys):
+    """--mode finetune --init RUN/ckpt.safetensors --out RUN --overwrite (the line the refusal of a used --out points
+    to) deleted the pre-training checkpoint, then failed on it: 'no such checkpoint'."""
+    monkeypatch.delenv("TRITON_INTERPRET")
+    out = tmp_path / "run"
+    train.main(["--steps", "2", *FAST, "--spm", str(spm_model), "--out", str(out)])
+    before = (out / "ckpt.safetensors").read_bytes()
+    status, text = error_line(train.main, ["--mode", "finetune", flag, str(out / "ckpt.safetensors"), "--steps", "1",
+                                           *FAST, "--out", str(out), "--overwrite"], capsys)
+    assert status != 0 and f"{flag} " in text and "--overwrite would delete" in text, text
+    assert (out / "ckpt.safetensors").read_bytes() == before
+
+
+@pytest.fixture
+def locked(monkeypatch):
+    """lock(folder): `folder` unwritable for this process: chmod 555, or as root (who writes anyway) the immutable
+    attribute (chattr +i); where neither holds (root without the capability), os.access answers no for it, as
+    access(2) does on a read-only mount. Undone at the end."""
+    done, denied = [], []
+    access = os.access
+
+    def lock(folder):
+        os.chmod(folder, 0o555)
+        done.append(lambda: os.chmod(folder, 0o755))
+        if os.access(folder, os.W_OK):
+            if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0:
+                done.append(lambda: subprocess.run(["chattr", "-i", str(folder)], check=True))
+            else:
+                denied.append(Path(folder).resolve())
+                monkeypatch.setattr(os, "access", lambda p, mode, **k: (Path(p).resolve() not in denied
+                                                                         and access(p, mode, **k)))
+        return folder
+    yield lock
+    for undo in reversed(done):
+        undo()
+
+
+def test_a_read_only_output_folder_gives_one_line(d, tmp_path, locked, capsys):
+    """An --out that cannot be written (a read-only mount, permissions): train.py, eval.py and the inspector stopped with
+    a PermissionError (or EROFS) traceback, eval.py --predictions only after scoring every sequence."""
+    pred = shutil.copytree(d / "pred", tmp_path / "ro" / "pred")
+    locked(pred)
+    ro = locked(tmp_path / "ro")
+    cases = [(train.main, [*FAST, "--steps", "1", "--out", str(ro / "new")], "--out"),
+             (ev.main, ["--bench", "synthetic", "--ckpt", str(d / "good.safetensors"), "--num-clips", "2",
+                        "--out", str(ro / "eval")], "--out"),
+             (data.main, ["--out", str(ro / "sheet.png")], "--out"),
+             (ev.main, ["--bench", "davis17", "--davis-root", str(d / "davis"), "--predictions", str(pred)], "pred"),
+             (gpu_check.main, ["--parts", "1", "--out", str(ro / "gpu_check.md")], "--out")]
+    for main, argv, name in cases:
+        status, text = error_line(main, argv, capsys)
+        assert status != 0 and text.startswith("error: ") and len(text.strip().splitlines()) == 1, text
+        assert name in text and "not writable" in text, text
+    assert sorted(p.name for p in ro.iterdir()) == ["pred"]

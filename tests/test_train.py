@@ -349,8 +349,8 @@ def test_a_ddp_run_stopped_by_an_error_leaves_no_gloo_thread(tmp_path):
 def test_clear_errors(tmp_path):
     r = run(["--mode", "finetune", "--data", "ytvos", "--data-root", str(tmp_path / "missing"), "--out", str(tmp_path / "x")])
     assert r.returncode != 0 and "missing not found: expected the Ref-YouTube-VOS root" in r.stderr
-    r = run(["--data", "kinetics", "--data-root", str(tmp_path), "--out", str(tmp_path / "k")])
-    assert r.returncode != 0 and "unknown dataset 'kinetics'" in r.stderr
+    r = run(["--data", "kinetics", "--out", str(tmp_path / "k")])      # named at once, not "needs --data-root"
+    assert r.returncode != 0 and r.stderr.startswith("error: argument --data: invalid choice: 'kinetics'")
     # a resume.pt of another config
     ok = run(["--mode", "pretrain", "--steps", "1", *FAST, "--out", str(tmp_path / "r")])
     assert ok.returncode == 0, ok.stderr
@@ -735,7 +735,7 @@ def test_a_lone_resume_pt_is_guarded_too(tmp_path):
     out.mkdir()
     (out / "resume.pt").write_bytes(b"x")
     with pytest.raises(SystemExit, match="holds the checkpoint of an earlier run"):
-        train.check_out(types.SimpleNamespace(out=out, resume=False, overwrite=False))
+        train.check_out(types.SimpleNamespace(out=out, resume=False, overwrite=False, init=None, encoders=None))
     assert (out / "resume.pt").read_bytes() == b"x"
 
 
