@@ -139,6 +139,23 @@ def scene(*objects, pan=(0, 0)):
     return {"objects": objs, "target": 0, "background": [(0.1, 0.2, 0.0, (0.1, 0.1, 0.1))], "pan": pan}
 
 
+def test_items_have_the_spec_dtypes(ytvos_root):
+    """SPEC §4: frames Float[T,3,H,W] in [0,1], masks Bool[T,H,W], boxes Float[T,4] (x1 <= x2, y1 <= y2, in [0,1]),
+    valid Bool[T], flow Float (zeros for frame 1). The loaders' other tests compare with torch.equal, which ignores
+    the dtype (torch.equal of uint8 1 and bool True is True)."""
+    items = [data.build_dataset("synthetic", None, split, CFG, train=train, size=2)[1]
+             for split, train in (("pretrain", True), ("train", True), ("val", False))]
+    with pytest.warns(UserWarning, match="skipped 1 empty"):
+        items += [data.build_dataset("ytvos", ytvos_root, "train", CFG, train=train)[0] for train in (False, True)]
+    for it in items:
+        assert it["frames"].dtype == torch.float32 and 0 <= it["frames"].min() and it["frames"].max() <= 1
+        if "flow" in it:
+            assert it["flow"].dtype == torch.float32 and not it["flow"][0].any()
+        assert it["masks"].dtype == torch.bool and it["valid"].dtype == torch.bool
+        b = it["boxes"]
+        assert b.dtype == torch.float32 and 0 <= b.min() and b.max() <= 1 and (b[:, :2] <= b[:, 2:]).all()
+
+
 def test_synthetic_words_are_needed():
     rng = np.random.default_rng(0)
     # same kind, another colour: the colour is needed

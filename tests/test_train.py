@@ -728,6 +728,51 @@ def test_init_keeps_the_freeze_flags(tmp_path, spm_model):
         assert (model.freeze_text, model.freeze_vision) == (text, vision), flags
 
 
+# SPEC §7: a kill during a save never loses the last good checkpoint. The writer below dies (SIGKILL) with half its
+# bytes on disk; a save written straight to its path (no temporary file renamed) loses the checkpoint there.
+DIE_HALFWAY = """
+import os, signal, sys, torch
+def halfway(write):
+    def dying(obj, path, *a, **k):
+        write(obj, path, *a, **k)
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return dying
+"""
+
+
+def test_a_kill_during_a_save_keeps_the_last_checkpoint(tmp_path):
+    ckpt, resume = tmp_path / "ckpt.safetensors", tmp_path / "resume.pt"
+    code = DIE_HALFWAY + """
+import safetensors.torch as st, slvp, train
+from pathlib import Path
+torch.manual_seed(0)
+model = slvp.SLVP(slvp.SLVPConfig.tiny())
+slvp.save_checkpoint(sys.argv[1], model, step=1)
+train.atomic_save({"step": 1, "w": torch.arange(1000.0)}, Path(sys.argv[2]))
+with torch.no_grad():
+    for p in model.parameters():
+        p.add_(1.0)
+if sys.argv[3] == "ckpt":
+    st.save_file = halfway(st.save_file)
+    slvp.save_checkpoint(sys.argv[1], model, step=2)
+else:
+    torch.save = halfway(torch.save)
+    train.atomic_save({"step": 2, "w": torch.zeros(1000)}, Path(sys.argv[2]))
+"""
+    torch.manual_seed(0)
+    first = slvp.SLVP(slvp.SLVPConfig.tiny()).state_dict()          # the first save's weights, built again here
+    for which in ("ckpt", "resume"):
+        r = subprocess.run([sys.executable, "-c", code, str(ckpt), str(resume), which], env=ENV, cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+        assert json.loads(slvp.read_checkpoint_metadata(ckpt)["extra"]) == {"step": 1}
+        assert all(torch.equal(v, first[k]) for k, v in slvp.load_checkpoint(ckpt).state_dict().items())
+        state = torch.load(resume, weights_only=True)
+        assert state["step"] == 1 and torch.equal(state["w"], torch.arange(1000.0))
+
+
 def test_a_lone_resume_pt_is_guarded_too(tmp_path):
     """An --out holding resume.pt but no ckpt.safetensors is an earlier run's: a new run without --resume or
     --overwrite stops and leaves it."""
