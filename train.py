@@ -545,24 +545,25 @@ def run(args, ddp, rank, world, device):
         spm = Path(args.spm) if args.spm else next((Path(c).parent / "spm.model" for c in (args.init, args.encoders)
                                                     if c and (Path(c).parent / "spm.model").is_file()), None)
         own = args.out / "spm.model"
-        if args.resume and own.is_file():   # the run's tokenizer; another, copied over it, was lost with a failed resume
+        if args.resume and own.is_file():   # a resumed run keeps its own tokenizer (checked before it is replaced)
             if spm is not None and spm.is_file() and spm.read_bytes() != own.read_bytes():
                 raise ValueError(f"--resume: {spm} is not the tokenizer of the run in {args.out} ({own}); a resumed "
                                  f"run keeps its own: leave out --spm (and give the run's own --init or --encoders)")
-            spm = own if spm is None or spm.is_file() else spm     # a missing --spm: the tokenizer's line names it
+            if spm is None or spm.is_file():   # (a missing --spm is named by the Tokenizer)
+                spm = own
         if spm is None and (args.init or args.encoders):   # a new tokenizer would give its text encoder other ids
             raise ValueError(f"no spm.model beside {args.init or args.encoders}: pass the sentencepiece model it was "
                              f"trained with as --spm")
         if spm is not None:
             tokenizer = slvp.Tokenizer(spm)
-            if spm.resolve() != (args.out / "spm.model").resolve() and main_proc:
-                shutil.copy(spm, args.out / "spm.model")
+            if spm.resolve() != own.resolve() and main_proc:
+                shutil.copy(spm, own)
         else:
             if main_proc:
                 fit_tokenizer(sets, args.out)
             if ddp:
                 dist.barrier()
-            tokenizer = slvp.Tokenizer(args.out / "spm.model")
+            tokenizer = slvp.Tokenizer(own)
         model = build_model(args, tokenizer)
         if len(tokenizer) > model.cfg.vocab_size:
             raise ValueError(f"the tokenizer has {len(tokenizer)} pieces, more than the model's vocabulary of "
