@@ -37,8 +37,24 @@ import data
 # ----------------------------------------------------------------------------------------------------------
 
 
+def same_shapes(gt, pred, void):
+    """gt, pred (and void) as bool arrays (non-zero = in the mask, as the DAVIS evaluator's astype(bool)) of one
+    shape: the evaluator asserts it, where numpy would broadcast a [H, W] or one-frame prediction over the frames."""
+    for name, x in (("gt", gt), ("pred", pred)):
+        if np.asarray(x).dtype.kind == "f":   # probabilities or logits: every non-zero value would count
+            raise ValueError(f"{name} is {np.asarray(x).dtype}; expected binary masks (e.g. logits > 0)")
+    gt, pred = np.asarray(gt, dtype=bool), np.asarray(pred, dtype=bool)
+    void = None if void is None else np.asarray(void, dtype=bool)
+    for name, x in (("pred", pred), ("void", void)):
+        if x is not None and x.shape != gt.shape:
+            raise ValueError(f"{name} {x.shape} and gt {gt.shape} differ in shape; expected masks [T, H, W] or [H, W] "
+                             f"alike")
+    return gt, pred, void
+
+
 def db_eval_iou(gt, pred, void=None):
     """J per frame: gt, pred Bool[T, H, W] (or [H, W]); void pixels are left out; 1 where both are empty."""
+    gt, pred, void = same_shapes(gt, pred, void)
     keep = ~void if void is not None else True
     inter = np.sum(gt & pred & keep, axis=(-2, -1))
     union = np.sum((gt | pred) & keep, axis=(-2, -1))
@@ -118,7 +134,12 @@ def f_from_boundaries(pred_b, pred_dil, gt_b, gt_dil):
 
 
 def db_eval_boundary(gt, pred, void=None, bound_th=0.008):
-    """F per frame for Bool[T, H, W] masks."""
+    """F per frame for Bool[T, H, W] masks; a scalar for [H, W] masks (the evaluator's f_measure)."""
+    gt, pred, void = same_shapes(gt, pred, void)
+    if gt.ndim == 2:
+        return db_eval_boundary(gt[None], pred[None], None if void is None else void[None], bound_th)[0]
+    if gt.ndim != 3:
+        raise ValueError(f"masks of {gt.ndim} dimensions; expected [T, H, W] or [H, W]")
     return f_from_boundaries(*boundaries(pred, void, bound_th), *boundaries(gt, void, bound_th))
 
 
@@ -190,6 +211,9 @@ def evaluate_objects(gt, pred, void=None, match=True, max_proposals=MAX_PROPOSAL
     """gt Bool[n_gt, T, H, W], pred Bool[n_pred, T, H, W]. With match (the unsupervised protocol) predicted ids are
     assigned to true ids by the Hungarian method on the mean of J and F; without it pred[k] is scored against gt[k].
     Returns J, F as [n_gt, T] arrays, in the evaluator's order (matched pairs sorted by predicted id)."""
+    if np.shape(pred)[1:] != np.shape(gt)[1:] or np.ndim(gt) != 4:
+        raise ValueError(f"gt {np.shape(gt)} and pred {np.shape(pred)}: expected [objects, T, H, W] with the same T, H, "
+                         f"W")
     if match and len(pred) > max_proposals:
         raise ValueError(f"{len(pred)} predicted ids: more than the {max_proposals} proposals the protocol allows")
     if len(pred) < len(gt):
@@ -363,6 +387,8 @@ def color_wheel():
 def flow_to_color(flow, max_norm=None):
     """Float[2, H, W] (x, y) -> uint8 [H, W, 3]: hue = direction, saturation = length / max_norm (white = still)."""
     u, v = np.asarray(flow[0], np.float64), np.asarray(flow[1], np.float64)
+    unknown = ~(np.isfinite(u) & np.isfinite(v))                    # Middlebury's flowToColor: NaN pixels black
+    u, v = np.where(unknown, 0, u), np.where(unknown, 0, v)
     rad = np.hypot(u, v)
     max_norm = max_norm or max(rad.max(), 1e-6)
     u, v, rad = u / max_norm, v / max_norm, np.minimum(rad / max_norm, 1)
@@ -375,11 +401,19 @@ def flow_to_color(flow, max_norm=None):
     f = (fk - k0)[..., None]
     col = (1 - f) * wheel[k0] + f * wheel[k1]
     col = 1 - rad[..., None] * (1 - col)
+    col[unknown] = 0
     return (col * 255).round().astype(np.uint8)
 
 
 def overlay(frame, mask, color=(255, 40, 40), alpha=0.5):
     """uint8 [H, W, 3] frame with the mask tinted and its boundary drawn."""
+    frame, mask = np.asarray(frame), np.asarray(mask)
+    if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
+        raise ValueError(f"frame {frame.shape} {frame.dtype}: expected uint8 [H, W, 3] (to_uint8 converts [0, 1] "
+                         f"frames)")
+    if mask.shape != frame.shape[:2]:
+        raise ValueError(f"mask {mask.shape} and frame {frame.shape[:2]} differ in size")
+    mask = mask.astype(bool)                                        # not an index array (uint8 0/1 picks rows 0, 1)
     out = frame.astype(np.float32).copy()
     out[mask] = (1 - alpha) * out[mask] + alpha * np.asarray(color, np.float32)
     out[seg2bmap(mask)] = color
@@ -402,6 +436,9 @@ def predict(model, dataset, tokenizer, batch_size=4, device="cpu", progress=True
     expression is done: the mask logits resized (bilinear) back to the original frame size; the mask is logits > 0.
     One expression at a time, so the full-size masks of a whole benchmark are never held together. `workers` read the
     clips in worker processes, in the same order."""
+    if getattr(model, "task", "rvos") != "rvos":
+        raise ValueError("predict needs a transfer (rvos) model; this one is a pre-training model (flow only): "
+                         "load_checkpoint(path, task='rvos') and fine-tune it")
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                                          collate_fn=data.Collate(tokenizer, model.cfg.max_text_len))
     model.eval()

@@ -308,6 +308,9 @@ def photometric_loss(image, flow, target, mask=None):
     if target.shape != image.shape:
         raise ValueError(f"target {tuple(target.shape)} must have the image's shape {tuple(image.shape)}")
     if mask is not None:
+        if mask.dim() != 4:  # a [B, H, W] mask would broadcast as [C, H, W] where B == C (B*(T-1) = 3 for T = 4)
+            raise ValueError(f"mask {tuple(mask.shape)} must be 4-D, [B or 1, 1 or C, H, W], for image "
+                             f"{tuple(image.shape)}")
         mask = mask.expand(image.shape)  # a view: a [B,1,H,W] mask is read with channel stride 0
     if use_triton(image, flow, target) and (mask is None or mask.dtype in MASK_DTYPES):
         if mask is not None and mask.dtype == torch.bool:

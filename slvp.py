@@ -268,7 +268,7 @@ class T5Encoder(nn.Module):
         buckets = t5_relative_buckets(L, self.cfg.t5_num_buckets, self.cfg.t5_max_distance, ids.device)
         bias = self.rel_bias(buckets).permute(2, 0, 1)[None]                 # [1, h, L, L]
         neg = torch.finfo(bias.dtype).min
-        bias = bias + torch.where(mask, 0.0, neg)[:, None, None, :]          # [B, h, L, L]: padded keys off
+        bias = bias + torch.zeros_like(mask, dtype=bias.dtype).masked_fill(~mask, neg)[:, None, None, :]  # keys off
         x = self.embed(ids)
         for layer in self.layers:
             x = layer(x, bias)
@@ -370,6 +370,9 @@ class ViTEncoder(nn.Module):
         self.norm = nn.LayerNorm(D, eps=cfg.vit_eps) if cfg.vit_norm_final else nn.Identity()
 
     def forward(self, images):
+        if images.dim() != 4 or tuple(images.shape[-2:]) != self.cfg.frame_size:
+            raise ValueError(f"images {tuple(images.shape)} do not match the config: expected [B, 3, H, W] with "
+                             f"(H, W) = frame_size {self.cfg.frame_size} (the position embedding's grid)")
         x = self.patch_embed(images).flatten(2).transpose(1, 2)              # [B, N, D]
         x = torch.cat([self.cls_token.expand(x.shape[0], 1, -1), x], dim=1)  # [B, 1+N, D]
         x = self.norm_pre(x + self.pos_embed)
@@ -604,7 +607,10 @@ class SLVP(nn.Module):
         if T != self.cfg.num_frames or tuple(frames.shape[-2:]) != self.cfg.frame_size:
             raise ValueError(f"frames {tuple(frames.shape)} do not match the config "
                              f"(T={self.cfg.num_frames}, frame_size={self.cfg.frame_size})")
-        x = (frames.flatten(0, 1) - self.pixel_mean) / self.pixel_std      # [B*T, 3, H, W]
+        if not frames.is_floating_point():
+            raise TypeError(f"frames are {frames.dtype}; expected floating-point RGB in [0, 1] (e.g. "
+                            f"frames.float() / 255)")
+        x = (frames.flatten(0, 1).to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std   # [B*T, 3, H, W]
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_vision):
             f_v = self.vision(x)                                            # [B*T, N, vit_dim], each frame alone
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_text):
@@ -637,7 +643,7 @@ class SLVP(nn.Module):
             raise RuntimeError("flow() needs task='pretrain'; the transfer model has no flow head")
         f_fused = self.fuse(frames, ids, mask)
         with torch.autocast(frames.device.type, enabled=False):  # flow in float32: bf16 rounds 8 px to 1/16 px
-            return unpatchify(self.flow_head(f_fused.float()), self.cfg, 2)            # Eq. (3)
+            return unpatchify(self.flow_head(f_fused.to(self.flow_head.weight.dtype)), self.cfg, 2)  # Eq. (3)
 
     def pretrain_loss(self, frames, ids, mask):
         """Eq. (1) on this model's flow: (loss, flow)."""
@@ -655,13 +661,14 @@ class SLVP(nn.Module):
         T, N = self.cfg.num_frames, self.cfg.num_patches
         f_max = f_fused.view(B, T, N, d).amax(dim=2)                        # [B, T, d]: MaxPooling per frame
         with torch.autocast(frames.device.type, enabled=False):  # boxes in float32: bf16 rounds 0.5..1 to 1/256
-            cx, cy, w, h = torch.sigmoid(self.box_head(f_max.float())).unbind(-1)  # normalized centre and size
+            f_max = f_max.to(self.box_head.weight.dtype)                    # (a model cast to bf16: its own dtype)
+            cx, cy, w, h = torch.sigmoid(self.box_head(f_max)).unbind(-1)  # normalized centre and size
             boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1)  # [B, T, 4]
             # clamped to the frame, the gradient passed as if unclamped: an edge beyond the frame is still pulled
             # back by Eqs. (5), (6), where a plain clamp would leave it without a gradient
             boxes = boxes + (boxes.clamp(0, 1) - boxes).detach()
         box_per_token = boxes[:, :, None, :].expand(B, T, N, 4).reshape(B, TN, 4)
-        logits = self.mask_head(torch.cat([f_fused, box_per_token], dim=-1))  # [B, T*N, p*p]
+        logits = self.mask_head(torch.cat([f_fused, box_per_token.to(f_fused.dtype)], dim=-1))  # [B, T*N, p*p]
         return {"boxes": boxes, "masks": unpatchify(logits, self.cfg, 1)[:, :, 0]}
 
     def rvos_loss(self, out, boxes, masks, valid, num_valid=None):
@@ -674,6 +681,11 @@ class SLVP(nn.Module):
         pb, gb = out["boxes"].float().flatten(0, 1), boxes.float().flatten(0, 1)   # [B*T, 4]
         l1 = ((pb - gb).abs().sum(-1) * v).sum() / n                        # Eq. (6), mean over present frames
         giou = ((1 - generalized_box_iou(pb, gb)) * v).sum() / n            # Eq. (5)
+        if masks.shape != out["masks"].shape:
+            raise ValueError(f"masks {tuple(masks.shape)} do not match the predicted {tuple(out['masks'].shape)} "
+                             f"[B, T, H, W]")
+        if not masks.is_floating_point():
+            masks = masks != 0                                              # 0/1 or 0/255: the object is non-zero
         logits, g = out["masks"].float(), masks.float()
         dice = dice_loss(logits.sigmoid(), g)                               # Eq. (7)
         bce = F.binary_cross_entropy_with_logits(logits, g)                 # Eq. (7), mean over pixels
@@ -719,7 +731,8 @@ def dice_loss(m, g, smooth=1.0):
 
 class Tokenizer:
     """T5 conventions on a sentencepiece model: pieces + </s>, padded with <pad> = 0, no BOS; texts longer than
-    max_len are cut to max_len - 1 pieces followed by </s>."""
+    max_len are cut to max_len - 1 pieces followed by </s>. max_len defaults to the paper's L = 64 (SPEC §3); the
+    tiny and small configs' L is 32: pass cfg.max_text_len."""
 
     def __init__(self, spiece_model_path):
         import sentencepiece
@@ -738,7 +751,9 @@ class Tokenizer:
     def __len__(self):
         return self.sp.get_piece_size()
 
-    def __call__(self, texts, max_len):
+    def __call__(self, texts, max_len=64):
+        if isinstance(texts, str):
+            raise TypeError(f"texts is a str ({texts[:40]!r}); expected a list of texts, e.g. [text]")
         rows = []
         for text in texts:
             if not text or not text.strip():

@@ -1,0 +1,184 @@
+"""Edge-case inputs to the public API (SPEC §3, §5) that a researcher forking the code plausibly passes: each either
+gives the right result, checked against an independent value (hand-worked, grid_sample, the DAVIS evaluator's or
+Middlebury's conventions), or fails with an error that names the problem."""
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import eval as ev
+import flow_warp_triton as fw
+import slvp
+
+CFG = slvp.SLVPConfig.tiny()
+
+
+def clip(B=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    frames = torch.rand(B, CFG.num_frames, 3, *CFG.frame_size, generator=g)
+    return frames, torch.randint(3, 100, (B, 5), generator=g), torch.ones(B, 5, dtype=torch.bool)
+
+
+# ---------------------------------------------------------------------------------------------- the model
+
+def test_frames_of_integer_dtype_are_refused_and_float64_taken():
+    """uint8 frames (PIL, video decoders) were normalized as if in [0, 1]: silently other masks (logits off by ~1).
+    float64 frames (numpy's default) crashed in the patch embedding's conv; they are the float32 frames' values."""
+    torch.manual_seed(0)
+    model = slvp.SLVP(CFG, task="rvos").eval()
+    frames, ids, mask = clip()
+    with torch.no_grad():
+        with pytest.raises(TypeError, match=r"\[0, 1\]"):
+            model((frames * 255).round().byte(), ids, mask)
+        ref = model(frames, ids, mask)["masks"]
+        assert torch.allclose(model(frames.double(), ids, mask)["masks"], ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_a_model_cast_to_another_dtype_runs(dtype):
+    """model.to(torch.bfloat16) (inference) and model.double() (gradcheck) crashed: the heads cast their input to
+    float32 against bf16/float64 weights ("mat1 and mat2 must have the same dtype"), and T5's mask bias built in float32
+    overflowed with float64's minimum. The reference: the float32 model on the same weights."""
+    torch.manual_seed(0)
+    frames, ids, mask = clip()
+    for task in ("rvos", "pretrain"):
+        model = slvp.SLVP(CFG, task=task).eval()
+        cast = slvp.SLVP(CFG, task=task).eval()
+        cast.load_state_dict(model.state_dict())
+        cast = cast.to(dtype)
+        with torch.no_grad():
+            ref = model(frames, ids, mask)
+            out = cast(frames.to(dtype), ids, mask)
+        ref = ref["masks"] if task == "rvos" else ref
+        out = out["masks"] if task == "rvos" else out
+        tol = 0.3 if dtype == torch.bfloat16 else 1e-4
+        assert torch.isfinite(out).all() and (out.float() - ref).abs().max() < tol, task
+
+
+def test_t5_in_float64_matches_float32():
+    torch.manual_seed(0)
+    t5 = slvp.T5Encoder(CFG).eval()
+    t64 = slvp.T5Encoder(CFG).eval()
+    t64.load_state_dict(t5.state_dict())
+    t64 = t64.double()
+    ids = torch.randint(3, 100, (2, 6))
+    mask = torch.tensor([[True] * 6, [True] * 3 + [False] * 3])
+    with torch.no_grad():
+        assert torch.allclose(t64(ids, mask).float(), t5(ids, mask), atol=1e-4)
+def test_vit_refuses_frames_of_another_size():
+    """A portrait frame (48x32 for 32x48) or 36x52 (the conv drops the rest) has the same 24 patches: it ran with the
+    position embedding of another grid; 224x224 failed 'The size of tensor a (785) must match ... (25)'."""
+    vit = slvp.ViTEncoder(CFG).eval()
+    for size in ((48, 32), (36, 52), (224, 224)):
+        with pytest.raises(ValueError, match="frame_size"):
+            vit(torch.randn(1, 3, *size))
+
+
+def test_rvos_loss_reads_integer_masks_as_the_evaluator_does():
+    """A 0/255 uint8 mask (a binary PNG) was read as a target of 255 by BCE and Dice; non-zero is the object (the DAVIS
+    evaluator's astype(bool)). Reference: the bool mask's loss (hand-worked in test_rvos_loss_hand_worked)."""
+    torch.manual_seed(0)
+    model = slvp.SLVP(CFG, task="rvos")
+    frames, ids, mask = clip(B=2)
+    with torch.no_grad():
+        out = model(frames, ids, mask)
+    H, W = CFG.frame_size
+    masks = torch.zeros(2, CFG.num_frames, H, W, dtype=torch.bool)
+    masks[..., 8:20, 10:30] = True
+    boxes = torch.tensor([10 / W, 8 / H, 30 / W, 20 / H]).expand(2, CFG.num_frames, 4)
+    valid = torch.ones(2, CFG.num_frames, dtype=torch.bool)
+    ref = model.rvos_loss(out, boxes, masks, valid)[0]
+    assert torch.allclose(model.rvos_loss(out, boxes, masks.byte() * 255, valid)[0], ref)
+    with pytest.raises(ValueError, match="do not match"):
+        model.rvos_loss(out, boxes, masks.flatten(0, 1), valid)
+
+
+# ---------------------------------------------------------------------------------------------- the warp and loss
+
+def reference_loss(image, flow, target, mask):
+    """grid_sample (align_corners=True, zeros) in float64, masked mean."""
+    B, C, H, W = image.shape
+    ys, xs = torch.meshgrid(torch.arange(H, dtype=torch.float64), torch.arange(W, dtype=torch.float64), indexing="ij")
+    grid = torch.stack([(xs + flow[:, 0].double()) * 2 / (W - 1) - 1, (ys + flow[:, 1].double()) * 2 / (H - 1) - 1], -1)
+    sq = (F.grid_sample(image.double(), grid, align_corners=True) - target.double()) ** 2
+    m = mask.double().expand_as(sq)
+    return (sq * m).sum() / m.sum()
+
+
+@pytest.mark.parametrize("interpret", ["1", "0"])
+def test_a_mask_per_frame_without_its_channel_axis_is_refused(interpret, monkeypatch):
+    """A [B, H, W] mask with B == C (one clip of T = 4 frames: B*(T-1) = 3 pairs, as photometric_objective builds
+    them) broadcast as [C, H, W]: frame b's mask applied to channel b of every frame, a wrong loss without an error."""
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    g = torch.Generator().manual_seed(0)
+    image, target = torch.rand(3, 3, 5, 7, generator=g), torch.rand(3, 3, 5, 7, generator=g)
+    flow = torch.randn(3, 2, 5, 7, generator=g)
+    mask = torch.rand(3, 5, 7, generator=g) > 0.5
+    with pytest.raises(ValueError, match="4-D"):
+        fw.photometric_loss(image, flow, target, mask)
+    loss = fw.photometric_loss(image, flow, target, mask[:, None])
+    assert loss.item() == pytest.approx(reference_loss(image, flow, target, mask[:, None]).item(), rel=1e-5)
+def test_metrics_refuse_masks_of_other_shapes():
+    """The DAVIS evaluator asserts gt.shape == pred.shape; numpy broadcast a one-frame or [H, W] prediction over every
+    frame: gt with its object in frame 0 only, pred that frame alone, scored J = [1, 0] without an error."""
+    gt = np.zeros((1, 2, 20, 30), bool)
+    gt[0, 0, 5:15, 5:20] = True
+    with pytest.raises(ValueError, match="shape"):
+        ev.db_eval_iou(gt[0], gt[0, 0])
+    with pytest.raises(ValueError, match="T, H, W"):
+        ev.evaluate_objects(gt, gt[:, :1])
+    with pytest.raises(ValueError, match="binary"):
+        ev.db_eval_iou(gt[0], gt[0].astype(np.float32) * 0.7)
+
+
+def test_boundary_of_single_frames_as_the_evaluator_takes_them():
+    """db_eval_boundary(gt, pred) on [H, W] masks (the evaluator's 2-D case) failed with IndexError 'too many indices';
+    the 20x20 square shifted 5 px is F = 0.5 (worked in test_j_and_f_hand_worked)."""
+    gt = np.zeros((100, 100), bool)
+    gt[20:40, 20:40] = True
+    shifted = np.roll(gt, 5, 1)
+    assert float(ev.db_eval_boundary(gt, shifted)) == pytest.approx(0.5)
+
+
+def test_overlay_takes_the_mask_as_a_mask():
+    """A uint8 0/1 mask or a torch bool mask indexed the frame as row numbers / a sequence: rows 0 and 1 painted, the
+    object not. Hand-worked: inside 0.5 * 100 + 0.5 * 255 = 177.5, rounded down; the DAVIS boundary map in the colour."""
+    frame = np.full((4, 5, 3), 100, np.uint8)
+    m = np.zeros((4, 5), bool)
+    m[1:3, 1:4] = True
+    want = [[255, 255, 255, 255, 100], [255, 177, 177, 255, 100], [255, 255, 255, 255, 100], [100] * 5]
+    for mask in (m, m.astype(np.uint8), torch.from_numpy(m)):
+        assert ev.overlay(frame, mask)[:, :, 0].tolist() == want
+    with pytest.raises(ValueError, match="uint8"):
+        ev.overlay(frame / 255, m)
+
+
+def test_flow_colour_of_a_non_finite_pixel_is_black():
+    """Middlebury's flowToColor paints NaN (and unknown) flow black and leaves it out of the normalization; here one
+    NaN pixel made the whole picture fail with IndexError (index -9223372036854775808)."""
+    flow = np.zeros((2, 1, 3), np.float32)
+    flow[0, 0, 1] = 3.0                                               # right: red at full saturation
+    flow[0, 0, 2] = np.nan
+    c = ev.flow_to_color(flow)[0]
+    assert c.tolist() == [[255, 255, 255], [255, 0, 0], [0, 0, 0]]
+
+
+def test_predict_refuses_a_pretraining_model(spm_model):
+    import data
+    ds = data.build_dataset("synthetic", None, "val", CFG, train=False, size=1)
+    with pytest.raises(ValueError, match="rvos"):
+        list(ev.predict(slvp.SLVP(CFG), ds, slvp.Tokenizer(spm_model), progress=False))
+
+
+# ---------------------------------------------------------------------------------------------- the tokenizer
+
+def test_tokenizer_takes_a_list_and_defaults_to_64(spm_model):
+    """SPEC §3: (texts: list[str], max_len=64). A str was read as a list of characters: 'circle' gave 6 rows, and
+    'the red circle' failed 'empty text in the batch (position 3)'."""
+    tok = slvp.Tokenizer(spm_model)
+    ids, mask = tok(["the red circle " * 40])
+    assert ids.shape == (1, 64) and ids[0, -1] == 1                  # cut to 63 pieces + </s>
+    with pytest.raises(TypeError, match="list"):
+        tok("circle", max_len=8)
