@@ -413,6 +413,8 @@ def overlay(frame, mask, color=(255, 40, 40), alpha=0.5):
                          f"frames)")
     if mask.shape != frame.shape[:2]:
         raise ValueError(f"mask {mask.shape} and frame {frame.shape[:2]} differ in size")
+    if mask.dtype.kind == "f":   # probabilities or logits: every non-zero pixel would be tinted, as in the metrics
+        raise ValueError(f"mask is {mask.dtype}; expected a binary mask (e.g. logits > 0)")
     mask = mask.astype(bool)                                        # not an index array (uint8 0/1 picks rows 0, 1)
     out = frame.astype(np.float32).copy()
     out[mask] = (1 - alpha) * out[mask] + alpha * np.asarray(color, np.float32)
@@ -720,7 +722,8 @@ def main(argv=None):
         p.error("--text is empty: expected the referring expression")
     root = "--data-root" if args.data_root else "--davis-root" if args.davis_root else None
     if args.bench is None and root:
-        p.error(f"{root} goes with --bench davis17, ytvos or visor (the demo reads --video)")
+        p.error(f"{root} goes with --bench " + ("davis17, ytvos or visor" if root == "--data-root" else "davis17")
+                + " (the demo reads --video)")
     if args.bench == "synthetic" and root:
         p.error(f"{root}: --bench synthetic is made here and reads no dataset; leave it out")
     if args.bench in ("ytvos", "visor") and args.davis_root:

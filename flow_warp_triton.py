@@ -301,15 +301,18 @@ def flow_warp(image, flow):
 
 
 def photometric_loss(image, flow, target, mask=None):
-    """Eq. (1): mean of (flow_warp(image, flow) - target)^2 over all elements, or over those where mask (0/1,
-    broadcastable to [B,C,H,W], e.g. [B,1,H,W]) is 1; a mask of other weights gives the mean weighted by them.
+    """Eq. (1): mean of (flow_warp(image, flow) - target)^2 over all elements, or over those where mask (0/1: [H,W]
+    for every image and channel, or 4-D broadcastable to [B,C,H,W], e.g. [B,1,H,W]) is 1; a mask of other weights
+    gives the mean weighted by them.
     A float32 scalar (float64 for float64 inputs, which take the torch reference); only flow gets a gradient."""
     _check(image, flow)
     if target.shape != image.shape:
         raise ValueError(f"target {tuple(target.shape)} must have the image's shape {tuple(image.shape)}")
     if mask is not None:
+        if mask.dim() == 2:  # one [H, W] mask for every image and channel: unambiguous
+            mask = mask[None, None]
         if mask.dim() != 4:  # a [B, H, W] mask would broadcast as [C, H, W] where B == C (B*(T-1) = 3 for T = 4)
-            raise ValueError(f"mask {tuple(mask.shape)} must be 4-D, [B or 1, 1 or C, H, W], for image "
+            raise ValueError(f"mask {tuple(mask.shape)} must be [H, W] or 4-D, [B or 1, 1 or C, H, W], for image "
                              f"{tuple(image.shape)}")
         mask = mask.expand(image.shape)  # a view: a [B,1,H,W] mask is read with channel stride 0
     if use_triton(image, flow, target) and (mask is None or mask.dtype in MASK_DTYPES):

@@ -676,14 +676,14 @@ class SLVP(nn.Module):
         on the masks of all frames. The box terms are averaged over num_valid frames: by default those present in
         this batch; under DDP train.py passes the mean count over the processes, so that the averaged gradient
         equals that of one process with the whole batch. Losses in float32, without host synchronization."""
+        if masks.shape != out["masks"].shape:
+            raise ValueError(f"masks {tuple(masks.shape)} do not match the predicted {tuple(out['masks'].shape)} "
+                             f"[B, T, H, W]")
         v = valid.float().flatten()                                         # [B*T]
         n = v.sum().clamp(min=1) if num_valid is None else num_valid
         pb, gb = out["boxes"].float().flatten(0, 1), boxes.float().flatten(0, 1)   # [B*T, 4]
         l1 = ((pb - gb).abs().sum(-1) * v).sum() / n                        # Eq. (6), mean over present frames
         giou = ((1 - generalized_box_iou(pb, gb)) * v).sum() / n            # Eq. (5)
-        if masks.shape != out["masks"].shape:
-            raise ValueError(f"masks {tuple(masks.shape)} do not match the predicted {tuple(out['masks'].shape)} "
-                             f"[B, T, H, W]")
         if not masks.is_floating_point():
             masks = masks != 0                                              # 0/1 or 0/255: the object is non-zero
         logits, g = out["masks"].float(), masks.float()

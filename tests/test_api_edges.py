@@ -182,3 +182,35 @@ def test_tokenizer_takes_a_list_and_defaults_to_64(spm_model):
     assert ids.shape == (1, 64) and ids[0, -1] == 1                  # cut to 63 pieces + </s>
     with pytest.raises(TypeError, match="list"):
         tok("circle", max_len=8)
+
+
+def test_overlay_refuses_logits_and_probabilities():
+    """A float mask (logits, sigmoid output) made overlay tint every non-zero pixel, i.e. the whole frame, silently
+    (up to commit cf5e320; before it an IndexError). Hand-worked: with the binary mask only the 2x3 object is tinted (177)."""
+    frame = np.full((4, 5, 3), 100, np.uint8)
+    logits = np.full((4, 5), -3.0, np.float32)
+    logits[1:3, 1:4] = 3.0
+    with pytest.raises(ValueError, match="binary"):
+        ev.overlay(frame, logits)
+    with pytest.raises(ValueError, match="binary"):
+        ev.overlay(frame, 1 / (1 + np.exp(-logits)))
+    assert (ev.overlay(frame, logits > 0)[:, :, 0] == 177).sum() == 2    # interior of the 2x3 object (rest: boundary)
+
+
+@pytest.mark.parametrize("interpret", ["1", "0"])
+def test_photometric_loss_takes_one_hw_mask_for_every_image(interpret, monkeypatch):
+    """The docstring says the mask is broadcastable to [B,C,H,W]; an [H, W] mask (one valid region for every image)
+    was taken before, and was refused with the [B, H, W] one up to commit cf5e320. Reference: grid_sample (align_corners=True, zeros)."""
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    g = torch.Generator().manual_seed(0)
+    image, target = torch.rand(3, 3, 5, 7, generator=g), torch.rand(3, 3, 5, 7, generator=g)
+    flow = torch.randn(3, 2, 5, 7, generator=g)
+    mask = torch.rand(5, 7, generator=g) > 0.5
+    ys, xs = torch.meshgrid(torch.arange(5.0, dtype=torch.float64), torch.arange(7.0, dtype=torch.float64), indexing="ij")
+    grid = torch.stack([(xs + flow[:, 0].double()) * 2 / 6 - 1, (ys + flow[:, 1].double()) * 2 / 4 - 1], -1)
+    sq = (F.grid_sample(image.double(), grid, align_corners=True) - target.double()) ** 2
+    m = mask.double().expand_as(sq)
+    ref = ((sq * m).sum() / m.sum()).item()
+    assert fw.photometric_loss(image, flow, target, mask).item() == pytest.approx(ref, rel=1e-5)
+    with pytest.raises(ValueError, match="4-D"):                      # the ambiguous [B, H, W] stays refused
+        fw.photometric_loss(image, flow, target, mask[None].expand(3, 5, 7))

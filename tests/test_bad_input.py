@@ -240,6 +240,8 @@ CASES = [
     ("eval", "--bench davis17 --davis-root {d}/davis-empty-list --predictions {d}/pred",
      ["davis-empty-list/ImageSets/2017/val.txt: no sequence listed"]),
     # a root that the benchmark does not read, silently ignored
+    ("eval", "--ckpt {good} --davis-root {d}/davis --video {d}/v --text t",     # not "davis17, ytvos or visor"
+     ["--davis-root goes with --bench davis17 (the demo reads --video)"]),
     ("eval", "--bench synthetic --ckpt {good} --data-root {d}/ytvos-empty --out {d}/o-synthetic",
      ["--data-root: --bench synthetic"]),
     ("eval", "--bench ytvos --ckpt {good} --data-root {d}/ytvos-truncated-frame --davis-root {d}/davis --out {d}/o-y",
