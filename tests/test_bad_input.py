@@ -459,3 +459,17 @@ def test_a_read_only_output_folder_gives_one_line(d, tmp_path, locked, capsys):
         assert status != 0 and text.startswith("error: ") and len(text.strip().splitlines()) == 1, text
         assert name in text and "not writable" in text, text
     assert sorted(p.name for p in ro.iterdir()) == ["pred"]
+
+
+def test_the_largest_value_a_flag_allows_is_allowed():
+    """data.number's upper bound is inclusive, as its message says ("<= 4294967295"): --seed takes numpy's whole seed
+    range [0, 2**32 - 1] (np.random.RandomState takes 2**32 - 1 and refuses 2**32), and --lr its bound itself."""
+    np.random.RandomState(2**32 - 1)
+    with pytest.raises(ValueError):
+        np.random.RandomState(2**32)
+    assert train.parse_args(["--seed", str(2**32 - 1)]).seed == 2**32 - 1
+    with pytest.raises(SystemExit):
+        train.parse_args(["--seed", str(2**32)])
+    top = float(np.finfo(np.float32).max) / 10
+    assert train.parse_args(["--lr", repr(top)]).lr == top
+    assert data.number(int, 1, high=3)("3") == 3

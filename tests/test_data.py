@@ -1259,3 +1259,61 @@ def test_synthetic_masks_are_the_referred_objects():
         want[19:30, 25 + 2 * t:36 + 2 * t] = True
         assert torch.equal(it["masks"][t], want), t
         assert torch.allclose(it["boxes"][t], torch.tensor([(25 + 2 * t) / W, 19 / H, (36 + 2 * t) / W, 30 / H]))
+
+
+# ---------------------------------------------------------------------------------------------- from a mutation run
+
+class ScriptedRng:
+    """A stand-in for the numpy Generator that augment and RefCOCO.load draw from: random() = 0.9 (no flip),
+    integers(lo, hi) = lo, and uniform(lo, hi) from `table` by its range, else from the `script` in order."""
+
+    def __init__(self, script=(), table=None):
+        self.script, self.table = list(script), table or {}
+
+    def random(self):
+        return 0.9
+
+    def integers(self, lo, hi):
+        return lo
+
+    def uniform(self, lo, hi):
+        return self.table[lo, hi] if (lo, hi) in self.table else self.script.pop(0)
+
+
+def test_contrast_is_about_the_frames_one_mean():
+    """augment's colour jitter with saturation s = 1.2, contrast c = 0.8, brightness b = 1.1 (its draws, in order:
+    crop scale 1, then b, c, s) on flat frames of colour x = (0.2, 0.5, 0.3), grey g = 1/3: saturation moves each
+    pixel from its grey, g + s (x - g); contrast then moves the frame from one mean, that of all its pixels and
+    channels (g again; torchvision's adjust_contrast also takes one mean per image), and brightness scales:
+    b (g + c s (x - g)) = 1.1 (1/3 + 0.96 (x - 1/3)) = (0.225867, 0.542667, 0.331467). Contrast about each channel's
+    own mean would leave a flat frame as saturation made it: 1.1 (1/3 + 1.2 (x - 1/3)) = (0.190667, 0.586667, 0.322667)."""
+    frames = torch.tensor([0.2, 0.5, 0.3])[None, :, None, None].expand(4, 3, H, W).clone()
+    masks = torch.zeros(4, H, W, dtype=torch.bool)
+    masks[:, 10:20, 10:20] = True
+    out = data.augment({"frames": frames, "masks": masks, "text": "x"}, ScriptedRng([1.0, 1.1, 0.8, 1.2]),
+                       crop_scale=(1.0, 1.0))["frames"]
+    want = torch.tensor([0.225867, 0.542667, 0.331467])[None, :, None, None].expand(4, 3, H, W)
+    assert torch.allclose(out, want, atol=1e-5), out[:, :, 0, 0]
+
+
+def test_refcoco_affine_shift_is_a_fraction_of_each_side(tmp_path):
+    """RefCOCO's pseudo-frames shift by up to 10% of the image's width in x and of its height in y (as torchvision's
+    RandomAffine(translate=(0.1, 0.1)) draws them). With no turn, no scaling and both shifts at their largest, the
+    object of a 200 x 100 image at x 40..100, y 30..60 moves by (20, 10) px to x 60..120, y 40..70: the box
+    (0.3, 0.4, 0.6, 0.7) of the frame (10% of the height in x would give x 50..110: 0.25..0.55)."""
+    root = tmp_path / "coco"
+    (root / "train2014").mkdir(parents=True)
+    img = np.zeros((100, 200, 3), np.uint8)
+    img[30:60, 40:100] = 200
+    Image.fromarray(img).save(root / "train2014/a.jpg", quality=95)
+    d = {"images": [{"id": 1, "file_name": "a.jpg", "height": 100, "width": 200, "caption": "the wide box"}],
+         "annotations": [{"id": 1, "image_id": 1, "bbox": [40, 30, 60, 30],
+                          "segmentation": [[40, 30, 100, 30, 100, 60, 40, 60]]}]}
+    (root / "refcoco").mkdir()
+    (root / "refcoco/instances_refcoco_train.json").write_text(json.dumps(d))
+    ds = data.build_dataset("refcoco", root, "refcoco", CFG, train=False)
+    rng = ScriptedRng(table={(-15, 15): 0.0, (0.85, 1.15): 1.0, (-0.1, 0.1): 0.1})
+    it = ds.load(ds.items[0], rng)
+    assert it["valid"].all()
+    want = torch.tensor([0.3, 0.4, 0.6, 0.7]).expand(4, 4)
+    assert torch.allclose(it["boxes"], want, atol=1.5 / W), it["boxes"]

@@ -685,3 +685,41 @@ def test_flow_colour_wheel():
     assert c[1][0] == 255 and 229 <= c[1][1] <= 230 and c[1][2] == 0
     assert c[2][0] == 0 and 208 <= c[2][1] <= 209 and c[2][2] == 255
     assert 87 <= c[3][0] <= 89 and c[3][1] == 0 and c[3][2] == 255
+
+
+# ---------------------------------------------------------------------------------------------- from a mutation run
+
+def test_demo_keeps_the_order_of_frames_numbered_without_zero_padding(tmp_path, spm_model):
+    """Frames named as ffmpeg's %d writes them (0.png, 1.png, ..., 11.png; data.frame_order's docstring): the demo's
+    overlay t is frame t, not the t-th name in text order (0, 1, 10, 11, 2, ...). The stand-in model predicts no mask,
+    so each overlay is its frame as it was: frame t flat at grey 10 + 20 t."""
+    cfg = slvp.SLVPConfig.tiny()
+    H, W = cfg.frame_size
+    video = tmp_path / "video"
+    video.mkdir()
+    for t in range(12):
+        Image.fromarray(np.full((H, W, 3), 10 + 20 * t, np.uint8)).save(video / f"{t}.png")
+    model = KnownLogits(cfg, lambda frames: torch.full(frames.shape[:2] + frames.shape[-2:], -1.0))
+    args = types.SimpleNamespace(video=video, text="the red circle", out=tmp_path / "d")
+    out = ev.demo(args, model, slvp.Tokenizer(spm_model), "cpu")
+    levels = [int(np.asarray(Image.open(out / f"{t:05d}.png")).mean()) for t in range(12)]
+    assert levels == [10 + 20 * t for t in range(12)]
+
+
+def test_a_checkpoint_of_exactly_its_tokenizers_pieces_loads(tmp_path, spm_model):
+    """train.py gives the model one token id per piece of its tokenizer (vocab_size = len(tokenizer)): such a checkpoint
+    loads, and the largest id the tokenizer can give, len - 1, has its embedding row; a model of one id fewer than the
+    pieces is refused (nn.Embedding(n) takes ids 0 .. n - 1)."""
+    n = len(slvp.Tokenizer(spm_model))
+    for vocab, ok in ((n, True), (n - 1, False)):
+        path = tmp_path / str(vocab) / "ckpt.safetensors"
+        path.parent.mkdir()
+        slvp.save_checkpoint(path, slvp.SLVP(dataclasses.replace(slvp.SLVPConfig.tiny(), vocab_size=vocab), task="rvos"))
+        shutil.copy(spm_model, path.parent / "spm.model")
+        if ok:
+            model, tok = ev.load_model_and_tokenizer(path, None, "cpu")
+            assert model.cfg.vocab_size == len(tok) == n
+            model.text.embed(torch.tensor([n - 1]))
+        else:
+            with pytest.raises(ValueError, match=f"has {n} pieces, more than the {n - 1}"):
+                ev.load_model_and_tokenizer(path, None, "cpu")

@@ -350,3 +350,58 @@ def test_wide_offsets_on_a_sparse_4gb_plane(tmp_path):
     small = want.reshape(1, 1, 3, 2).clone()                  # the plane as the fused loss's target: warp = target
     assert fw.photometric_loss(small, zero, image).item() == 0
     assert fw.photometric_loss(small, zero, image * 0 + 1).item() > 0
+
+
+# ---------------------------------------------------------------------------------------------- from a mutation run
+
+@pytest.mark.parametrize("H,W", [(48, 5), (5, 48)])
+def test_steps_longer_than_the_other_side_reach_their_pixel(H, W):
+    """_corners clamps a flow's whole-pixel step to +-(size + 2) along the step's own axis: on a frame 48 tall and 5
+    wide a vertical step of up to 47 rows, far past 5 + 2, lands on the row it points at, and across a frame 5 tall
+    and 48 wide a horizontal one on its column. Reference: grid_sample in float64 (align_corners=True, zeros outside)
+    on the sample points p + flow, each a random point of the frame with its fraction in [0.1, 0.9]."""
+    g = torch.Generator().manual_seed(3)
+    image = torch.rand(2, 3, H, W, generator=g)
+    ys, xs = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+    tx = torch.randint(0, W - 1, (2, H, W), generator=g) + 0.1 + 0.8 * torch.rand(2, H, W, generator=g)
+    ty = torch.randint(0, H - 1, (2, H, W), generator=g) + 0.1 + 0.8 * torch.rand(2, H, W, generator=g)
+    flow = torch.stack([tx - xs, ty - ys], 1)
+    assert flow.abs().amax() > max(H, W) - 8
+    image, flow = image.to(DEVICE), flow.to(DEVICE)
+    assert fw.use_triton(image, flow)
+    out = fw.flow_warp(image, flow)
+    grid = torch.stack([tx.double() / (W - 1) * 2 - 1, ty.double() / (H - 1) * 2 - 1], -1)
+    exact = torch.nn.functional.grid_sample(image.cpu().double(), grid, mode="bilinear", padding_mode="zeros",
+                                            align_corners=True)
+    assert (out.cpu().double() - exact).abs().max().item() < 1e-5
+    target = torch.rand(2, 3, H, W, generator=g).to(DEVICE)           # the fused loss reads through the same corners
+    loss = fw.photometric_loss(image, flow, target)
+    assert abs(loss.item() - ((exact - target.cpu().double()) ** 2).mean().item()) < 1e-5
+
+
+def test_a_float64_flow_is_followed_in_float64_on_a_float32_image():
+    """flow_warp_reference computes in the widest of the image's dtype, the flow's and float32 (its docstring: float64
+    stays float64): a float64 flow on a float32 image 648 wide is sampled where float64 samples it, to the output's
+    float32 rounding (6e-8), not at a float32 grid's coordinate (off by about 648 * 6e-8 / 2 px, 2e-5 in value).
+    Reference: grid_sample in float64 on the same points."""
+    g = torch.Generator().manual_seed(4)
+    H, W = 6, 648
+    image = torch.rand(1, 3, H, W, generator=g)
+    flow = (torch.rand(1, 2, H, W, generator=g, dtype=torch.float64) - 0.5) * 6
+    out = fw.flow_warp(image, flow)                                   # a float64 flow: the torch path
+    assert out.dtype == torch.float32
+    ys, xs = torch.meshgrid(torch.arange(H, dtype=torch.float64), torch.arange(W, dtype=torch.float64), indexing="ij")
+    grid = torch.stack([(xs + flow[:, 0]) / (W - 1) * 2 - 1, (ys + flow[:, 1]) / (H - 1) * 2 - 1], -1)
+    exact = torch.nn.functional.grid_sample(image.double(), grid, mode="bilinear", padding_mode="zeros",
+                                            align_corners=True)
+    assert (out.double() - exact).abs().max().item() < 1e-6
+
+
+def test_bytes_moved_hand_worked():
+    """The benchmark's byte count (its GB/s and % of copy columns, README "Performance"), per pixel: the fused loss
+    reads image and target (C channels each) and the flow (2); with backward it writes the flow gradient (2), then
+    reads it and writes it times grad_output (2 + 2). 2 frames of 10 x 10, C = 3, float32: 200 * 8 * 4 = 6400 bytes,
+    and 200 * 6 * 4 = 4800 more with backward; bfloat16 halves both."""
+    assert fw.bytes_moved(2, 3, 10, 10, torch.float32, False) == 6400
+    assert fw.bytes_moved(2, 3, 10, 10, torch.float32, True) == 11200
+    assert fw.bytes_moved(2, 3, 10, 10, torch.bfloat16, True) == 5600

@@ -662,3 +662,50 @@ def test_the_readme_api_snippet_runs_as_written(tmp_path, spm_model, monkeypatch
     assert env["out"]["boxes"].shape == (2, T, 4) and env["out"]["masks"].shape == (2, T, H, W)
     assert ((env["out"]["boxes"] >= 0) & (env["out"]["boxes"] <= 1)).all()
     assert torch.isfinite(env["loss"]) and set(env["parts"]) == {"l1", "giou", "dice", "bce"}
+
+
+# ---------------------------------------------------------------------------------------------- from a mutation run
+
+def test_t5_reads_its_position_buckets_from_the_config(tmp_path):
+    """load_t5 takes relative_attention_num_buckets and relative_attention_max_distance from config.json: a T5 with
+    16 buckets and max distance 20 (not the 32 / 128 that every other test uses, which a key read wrong would still
+    give by default) matches transformers on a batch of L = 40, where distances pass 20."""
+    from transformers import T5Config, T5EncoderModel
+    hf_cfg = T5Config(vocab_size=120, d_model=48, d_kv=16, d_ff=80, num_layers=2, num_heads=4,
+                      feed_forward_proj="relu", relative_attention_num_buckets=16,
+                      relative_attention_max_distance=20, dropout_rate=0.0)
+    torch.manual_seed(0)
+    hf = T5EncoderModel(hf_cfg).eval()
+    rescale_(hf, torch.Generator().manual_seed(1))
+    hf.save_pretrained(tmp_path)
+    ours = slvp.load_t5(tmp_path).eval()
+    assert (ours.cfg.t5_num_buckets, ours.cfg.t5_max_distance) == (16, 20)
+    ids = torch.randint(3, 120, (2, 40), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(2, 40, dtype=torch.bool)
+    mask[1, 30:] = False
+    ids[~mask] = 0
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        out = ours(ids, mask)
+    assert ref.std() > 0.1 and (out - ref).abs().max().item() < TOL
+
+
+def test_weights_saved_under_model_load_as_timm_loads_them(tmp_path):
+    """read_tensors unwraps {"model": state_dict}, the layout of DeiT's and MAE's released .pth files (their training
+    scripts save {"model": ..., "epoch": ...}); timm's own load_state_dict, the reference here, unwraps it the same way.
+    A ViT saved so loads as the bare one does."""
+    from timm.models import load_state_dict
+    vit = timm_vit(32, 8)
+    gen = torch.Generator().manual_seed(5)
+    rescale_(vit, gen)
+    sd = {k: v.contiguous() for k, v in vit.state_dict().items()}
+    path = tmp_path / "deit.pth"
+    torch.save({"model": sd, "epoch": 299}, path)
+    ref = load_state_dict(str(path), use_ema=False)
+    got = slvp.read_tensors(path)
+    assert set(got) == set(ref) == set(sd) and all(torch.equal(got[k], ref[k]) for k in ref)
+    ours = slvp.load_vit(path, frame_cfg(32, 32, 8)).eval()
+    x = torch.randn(2, 3, 32, 32, generator=gen)
+    with torch.no_grad():
+        err = (ours(x) - vit.forward_features(x)[:, 1:]).abs().max().item()
+    assert err < TOL

@@ -796,3 +796,72 @@ def test_t5_gives_the_model_its_vocabulary(tmp_path, spm_model):
     assert model.cfg.vocab_size == 120 and model.cfg.t5_layers == 2 and model.cfg.t5_d_kv == 16
     ref = slvp.load_t5(tmp_path / "t5").state_dict()
     assert all(torch.equal(v, ref[k]) for k, v in model.text.state_dict().items())
+
+
+# ---------------------------------------------------------------------------------------------- from a mutation run
+
+def test_ddp_box_terms_equal_one_process_with_fewer_present_frames_than_processes(spm_model, monkeypatch):
+    """SPEC §7: W processes give one process's result on the same global batch. One process averages the box terms over
+    the batch's present frames (at least 1); under DDP each process divides by the mean count over the processes and
+    DDP averages the gradients, so the mean count must go down to 1 / W. Here 2 processes and one present frame in the
+    whole batch, in this process's clip (the other process's clip has none: it adds 0 to the box terms): this
+    process's l1 and GIoU are twice one process's, so that their average is one process's. DETR's clamp of the mean
+    count to 1 halves them."""
+    torch.manual_seed(0)
+    cfg = slvp.SLVPConfig.tiny()
+    model = slvp.SLVP(cfg, task="rvos").eval()
+    H, W = cfg.frame_size
+    masks = torch.zeros(1, 4, H, W, dtype=torch.bool)
+    masks[0, 2, 8:20, 10:30] = True
+    boxes, valid = data.boxes_from_masks(masks[0])
+    ids, mask = slvp.Tokenizer(spm_model)(["the red circle"], max_len=cfg.max_text_len)
+    batch = {"frames": torch.rand(1, 4, 3, H, W, generator=torch.Generator().manual_seed(1)), "ids": ids, "mask": mask,
+             "boxes": boxes[None], "masks": masks, "valid": valid[None]}
+    assert int(valid.sum()) == 1
+    _, one = train.stage_loss(model, model, batch, "cpu")
+    monkeypatch.setattr(train.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(train.dist, "all_reduce", lambda t, *a, **k: None)   # + the other process's count, 0
+    monkeypatch.setattr(train.dist, "get_world_size", lambda *a: 2)
+    _, ddp = train.stage_loss(model, model, batch, "cpu")
+    assert one["l1"] > 0 and one["giou"] > 0
+    for k in ("l1", "giou"):
+        assert (ddp[k] / 2).item() == pytest.approx(one[k].item(), rel=1e-6), k
+    for k in ("dice", "bce"):                                    # the mask terms are means over this process's pixels
+        assert ddp[k].item() == pytest.approx(one[k].item(), rel=1e-6), k
+
+
+def test_init_of_a_checkpoint_of_other_frames_a_clip_trains_on_its_clips(tmp_path, spm_model):
+    """--init takes its checkpoint's config (--config is refused with it), so the training clips are rebuilt where the
+    checkpoint's geometry differs from the default config's: its frame size, and its frames a clip. A pre-training
+    checkpoint of the tiny config with T = 2 fine-tunes a step on clips of 2 frames (clips of the default's 4 would
+    not match its model: 'frames (4, 4, 3, 32, 48) do not match the config (T=2, ...)')."""
+    cfg = dataclasses.replace(slvp.SLVPConfig.tiny(), num_frames=2)
+    slvp.save_checkpoint(tmp_path / "pre.safetensors", slvp.SLVP(cfg))
+    shutil.copy(spm_model, tmp_path / "spm.model")
+    r = run(["--mode", "finetune", "--init", str(tmp_path / "pre.safetensors"), "--steps", "1", *FAST,
+             "--out", str(tmp_path / "ft")])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert slvp.load_checkpoint(tmp_path / "ft" / "ckpt.safetensors").cfg.num_frames == 2
+
+
+def test_a_run_ends_with_an_evaluation(tmp_path):
+    """--eval-every N: 'evaluate every N steps (and at the end)'. A run of 3 steps with --eval-every 1000 logs one
+    evaluation, at step 3, after its training lines."""
+    r = run(["--mode", "pretrain", "--steps", "3", *FAST, "--out", str(tmp_path / "pre")])
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = [json.loads(l) for l in (tmp_path / "pre" / "log.jsonl").read_text().splitlines()]
+    evals = [l for l in lines if l["kind"] == "eval"]
+    assert [l["step"] for l in evals] == [3] and lines[-1]["kind"] == "eval"
+    assert {"epe", "epe_zero_flow", "photo"} <= set(evals[0])
+
+
+def test_overwrite_starts_a_new_log(tmp_path):
+    """--overwrite replaces the earlier run in --out: its log.jsonl too, which then holds the new run's lines alone,
+    as a run into a new folder writes them (appended to the old lines, the steps of two runs were mixed)."""
+    fresh = run(["--mode", "pretrain", "--steps", "2", *FAST, "--out", str(tmp_path / "fresh")])
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    for argv in ([], ["--overwrite"]):
+        r = run(["--mode", "pretrain", "--steps", "2", *FAST, "--out", str(tmp_path / "again"), *argv])
+        assert r.returncode == 0, r.stderr[-2000:]
+    read = lambda out: [(l["kind"], l["step"]) for l in map(json.loads, (out / "log.jsonl").read_text().splitlines())]
+    assert read(tmp_path / "again") == read(tmp_path / "fresh") == [("train", 2), ("eval", 2)]
