@@ -1196,8 +1196,8 @@ def main(argv=None):
         p.error(f"--out {out}: expected an image file name (.png, .jpg)")
     if out.is_dir():
         p.error(f"--out {out} is a folder; expected an image file name")
-    if cannot_write(out.parent):
-        p.error(f"--out {out}: {cannot_write(out.parent)}")
+    if problem := cannot_write(out.parent):
+        p.error(f"--out {out}: {problem}")
     if args.name == "synthetic" and args.data_root:
         p.error("--data-root: the synthetic world is made here and has no root; leave it out")
     try:

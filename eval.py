@@ -40,10 +40,11 @@ import data
 def same_shapes(gt, pred, void):
     """gt, pred (and void) as bool arrays (non-zero = in the mask, as the DAVIS evaluator's astype(bool)) of one
     shape: the evaluator asserts it, where numpy would broadcast a [H, W] or one-frame prediction over the frames."""
+    gt, pred = np.asarray(gt), np.asarray(pred)
     for name, x in (("gt", gt), ("pred", pred)):
-        if np.asarray(x).dtype.kind == "f":   # probabilities or logits: every non-zero value would count
-            raise ValueError(f"{name} is {np.asarray(x).dtype}; expected binary masks (e.g. logits > 0)")
-    gt, pred = np.asarray(gt, dtype=bool), np.asarray(pred, dtype=bool)
+        if x.dtype.kind == "f":   # probabilities or logits: every non-zero value would count
+            raise ValueError(f"{name} is {x.dtype}; expected binary masks (e.g. logits > 0)")
+    gt, pred = gt.astype(bool, copy=False), pred.astype(bool, copy=False)
     void = None if void is None else np.asarray(void, dtype=bool)
     for name, x in (("pred", pred), ("void", void)):
         if x is not None and x.shape != gt.shape:
@@ -729,8 +730,8 @@ def main(argv=None):
     if args.bench in ("ytvos", "visor") and args.davis_root:
         p.error(f"--davis-root is the DAVIS 2017 ground truth of --bench davis17; --bench {args.bench} reads its own "
                 f"under --data-root: leave it out")
-    if not args.predictions and data.cannot_write(args.out):
-        p.error(f"--out {args.out}: {data.cannot_write(args.out)}")
+    if not args.predictions and (problem := data.cannot_write(args.out)):
+        p.error(f"--out {args.out}: {problem}")
     try:
         if args.bench == "davis17" and args.data_root and not args.davis_root:   # the ground truth is inside
             original = data.davis17_layout(args.data_root) == "original"
@@ -742,8 +743,8 @@ def main(argv=None):
             if not Path(args.predictions).is_dir():
                 raise FileNotFoundError(f"{args.predictions}: " + ("a file; expected a" if Path(args.predictions).exists()
                                                                    else "no such") + " predictions folder")
-            if data.cannot_write(args.predictions):       # the tables go there, after the scoring
-                raise ValueError(f"--predictions {data.cannot_write(args.predictions)}; the tables go into the "
+            if problem := data.cannot_write(args.predictions):       # the tables go there, after the scoring
+                raise ValueError(f"--predictions {problem}; the tables go into the "
                                  f"predictions folder, as the official tool writes them: score a copy")
             g, rows = evaluate_davis(gt_dir, seqs, args.predictions)
             write_tables(args.predictions, g, rows)

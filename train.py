@@ -152,8 +152,8 @@ def check_out(args):
     """A new run never replaces the checkpoint of an earlier run: into an --out that holds one it needs --resume
     (continue that run) or --overwrite (replace it on purpose), as the Hugging Face Trainer guards its output folder."""
     ckpt, resume = args.out / "ckpt.safetensors", args.out / "resume.pt"
-    if data.cannot_write(args.out):
-        raise SystemExit(f"error: --out {args.out}: {data.cannot_write(args.out)}")
+    if problem := data.cannot_write(args.out):
+        raise SystemExit(f"error: --out {args.out}: {problem}")
     start = args.init or args.encoders                     # (not both: the parser refuses it)
     if args.overwrite and start and Path(start).resolve() in (ckpt.resolve(), resume.resolve()):
         raise SystemExit(f"error: {'--init' if args.init else '--encoders'} {start} is the checkpoint that --overwrite "

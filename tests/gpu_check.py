@@ -365,8 +365,8 @@ def main(argv=None):
     out = Path(args.out)   # written after each part: checked before the first
     if out.is_dir():
         p.error(f"--out {out} is a folder; expected the report's file name")
-    if data.cannot_write(out.parent):
-        p.error(f"--out {out}: {data.cannot_write(out.parent)}")
+    if problem := data.cannot_write(out.parent):
+        p.error(f"--out {out}: {problem}")
     out.parent.mkdir(parents=True, exist_ok=True)
     if parts - {1} and not torch.cuda.is_available():
         raise SystemExit("error: no CUDA GPU: parts 2-5 of the GPU check need one (--parts 1 runs the part that "
