@@ -191,8 +191,24 @@ def clean_text(text):
 
 
 def some(names, k=3):
-    """The first k of a list of skipped things, for a warning that names them."""
+    """The first k of a list of skipped things, for a note that names them."""
     return ", ".join(map(str, names[:k])) + (", ..." if len(names) > k else "")
+
+
+class Note(UserWarning):
+    """What a loader skipped (empty expressions, bad clips): printed as one line, `note: ...`, not as a warning
+    followed by the line of data.py that raised it."""
+
+
+def note(message):
+    warnings.warn(message, Note, stacklevel=2)
+
+
+def format_note(message, category, *args, _format=warnings.formatwarning, **kwargs):
+    return f"note: {message}\n" if issubclass(category, Note) else _format(message, category, *args, **kwargs)
+
+
+warnings.formatwarning = format_note
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -295,7 +311,7 @@ class ClipDataset(torch.utils.data.Dataset):
                 if not self.skip_bad:
                     raise
                 self.bad += 1
-                warnings.warn(f"skipped a bad clip ({self.bad} so far in this worker): {e}")
+                note(f"skipped a bad clip ({self.bad} so far in this worker): {e}")
                 last = e
         else:
             raise BadFile(f"every clip of the dataset is bad, the last: {last}")
@@ -563,10 +579,10 @@ class SMiT(ClipDataset):
         self.layout = (f"S-MiT: {split}.txt, captions from transcriptions/<name>.txt, "
                        + ", ".join(f"{n} videos as {k}" for k, n in kinds.items()))
         if empty:
-            warnings.warn(f"S-MiT {split}: skipped {len(empty)} videos with an empty or missing caption "
+            note(f"S-MiT {split}: skipped {len(empty)} videos with an empty or missing caption "
                           f"({some(empty)})")
         if bad:
-            warnings.warn(f"S-MiT {split}: skipped {len(bad)} videos missing or unreadable ({some(bad)})")
+            note(f"S-MiT {split}: skipped {len(bad)} videos missing or unreadable ({some(bad)})")
 
     def load(self, entry, rng):
         name, source, idx, text = entry
@@ -637,7 +653,7 @@ class VideoExpressions(ClipDataset):
 
     def finish(self, what):
         if self.empty:
-            warnings.warn(f"{what}: skipped {len(self.empty)} empty expressions ({some(self.empty)})")
+            note(f"{what}: skipped {len(self.empty)} empty expressions ({some(self.empty)})")
         self.summary = {"videos": len(self.videos), "frames": sum(len(f) for f, _ in self.videos.values()),
                         "expressions": len(self.exprs)}
         if any(a is not None for _, a in self.videos.values()):   # objects referred to (annotated splits only)
@@ -811,10 +827,10 @@ class RefDAVIS17(VideoExpressions):
                 for a, (obj_id, text) in enumerate(entries):
                     self.add_expression(vid, 4 * k + a, text, obj_id)
         if unpaired:
-            warnings.warn(f"Ref-DAVIS17 {split}: skipped {unpaired} expressions of objects that not all four text "
+            note(f"Ref-DAVIS17 {split}: skipped {unpaired} expressions of objects that not all four text "
                           f"files describe (the conversion pairs the files' lines per video up to the shortest)")
         if undescribed:
-            warnings.warn(f"Ref-DAVIS17 {split}: {len(undescribed)} videos of {listing} have no expression in "
+            note(f"Ref-DAVIS17 {split}: {len(undescribed)} videos of {listing} have no expression in "
                           f"davis_text_annotations/: {' '.join(undescribed)}")
         self.layout = (f"Ref-DAVIS17 original downloads: {listing.relative_to(root)}, DAVIS/JPEGImages/480p, "
                        f"DAVIS/Annotations_unsupervised/480p, davis_text_annotations/"
@@ -970,7 +986,7 @@ class RefCOCO(ClipDataset):
                                     f"for refcocog) and instances.json, or the converted "
                                     f"instances_<dataset>_train.json")
         if empty:
-            warnings.warn(f"RefCOCO: skipped {len(empty)} empty expressions ({some(empty)})")
+            note(f"RefCOCO: skipped {len(empty)} empty expressions ({some(empty)})")
         self.layout = "; ".join(layouts) + "; images in train2014/"
         # objects: the COCO annotation behind each sentence (the conversion keeps its id as original_id)
         self.summary = {"images": len({im["file_name"] for _, im, _, _ in self.items}),
@@ -1066,7 +1082,7 @@ DATASETS = {"synthetic": None, "smit": SMiT, "ytvos": RefYouTubeVOS, "davis17": 
 
 def build_dataset(name, root, split, cfg, train, **options):
     """options: seed, and per dataset: skip_bad (the datasets read from files: bad files skipped and counted in a
-    warning instead of raising), size (synthetic), stride (smit), annotation (davis17, 0-3)."""
+    note instead of raising), size (synthetic), stride (smit), annotation (davis17, 0-3)."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
     if name == "synthetic":

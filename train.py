@@ -56,7 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--data-root", nargs="+", default=None, type=data.path,
                    help="one root folder per --data entry except synthetic")
     p.add_argument("--skip-bad", action="store_true",
-                   help="real datasets: skip a clip whose file is unreadable or missing, counting them in a warning, "
+                   help="real datasets: skip a clip whose file is unreadable or missing, counting them in a note, "
                         "instead of stopping at the first with its name")
     p.add_argument("--train-size", type=positive, default=None,
                    help="synthetic finetuning: number of labelled clips (default: the split's 256)")

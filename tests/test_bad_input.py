@@ -357,6 +357,25 @@ def test_the_shell_sees_one_line(argv, name, d):
     assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and name in r.stderr, r.stderr
 
 
+def test_the_shell_sees_what_was_skipped_as_notes(d, tmp_path):
+    """A loader's skips reach the shell as `note: ...` lines, from the main process (empty expressions) and from a
+    data worker (a bad clip), not as UserWarnings each followed by the line of data.py that raised it."""
+    meta = {"videos": {v: {"expressions": {"0": {"exp": "the red square", "obj_id": "1"}, "1": {"exp": " ", "obj_id": "1"}}}
+                       for v in ("vid_a", "vid_b")}}
+    root = ytvos_tree(tmp_path / "ytvos", json.dumps(meta))
+    truncate(root / "train/JPEGImages/vid_b/00003.jpg")
+    argv = ["--mode", "finetune", "--data", "ytvos", "--data-root", str(root), "--spm", str(d / "spm.model"),
+            "--skip-bad", *FAST, "--workers", "1", "--steps", "2", "--batch-size", "2", "--out", str(tmp_path / "o")]
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], env=ENV, cwd=tmp_path, capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.splitlines()
+    assert lines[0] == "note: Ref-YouTube-VOS train: skipped 2 empty expressions (vid_a expression 1, vid_b expression 1)"
+    assert re.fullmatch(r"note: skipped a bad clip \(1 so far in this worker\): .*/vid_b/00003.jpg: unreadable image .*",
+                        lines[1])
+    assert all(line.startswith("note: ") for line in lines), r.stderr
+
+
 def test_every_flag_has_a_help_that_gives_its_default(monkeypatch):
     """The parsers of train.py, eval.py, the dataset inspector and the GPU check, caught as they parse: each flag has a
     help, and one with a default (not None or off) names it (e.g. `--mode` once said what pretrain does, not that it is
