@@ -6,7 +6,8 @@ Datasets for SLVP. One entry point:
 name: synthetic (the embedded default, no download), smit (pre-training), ytvos, davis17, refcoco, visor.
 Items are dicts: frames Float[T,3,H,W] in [0,1] at cfg.frame_size, text str, id (video, expression id, clip
 start); for R-VOS masks Bool[T,H,W], boxes Float[T,4] normalized (x1, y1, x2, y2), valid Bool[T]; synthetic
-clips not augmented also carry the true flow Float[T,2,H,W] (frame i into frame 1, zero for frame 1). R-VOS
+clips not augmented also carry the true flow Float[T,2,H,W] (frame i into frame 1, zero for frame 1) and the
+owner map Long[T,H,W] (0 background, k the k-th object drawn). R-VOS
 evaluation datasets (train=False) also give orig_size (H, W) and the T frame_names, and cover every frame of every
 video with clips of T frames, the last one padded by repeating its last frame (num_real says how many are real).
 
@@ -276,7 +277,8 @@ def _crop_origin(union, ch, cw, rng):
 
 class ClipDataset(torch.utils.data.Dataset):
     """Subclasses fill self.items, self.layout (what was read, from where) and self.summary (counts: videos or
-    images, frames, expressions, objects), and define load(entry, rng) -> item dict."""
+    images, frames, expressions, objects), and define load(entry, rng) -> item dict and text_of(entry) -> str (what
+    texts() reads)."""
 
     rvos = True  # items carry masks/boxes/valid; augmented when train
 
@@ -394,9 +396,11 @@ def render_scene(scene, H, W, T):
 
 
 def make_scene(rng, H, W, T):
-    """1-3 objects (1 in about 8% of scenes); the first is the referring target. Confusers make the words necessary:
-    an object of the same kind in another colour, or of the same colour and kind moving another way, or of the same
-    colour, another kind. Objects may start near an edge and leave the frame, and may pass behind one another."""
+    """1-3 objects (1 in about 8% of scenes); the first one made is the referring target. The scene lists them in
+    drawing order (later covers earlier), the target's place in that list under "target". Confusers make the words
+    necessary: an object of the same kind in another colour, or of the same colour and kind moving another way, or of
+    the same colour, another kind. Objects may start near an edge and leave the frame, and may pass behind one
+    another."""
     m = min(H, W)
     vmax = max(3, round(0.04 * m))  # px per frame; at least 3, or Eq. (1) in small frames is met without motion (README)
 
@@ -450,7 +454,7 @@ def caption(scene):
 
 def referring_expression(scene, rng):
     """One expression that picks out the target and no other object, chosen at random among the unique ones
-    with the fewest words."""
+    with the fewest words; None when no candidate is unique (SyntheticClips then draws another scene)."""
     objs, t = scene["objects"], scene["target"]
     o = objs[t]
     d = direction(o["vel"])
@@ -714,6 +718,8 @@ class RefYouTubeVOS(VideoExpressions):
 
     def __init__(self, root, split, cfg, train, seed=0, skip_bad=False):
         super().__init__(cfg, train, seed, skip_bad)
+        if train and split == "valid":  # its first item failed with KeyError 'masks'
+            raise ValueError("Ref-YouTube-VOS valid has no annotations to train on: train=True takes split='train'")
         meta, jpeg, anno = _ytvos_layout(root, split, "Ref-YouTube-VOS", annotations=(split == "train"))
         skip = set()
         if split == "valid":  # the download's valid folders hold the test videos too
@@ -948,8 +954,9 @@ class RefCOCO(ClipDataset):
     image entry per sentence, with `caption`; annotations with polygon `segmentation` and `bbox`); both give the
     same items with the same ids. The refs files are pickles: they are read by load_plain_pickle, which admits plain
     containers and scalars only. split: one of refcoco, refcoco+, refcocog, or train for all that are present.
-    Each sentence becomes a pseudo-clip of T frames, each an independent random affine transform of the image
-    (Sec. 4.2)."""
+    Each sentence becomes a pseudo-clip of T frames, each an independent random affine transform of the image (the
+    paper does not say how it makes clips of RefCOCO's images; this is the recipe its Sec. 4.2 names for the COCO
+    training of STM, the reference method, with T frames for its 3; SPEC §4)."""
 
     VARIANTS = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}   # dataset: the refs file's split-by
 

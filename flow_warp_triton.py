@@ -62,7 +62,7 @@ def photometric_loss_reference(image, flow, target, mask=None):
     sq = (flow_warp_reference(image.detach().to(acc), flow) - target.detach().to(acc)) ** 2
     if mask is None:
         return sq.mean()
-    m = mask.expand_as(sq).to(acc)
+    m = mask.detach().expand_as(sq).to(acc)  # data, as the kernel takes it: no gradient
     return (sq * m).sum() / m.sum()
 
 
@@ -304,7 +304,8 @@ def photometric_loss(image, flow, target, mask=None):
     """Eq. (1): mean of (flow_warp(image, flow) - target)^2 over all elements, or over those where mask (0/1: [H,W]
     for every image and channel, or 4-D broadcastable to [B,C,H,W], e.g. [B,1,H,W]) is 1; a mask of other weights
     gives the mean weighted by them.
-    A float32 scalar (float64 for float64 inputs, which take the torch reference); only flow gets a gradient."""
+    A float32 scalar (float64 for a float64 flow, which takes the torch reference; float64 frames with a float32
+    flow are computed in float32); only flow gets a gradient."""
     _check(image, flow)
     if target.shape != image.shape:
         raise ValueError(f"target {tuple(target.shape)} must have the image's shape {tuple(image.shape)}")

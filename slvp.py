@@ -92,7 +92,8 @@ class SLVPConfig:
         """A CPU-sized model for the default run and the tests: 32x48 frames, a 4-layer decoder of width 128 (8 heads),
         which learns the synthetic motion from Eq. (1) alone, its onset at step 750-2500 on each of 13 seeds (README,
         "The default run"). The text width differs from the decoder width so that the projection path is exercised;
-        L = 32 pieces holds the longest synthetic caption (25 with </s>) whole."""
+        L = 32 pieces holds every synthetic caption whole (with the main job's tokenizer at most 26 pieces with </s>,
+        three objects that stay still and a pan; the longest of 20,000 clips had 25)."""
         return cls(frame_size=(32, 48), patch_size=8, num_frames=4, max_text_len=32,
                    vocab_size=1000, t5_dim=48, t5_layers=2, t5_heads=4, t5_d_kv=12, t5_d_ff=96,
                    vit_dim=64, vit_layers=2, vit_heads=4, vit_mlp=128,
@@ -480,7 +481,7 @@ def load_vit(path, cfg):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 4. Decoder T of Eqs. (2) and (8): pre-norm self-attention, cross-attention, feed-forward
+# 4. Decoder 𝕋 of Eqs. (2) and (8): pre-norm self-attention, cross-attention, feed-forward
 # ----------------------------------------------------------------------------------------------------------
 
 class DecoderLayer(nn.Module):
@@ -619,15 +620,16 @@ class SLVP(nn.Module):
         return f_v, self.text_proj(f_r)
 
     def fuse(self, frames, ids, mask):
-        """f_fused [B, T*N, d]."""
+        """f_fused [B, T*N, d]: Eq. (2)'s output (vision as query), or the last T*N of Eq. (8)'s L + T*N output
+        tokens (language as query), the ones the heads read."""
         f_v, f_r = self.encode(frames, ids, mask)
         B, TN, d = f_v.shape
         # E_pos repeated T times, E_tem repeated N times (Eq. (2))
         pos = (self.E_tem[:, None, :] + self.E_pos[None, :, :]).reshape(1, TN, d)
         if self.fusion == "vision":
-            # Eq. (2): f_fused = T(f_v + E_pos + E_tem, f_r); padded text keys masked in cross-attention
+            # Eq. (2): f_fused = 𝕋(f_v + E_pos + E_tem, f_r); padded text keys masked in cross-attention
             return self.decoder(f_v + pos, f_r, memory_mask=mask)
-        # Eq. (8): f_fused = T(cat(f_r, q^ + E_pos + E_tem), f_v + E_pos + E_tem); padded text keys masked in
+        # Eq. (8): f_fused = 𝕋(cat(f_r, q^ + E_pos + E_tem), f_v + E_pos + E_tem); padded text keys masked in
         # self-attention; only the last T*N outputs are kept
         q_hat = self.q.expand(B, TN, d)                                     # q repeated T*N times
         self_mask = torch.cat([mask, mask.new_ones(B, TN)], dim=1)          # [B, L + T*N]
@@ -637,8 +639,8 @@ class SLVP(nn.Module):
     # -- pre-training ----------------------------------------------------------------------------------------
     def flow(self, frames, ids, mask):
         """o_(i,1) for every frame i: Float[B, T, 2, H, W] in pixels, channel 0 = x, 1 = y; frame i's pixel p
-        takes its colour from frame 1 at p + o_(i,1)(p). Frame 1's own o_(1,1) is output but never trained (Eq. (1)
-        runs over i = 2..T); the evaluations leave it out."""
+        takes its colour from frame 1 at p + o_(i,1)(p). Frame 1's own o_(1,1) is output but never trained (Eq. (1) is
+        taken over i = 2..T, SPEC §3: for i = 1 it would compare frame 1 with itself); the evaluations leave it out."""
         if self.task != "pretrain":
             raise RuntimeError("flow() needs task='pretrain'; the transfer model has no flow head")
         f_fused = self.fuse(frames, ids, mask)
@@ -694,8 +696,9 @@ class SLVP(nn.Module):
 
 
 def photometric_objective(frames, flow):
-    """Eq. (1): I_i = Flow(o_(i,1), V_1); L = mean over i = 2..T, channels and pixels of (I_i - V_i)^2, for frames
-    Float[B, T, 3, H, W] in [0, 1] and flow Float[B, T, 2, H, W]. The frames are data: only the flow gets a gradient."""
+    """Eq. (1): I_i = Flow(o_(i,1), V_1); L = mean over clips, i = 2..T, channels and pixels of (I_i - V_i)^2, for
+    frames Float[B, T, 3, H, W] in [0, 1] and flow Float[B, T, 2, H, W]. The frames are data: only the flow gets a
+    gradient."""
     B, T, C, H, W = frames.shape
     frames = frames.detach()
     V_1 = frames[:, :1].expand(B, T - 1, C, H, W).reshape(-1, C, H, W)      # [B*(T-1), C, H, W]
@@ -704,7 +707,7 @@ def photometric_objective(frames, flow):
 
 
 def generalized_box_iou(a, b):
-    """Eq. (5) for matching rows of a and b, boxes (x1, y1, x2, y2): IoU - |C \\ (A u B)| / |C|."""
+    """Eq. (5) for matching rows of a = B_p and b = B_g, boxes (x1, y1, x2, y2): IoU - |C \\ (B_p u B_g)| / |C|."""
     area_a = (a[:, 2] - a[:, 0]).clamp(min=0) * (a[:, 3] - a[:, 1]).clamp(min=0)
     area_b = (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)
     iw = (torch.minimum(a[:, 2], b[:, 2]) - torch.maximum(a[:, 0], b[:, 0])).clamp(min=0)
@@ -731,8 +734,8 @@ def dice_loss(m, g, smooth=1.0):
 
 class Tokenizer:
     """T5 conventions on a sentencepiece model: pieces + </s>, padded with <pad> = 0, no BOS; texts longer than
-    max_len are cut to max_len - 1 pieces followed by </s>. max_len defaults to the paper's L = 64 (SPEC §3); the
-    tiny and small configs' L is 32: pass cfg.max_text_len."""
+    max_len (at least 1) are cut to max_len - 1 pieces followed by </s>. max_len defaults to the paper's L = 64
+    (SPEC §3); the tiny and small configs' L is 32: pass cfg.max_text_len."""
 
     def __init__(self, spiece_model_path):
         import sentencepiece
@@ -754,6 +757,8 @@ class Tokenizer:
     def __call__(self, texts, max_len=64):
         if isinstance(texts, str):
             raise TypeError(f"texts is a str ({texts[:40]!r}); expected a list of texts, e.g. [text]")
+        if max_len < 1:  # [:max_len - 1] would keep all but the last pieces (-1) or more
+            raise ValueError(f"max_len {max_len}: expected at least 1 (room for </s>)")
         rows = []
         for text in texts:
             if not text or not text.strip():

@@ -184,6 +184,13 @@ def test_tokenizer_takes_a_list_and_defaults_to_64(spm_model):
         tok("circle", max_len=8)
 
 
+@pytest.mark.parametrize("max_len", [0, -3])
+def test_tokenizer_refuses_a_max_len_without_room_for_eos(spm_model, max_len):
+    """Cut to max_len - 1 pieces and </s>: max_len 0 kept all pieces but the last ([:-1]), rows longer than asked."""
+    with pytest.raises(ValueError, match="max_len"):
+        slvp.Tokenizer(spm_model)(["the red circle moves left"], max_len=max_len)
+
+
 def test_overlay_refuses_logits_and_probabilities():
     """A float mask (logits, sigmoid output) made overlay tint every non-zero pixel, i.e. the whole frame, silently
     (up to commit cf5e320; before it an IndexError). Hand-worked: with the binary mask only the 2x3 object is tinted (177)."""

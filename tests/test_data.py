@@ -297,6 +297,8 @@ def test_ytvos_valid_drops_test_videos(ytvos_root):
     ds = data.build_dataset("ytvos", ytvos_root, "valid", CFG, train=False)
     assert [it["id"][0] for it in (ds[i] for i in range(len(ds)))] == ["val_1", "val_1"]
     assert "masks" not in ds[0] and ds[0]["text"] == "thing in val_1"
+    with pytest.raises(ValueError, match="valid has no annotations to train on"):     # was KeyError 'masks' at ds[0]
+        data.build_dataset("ytvos", ytvos_root, "valid", CFG, train=True)
     (ytvos_root / "meta_expressions/test/meta_expressions.json").unlink()   # without it, valid would keep test_1
     with pytest.raises(FileNotFoundError, match=r"test/meta_expressions.json not found: expected the test videos'"):
         data.build_dataset("ytvos", ytvos_root, "valid", CFG, train=False)

@@ -397,6 +397,22 @@ def test_a_float64_flow_is_followed_in_float64_on_a_float32_image():
     assert (out.double() - exact).abs().max().item() < 1e-6
 
 
+def test_only_the_flow_gets_a_gradient_on_both_paths():
+    """photometric_loss's docstring: only flow gets a gradient, and the result's dtype follows the flow. The kernel
+    path (a float32 flow) gave the mask none; the torch reference (a float64 flow) gave a mask that asked for one a
+    gradient."""
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float64):
+        image, target = torch.rand(2, 3, 5, 7, generator=g), torch.rand(2, 3, 5, 7, generator=g)
+        image.requires_grad_(), target.requires_grad_()
+        flow = torch.randn(2, 2, 5, 7, generator=g, dtype=dtype).requires_grad_()
+        mask = torch.rand(5, 7, generator=g).requires_grad_()
+        loss = fw.photometric_loss(image, flow, target, mask)
+        assert loss.dtype == dtype
+        loss.backward()
+        assert flow.grad is not None and image.grad is None and target.grad is None and mask.grad is None
+
+
 def test_bytes_moved_hand_worked():
     """The benchmark's byte count (its GB/s and % of copy columns, README "Performance"), per pixel: the fused loss
     reads image and target (C channels each) and the flow (2); with backward it writes the flow gradient (2), then
