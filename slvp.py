@@ -375,6 +375,7 @@ class ViTEncoder(nn.Module):
             raise ValueError(f"images {tuple(images.shape)} do not match the config: expected [B, 3, H, W] with "
                              f"(H, W) = frame_size {self.cfg.frame_size} (the position embedding's grid)")
         x = self.patch_embed(images).flatten(2).transpose(1, 2)              # [B, N, D]
+        # the class token stays in the sequence (the pretrained blocks attend to it); only the N patch tokens leave
         x = torch.cat([self.cls_token.expand(x.shape[0], 1, -1), x], dim=1)  # [B, 1+N, D]
         x = self.norm_pre(x + self.pos_embed)
         for block in self.blocks:
@@ -686,9 +687,10 @@ class SLVP(nn.Module):
         pb, gb = out["boxes"].float().flatten(0, 1), boxes.float().flatten(0, 1)   # [B*T, 4]
         l1 = ((pb - gb).abs().sum(-1) * v).sum() / n                        # Eq. (6), mean over present frames
         giou = ((1 - generalized_box_iou(pb, gb)) * v).sum() / n            # Eq. (5)
-        if not masks.is_floating_point():
-            masks = masks != 0                                              # 0/1 or 0/255: the object is non-zero
-        logits, g = out["masks"].float(), masks.float()
+        # 0/1 or 0/255 (bool, integer or float): the object is non-zero, as the evaluator reads masks; float targets
+        # in [0, 1] stay as they are (a float 0/255 mask was a BCE target of 255)
+        g = (masks != 0).float() if not masks.is_floating_point() else masks.float().clamp(0, 1)
+        logits = out["masks"].float()
         dice = dice_loss(logits.sigmoid(), g)                               # Eq. (7)
         bce = F.binary_cross_entropy_with_logits(logits, g)                 # Eq. (7), mean over pixels
         loss = 5 * l1 + 1 * giou + 5 * dice + 1 * bce

@@ -4,7 +4,7 @@ Pre-training (Eq. (1)) and transfer learning (Eqs. (5)-(7)) of SLVP.
     python train.py --mode pretrain                      # tiny model, synthetic video, a few minutes on a CPU
     python train.py --mode finetune --init out/pretrain/ckpt.safetensors
     torchrun --nproc_per_node 8 train.py --mode pretrain --config paper --data smit --data-root S-MiT \\
-        --t5 t5-base/ --vit coca_ViT-B-32.bin --spm t5-base/spiece.model --batch-size 64
+        --t5 t5-base/ --vit coca_ViT-B-32.bin --spm t5-base/spiece.model --batch-size 64 --out out/pretrain-paper
 
 Writes to --out: ckpt.safetensors (the model), resume.pt (model, optimizer, schedule, step, data position and
 RNG state for --resume), spm.model (the tokenizer), log.jsonl (one JSON line per log and evaluation) and, in
@@ -474,7 +474,7 @@ def stage_loss(model, raw, batch, device):
     in fine-tuning. `model` may be compiled or DDP-wrapped; `raw` is the SLVP inside. Returns (loss, parts)."""
     frames, ids, mask = (batch[k].to(device, non_blocking=True) for k in ("frames", "ids", "mask"))
     with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=frames.is_cuda):
-        out = model(frames, ids, mask)
+        out = model(frames, ids, mask)    # forward(), not raw.pretrain_loss(): DDP syncs gradients only through it
     if raw.task == "pretrain":
         return slvp.photometric_objective(frames, out), {}
     boxes, masks, valid = (batch[k].to(device, non_blocking=True) for k in ("boxes", "masks", "valid"))
@@ -645,6 +645,11 @@ def run(args, ddp, rank, world, device):
     if main_proc:
         print(f"{args.mode} {raw.fusion}-as-query, {n_params / 1e6:.2f}M parameters ({sum(p.numel() for p in trainable) / 1e6:.2f}M "
               f"trained), {len(train_set)} clips, batch {args.batch_size} on {world} process(es), device {device}")
+        random = [f"the {part} encoder (no --{flag})" for part, flag, frozen in
+                  (("text", "t5", raw.freeze_text), ("vision", "vit", raw.freeze_vision))
+                  if frozen and not (args.init or args.encoders or getattr(args, flag))]
+        if random:  # the paper freezes pre-trained encoders (Sec. 4.1); the miniature's are random
+            print(f"note: frozen with random weights: {' and '.join(random)}")
     peak = peak_flops() if cuda else None
 
     def evaluate():  # both leave the model in eval mode; the loop switches it back

@@ -865,3 +865,19 @@ def test_overwrite_starts_a_new_log(tmp_path):
         assert r.returncode == 0, r.stderr[-2000:]
     read = lambda out: [(l["kind"], l["step"]) for l in map(json.loads, (out / "log.jsonl").read_text().splitlines())]
     assert read(tmp_path / "again") == read(tmp_path / "fresh") == [("train", 2), ("eval", 2)]
+
+
+def test_frozen_random_encoders_are_named(tmp_path, spm_model, capsys, monkeypatch):
+    """Pre-training freezes both encoders (Sec. 4.1), the transfer model the text encoder: without --t5/--vit they are
+    random, which the paper never does (T5 and CoCa), and the run says so in a line; not where a checkpoint brings
+    the encoders."""
+    monkeypatch.delenv("TRITON_INTERPRET")       # the torch path of the warp: the interpreter is slow (SPEC §2)
+    pre = ["--mode", "pretrain", "--steps", "1", *FAST, "--spm", str(spm_model), "--out", str(tmp_path / "pre")]
+    train.main(pre)
+    assert "\nnote: frozen with random weights: the text encoder (no --t5) and the vision encoder (no --vit)\n" \
+        in capsys.readouterr().out
+    ft = ["--mode", "finetune", "--steps", "1", *FAST, "--spm", str(spm_model)]
+    train.main([*ft, "--out", str(tmp_path / "ft")])
+    assert "\nnote: frozen with random weights: the text encoder (no --t5)\n" in capsys.readouterr().out
+    train.main([*ft, "--encoders", str(tmp_path / "pre/ckpt.safetensors"), "--out", str(tmp_path / "ft2")])
+    assert "frozen with random weights" not in capsys.readouterr().out
