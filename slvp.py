@@ -550,7 +550,8 @@ def unpatchify(x, cfg, channels):
 
 class SLVP(nn.Module):
     """fusion: "vision" (vision as query, Eq. (2)) or "language" (language as query, Eq. (8)).
-    task: "pretrain" (flow head, Eq. (3)) or "rvos" (box and mask heads, Eq. (4)).
+    task: "pretrain" (flow head, Eq. (3)) or "rvos" (box and mask heads, Eq. (4); the paper's transfer learning,
+    train.py --mode finetune).
     freeze_text / freeze_vision: None takes the paper's choice: pre-training freezes both encoders (Sec. 4.1);
     transfer freezes the text encoder only (Table 1 and Table 2's best row, Ref-DAVIS17; on VISOR the best
     vision-as-query row of Table 3 trains it, freeze_text=False)."""
