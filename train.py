@@ -13,6 +13,7 @@ pre-training, flow_0.png ... flow_2.png (frames, predicted and true flow of held
 import argparse
 import dataclasses
 import gc
+import hashlib
 import json
 import math
 import os
@@ -486,6 +487,26 @@ def stage_loss(model, raw, batch, device):
     return raw.rvos_loss(out, boxes, masks, valid, num_valid)
 
 
+def check_same_run(args, tokenizer, state, world):
+    """Under DDP every process must run the same plan: the same flags (but paths and --workers, which may differ from
+    node to node), as many training clips, the same tokenizer and resume step. Otherwise the processes cut other
+    permutations (clips doubled and dropped in a global batch), step at other rates, or meet their collectives at
+    other steps (a --log-every or --steps of its own hung the run). Every process gathers all and stops alike."""
+    local = {"data_root", "out", "spm", "init", "encoders", "t5", "vit", "workers", "steps_given", "clips"}
+    mine = {"--" + k.replace("_", "-"): v for k, v in vars(args).items() if k not in local}
+    mine["training clips"] = args.clips
+    mine["tokenizer"] = hashlib.sha256(tokenizer.sp.serialized_model_proto()).hexdigest()[:16]
+    mine["resumed at step"] = None if state is None else state["step"]
+    every = [None] * world
+    dist.all_gather_object(every, mine)
+    differ = [f"process {r}: " + ", ".join(f"{k} {theirs.get(k)} (process 0: {every[0].get(k)})"
+                                           for k in sorted(set(theirs) | set(every[0])) if theirs.get(k) != every[0].get(k))
+              for r, theirs in enumerate(every) if theirs != every[0]]
+    if differ:
+        raise SystemExit(f"error: the processes of this run differ ({'; '.join(differ)}); give every node the same "
+                         f"command line and the same data")
+
+
 def optimizer_step(loss, params, opt, sched, grad_clip):
     """Backward, gradient clipping and the AdamW step. Returns False, taking no step, where the loss or the gradient
     is not finite: the weights stay those of the last good step."""
@@ -587,6 +608,8 @@ def run(args, ddp, rank, world, device):
     if args.warmup is None:  # 5% of the steps; a resumed run keeps its own when --steps changes
         recorded = (state or {}).get("run", {}).get("--warmup")  # None in a resume.pt written before it was recorded
         args.warmup = max(1, args.steps // 20) if recorded is None else recorded
+    if ddp:
+        check_same_run(args, tokenizer, state, world)
     trainable, opt, sched = build_optimizer(model, args)
 
     step, epoch, batch_idx = 0, 0, 0

@@ -305,8 +305,11 @@ def two_gloo_processes(tmp_path, args, prelude=""):
     with socket.socket() as s:                      # a free port: a fixed one collides with a suite run beside it
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          str(port), str(launch), *args], env=ENV, cwd=ROOT, capture_output=True, text=True)
+    # under coreutils' timeout: a hang (collectives met at other steps) fails the test (124), and torchrun, sent
+    # SIGTERM, stops its processes (subprocess.run's timeout would kill torchrun alone and leave them waiting)
+    two = subprocess.run(["timeout", "300", sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", str(port), str(launch), *args], env=ENV, cwd=ROOT, capture_output=True,
+                         text=True)
     assert two.returncode == 0, two.stderr[-3000:]
     # found anywhere: the two processes share stdout, and under PYTHONUNBUFFERED print() writes a line's text and its
     # newline apart, so one process's line can land before the other's newline
@@ -344,6 +347,36 @@ def test_a_ddp_run_stopped_by_an_error_leaves_no_gloo_thread(tmp_path):
     stdout = two_gloo_processes(tmp_path, ["--mode", "pretrain", "--steps", "6", *FAST, "--out", str(tmp_path / "o")],
                                 prelude=poison)
     assert stdout.count("stopped: error: non-finite loss (nan) at step 3") == 2, stdout
+
+
+@pytest.mark.parametrize("rank1", ["--seed 1", "--log-every 3", "clips"])
+def test_ddp_processes_that_differ_stop_with_one_line(tmp_path, rank1):
+    """Under torchrun each node has its own command line and its own copy of the data. A process given another --seed
+    cut another permutation (clips doubled and dropped in the global batch, silently); one with another --log-every
+    met its collectives at other steps and the run hung; one whose data folder had a clip fewer went through the epochs
+    at another rate (silently). Now every process stops with the line that names the difference."""
+    if rank1 == "clips":
+        prelude = ("import os\nif os.environ['RANK'] == '1':\n"
+                   "    real = train.build_training_data\n"
+                   "    def fewer(args, cfg):\n"
+                   "        sets = real(args, cfg)\n"
+                   "        sets[0].items = sets[0].items[:-1]\n"
+                   "        return sets\n"
+                   "    train.build_training_data = fewer\n")
+        said = "training clips [7] (process 0: [8])"
+    else:
+        prelude = f"import os\nif os.environ['RANK'] == '1':\n    sys.argv += {rank1.split()!r}\n"
+        said = {"--seed 1": "--seed 1 (process 0: 0)", "--log-every 3": "--log-every 3 (process 0: 2)"}[rank1]
+    stdout = two_gloo_processes(tmp_path, ["--mode", "finetune", "--train-size", "8", "--steps", "4", *FAST,
+                                           "--out", str(tmp_path / "o")], prelude=prelude)
+    assert stdout.count(f"stopped: error: the processes of this run differ (process 1: {said})") == 2, stdout
+    assert not (tmp_path / "o" / "ckpt.safetensors").exists()
+
+
+def test_a_batch_that_does_not_split_over_the_processes_is_refused(tmp_path):
+    args = train.parse_args(["--batch-size", "3", "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match="--batch-size 3 does not split over the 2 processes; expected a multiple of 2"):
+        train.run(args, True, 0, 2, "cpu")
 
 
 def test_clear_errors(tmp_path):
