@@ -500,7 +500,8 @@ def check_same_run(args, tokenizer, state, world):
     every = [None] * world
     dist.all_gather_object(every, mine)
     differ = [f"process {r}: " + ", ".join(f"{k} {theirs.get(k)} (process 0: {every[0].get(k)})"
-                                           for k in sorted(set(theirs) | set(every[0])) if theirs.get(k) != every[0].get(k))
+                                           for k in sorted(set(theirs) | set(every[0]))
+                                           if theirs.get(k) != every[0].get(k))
               for r, theirs in enumerate(every) if theirs != every[0]]
     if differ:
         raise SystemExit(f"error: the processes of this run differ ({'; '.join(differ)}); give every node the same "
