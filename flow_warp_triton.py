@@ -211,9 +211,12 @@ def _wide(*tensors):
                for t in tensors)
 
 
-def _check(image, flow):
+def _check(image, flow, *more):
     if image.dim() != 4 or flow.dim() != 4 or flow.shape[1] != 2:
         raise ValueError(f"expected image [B,C,H,W] and flow [B,2,H,W], got {tuple(image.shape)} and {tuple(flow.shape)}")
+    if not all(t.is_floating_point() for t in (image, flow, *more)):  # uint8 frames were sampled and truncated
+        raise TypeError(f"image, flow (and target) must be floating point, got "
+                        f"{', '.join(str(t.dtype) for t in (image, flow, *more))}: divide 8-bit frames by 255")
     if image.shape[0] != flow.shape[0] or image.shape[-2:] != flow.shape[-2:]:
         raise ValueError(f"image {tuple(image.shape)} and flow {tuple(flow.shape)} differ in batch or size")
 
@@ -303,10 +306,10 @@ def flow_warp(image, flow):
 def photometric_loss(image, flow, target, mask=None):
     """Eq. (1): mean of (flow_warp(image, flow) - target)^2 over all elements, or over those where mask (0/1: [H,W]
     for every image and channel, or 4-D broadcastable to [B,C,H,W], e.g. [B,1,H,W]) is 1; a mask of other weights
-    gives the mean weighted by them.
+    gives the mean weighted by them (an all-zero mask: NaN, the mean of nothing).
     A float32 scalar (float64 for a float64 flow, which takes the torch reference; float64 frames with a float32
     flow are computed in float32); only flow gets a gradient."""
-    _check(image, flow)
+    _check(image, flow, target)
     if target.shape != image.shape:
         raise ValueError(f"target {tuple(target.shape)} must have the image's shape {tuple(image.shape)}")
     if mask is not None:

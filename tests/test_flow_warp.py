@@ -235,6 +235,21 @@ def test_bad_shapes_fail_clearly():
         fw.photometric_loss(image, flow, target[:, :2])
 
 
+def test_integer_frames_are_refused():
+    """grid_sample refuses an integer image ("not implemented for 'Byte'"); the kernel sampled uint8 frames and
+    truncated the result (and the loss of 0-255 frames is 255^2 times that of the [0, 1] frames Eq. (1) reads)."""
+    image, flow, target = make()
+    as_bytes = (image * 255).to(torch.uint8)
+    with pytest.raises(TypeError, match="divide 8-bit frames by 255"):
+        fw.flow_warp(as_bytes, flow)
+    with pytest.raises(TypeError, match="floating point"):
+        fw.photometric_loss(as_bytes, flow, target)
+    with pytest.raises(TypeError, match="floating point"):
+        fw.photometric_loss(image, flow, (target * 255).to(torch.uint8))
+    with pytest.raises(TypeError, match="floating point"):
+        fw.flow_warp(image, flow.round().to(torch.int64))
+
+
 # ---------------------------------------------------------------------------------- edges found untested by mutations
 
 def test_image_gradient_of_a_channels_last_image():
@@ -421,3 +436,12 @@ def test_bytes_moved_hand_worked():
     assert fw.bytes_moved(2, 3, 10, 10, torch.float32, False) == 6400
     assert fw.bytes_moved(2, 3, 10, 10, torch.float32, True) == 11200
     assert fw.bytes_moved(2, 3, 10, 10, torch.bfloat16, True) == 5600
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")      # the interpreter's numpy: 0/0
+def test_an_all_zero_mask_gives_nan():
+    """The docstring: an all-zero mask is the mean of nothing, NaN (0/0), on the kernel path and the reference."""
+    image, flow, target = make()
+    mask = torch.zeros(image.shape[-2:], device=image.device)
+    assert fw.photometric_loss(image, flow, target, mask).isnan()
+    assert fw.photometric_loss_reference(image, flow, target, mask[None, None]).isnan()
