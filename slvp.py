@@ -785,6 +785,9 @@ def save_checkpoint(path, model, **extra):
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     save_file(state, str(tmp), metadata=meta)
+    umask = os.umask(0o077)  # read it (setting a strict one meanwhile)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # as open() would: safetensors 0.8 writes 0600 whatever the umask (its issue #782)
     os.replace(tmp, path)
 
 

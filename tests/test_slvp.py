@@ -2,7 +2,9 @@
 values. Every reference model is random-init and built here; nothing is downloaded."""
 import dataclasses
 import math
+import os
 import shutil
+import stat
 
 import pytest
 import torch
@@ -615,6 +617,20 @@ def test_checkpoint_round_trip_and_transfer(tmp_path):
     other = dataclasses.replace(slvp.SLVPConfig.small(), num_frames=3, dec_layers=2)
     slvp.save_checkpoint(tmp_path / "other.safetensors", slvp.SLVP(other))
     assert slvp.load_checkpoint(tmp_path / "other.safetensors").cfg == other
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_a_checkpoint_is_as_readable_as_any_file_written_beside_it(tmp_path, umask):
+    """safetensors 0.8 writes 0600 whatever the umask (its issue #782): a checkpoint another user of the machine (or
+    a container's user) could not read. Reference: the mode open() gives a file in the same folder."""
+    old = os.umask(umask)
+    try:
+        slvp.save_checkpoint(tmp_path / "ckpt.safetensors", slvp.SLVP(slvp.SLVPConfig.tiny()))
+        (tmp_path / "plain.txt").write_text("x")
+    finally:
+        os.umask(old)
+    mode = lambda f: stat.S_IMODE((tmp_path / f).stat().st_mode)
+    assert mode("ckpt.safetensors") == mode("plain.txt") == 0o666 & ~umask
 
 
 def test_checkpoint_errors_name_the_tensor(tmp_path):
