@@ -359,6 +359,13 @@ def save_all(args, raw, opt, sched, step, epoch, batch_idx):
                  "run": run_settings(args), "steps": args.steps}, args.out / "resume.pt")
 
 
+def restore_cuda_rng(states):
+    """resume.pt's CUDA generator states, one per GPU the saving process saw (torchrun's processes each see all of the
+    node's): restored for the GPUs this process sees. set_rng_state_all indexes torch.cuda.default_generators by
+    position, so a run saved on 8 GPUs and resumed on fewer stopped with an IndexError."""
+    torch.cuda.set_rng_state_all(list(states)[:torch.cuda.device_count()])
+
+
 def run_settings(args):
     """What fixes the clips, their order, the place in it and the optimizer: a resumed run must keep them (--steps
     may change, to continue a run further: the cosine then ends at the new last step, the warm-up stays)."""
@@ -647,7 +654,7 @@ def run(args, ddp, rank, world, device):
             group["lr"] = base * f(step)            # the next step's rate on this run's schedule (--steps may change)
         torch.set_rng_state(state["rng"])
         if cuda and state["cuda_rng"]:
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+            restore_cuda_rng(state["cuda_rng"])
         if main_proc:
             print(f"resumed {path} at step {step} (epoch {epoch}, batch {batch_idx})")
 

@@ -124,11 +124,12 @@ def compile_all(archs=(80, 90)):
 # 2. The kernels on the GPU against the torch reference
 # ----------------------------------------------------------------------------------------------------------
 
-def kernel_tests():
-    """tests/test_flow_warp.py on the GPU (TRITON_INTERPRET=0: compiled kernels on CUDA tensors)."""
+def kernel_tests(timeout=300):
+    """tests/test_flow_warp.py on the GPU (TRITON_INTERPRET=0: compiled kernels on CUDA tensors); a hang ends in
+    subprocess.TimeoutExpired after `timeout` seconds, a FAILED section, not the device time of the whole check."""
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "tests/test_flow_warp.py")],
-                       cwd=ROOT, env=env, capture_output=True, text=True)
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     summary = (r.stdout.strip().splitlines() or ["(no output)"])[-1]
     if r.returncode != 0:
         raise RuntimeError(f"tests/test_flow_warp.py on CUDA: {summary}\n{r.stdout[-3000:]}")
@@ -205,7 +206,10 @@ def synthetic_batch(cfg, mode, n_clips, batch_size, tmp):
     import train
     ds = data.build_dataset("synthetic", None, "pretrain" if mode == "pretrain" else "train", cfg, train=True)
     tokenizer = train.fit_tokenizer([ds], Path(tmp))
-    batch = data.Collate(tokenizer, cfg.max_text_len)([ds[i] for i in range(n_clips)])
+    # only what the step reads: a pre-training clip's flow and owner map would add 1.4x its frames' bytes to every
+    # batch repeated and pinned in the largest-batch search (6.5 instead of 2.7 GiB at batch 256)
+    keys = train.STAGE_KEYS["pretrain" if mode == "pretrain" else "finetune"]
+    batch = data.Collate(tokenizer, cfg.max_text_len, keys=keys)([ds[i] for i in range(n_clips)])
     reps = -(-batch_size // n_clips)
     return {k: v.repeat(reps, *[1] * (v.dim() - 1))[:batch_size].pin_memory()
             for k, v in batch.items() if isinstance(v, torch.Tensor)}
@@ -320,13 +324,20 @@ def failed_cell(e):
     return f"FAILED: {error_line(e)}"
 
 
-def run_sections(sections, head, out):
+def run_sections(sections, head, out, deadline=None, clock=time.time):
     """[(title, function returning rows or a line)] -> (Markdown text, failed titles), written to `out` after each
     section. A failure is recorded, not skipped: its section shows FAILED and the error, or a row its cell FAILED
-    with the rest of the row; the caller exits non-zero."""
-    parts, failed = [head], []
+    with the rest of the row; the caller exits non-zero. With `deadline` (seconds from the start), a section not
+    started by then is written as NOT RUN and counted as failed, so that a report cut short by a time limit says
+    which checks it lacks."""
+    parts, failed, start = [head], [], clock()
     for title, fn in sections:
-        t = time.time()
+        t = clock()
+        if deadline is not None and t - start > deadline:
+            parts.append(f"## {title}\n\n**NOT RUN**: past the --deadline of {deadline:g} s\n")
+            failed.append(title)
+            Path(out).write_text("\n".join(parts))
+            continue
         print(f"... {title}", file=sys.stderr, flush=True)
         try:
             result = fn()
@@ -337,7 +348,7 @@ def run_sections(sections, head, out):
             traceback.print_exc()
             body = f"**FAILED**: `{error_line(e)}`"
             failed.append(title)
-        parts.append(f"## {title}\n\n{body}\n\n({time.time() - t:.0f} s)\n")
+        parts.append(f"## {title}\n\n{body}\n\n({clock() - t:.0f} s)\n")
         Path(out).write_text("\n".join(parts))
     return "\n".join(parts), failed
 
@@ -355,6 +366,9 @@ def main(argv=None):
                    help="timed training steps per row (default: %(default)s)")
     p.add_argument("--batch-size", type=data.number(int, 1), default=16,
                    help="clips per training step in the timed rows (default: %(default)s)")
+    p.add_argument("--deadline", type=data.number(float, 0, strict=True), default=None,
+                   help="seconds: sections not started by then are written as NOT RUN (and fail the check), so that "
+                        "a run under a time limit leaves a report that names what it lacks (default: none)")
     args = p.parse_args(argv)
     try:
         parts = {int(x) for x in args.parts.split(",")}
@@ -398,7 +412,7 @@ def main(argv=None):
     if os.path.isdir("/dev/shm"):  # part 5's DataLoader workers pass their batches through it (10.7 MiB a clip)
         head += f", /dev/shm {shutil.disk_usage('/dev/shm').free / 2**30:.1f} GiB free"
     head += "\n\n"
-    body, failed = run_sections(sections, head, args.out)
+    body, failed = run_sections(sections, head, args.out, args.deadline)
     report = body + ("\n**FAILED**: " + "; ".join(failed) + "\n" if failed else "\nAll checks passed.\n")
     Path(args.out).write_text(report)
     print(report)

@@ -224,7 +224,9 @@ def test_gradcheck_torch_path():
     assert not fw.use_triton(image, flow)
     assert torch.autograd.gradcheck(lambda f: fw.photometric_loss(image, f, target), (flow,))
     img = image.clone().requires_grad_()
-    assert torch.autograd.gradcheck(fw.flow_warp, (img, flow))
+    # grid_sample's image gradient is scattered with atomics on CUDA: backward is not bitwise repeatable there, and
+    # gradcheck's reentrancy check needs a tolerance (PyTorch's own OpInfo for grid_sample uses 1e-15)
+    assert torch.autograd.gradcheck(fw.flow_warp, (img, flow), nondet_tol=1e-12 if img.is_cuda else 0.0)
 
 
 def test_bad_shapes_fail_clearly():

@@ -914,3 +914,14 @@ def test_frozen_random_encoders_are_named(tmp_path, spm_model, capsys, monkeypat
     assert "\nnote: frozen with random weights: the text encoder (no --t5)\n" in capsys.readouterr().out
     train.main([*ft, "--encoders", str(tmp_path / "pre/ckpt.safetensors"), "--out", str(tmp_path / "ft2")])
     assert "frozen with random weights" not in capsys.readouterr().out
+
+
+def test_resume_restores_the_cuda_rng_of_the_gpus_it_sees(monkeypatch):
+    """resume.pt holds one CUDA generator state per GPU the saving process saw (8 under torchrun on 8 GPUs): resumed
+    where fewer are visible, set_rng_state_all indexed past torch.cuda.default_generators (IndexError)."""
+    got = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: got.append(list(states)))
+    states = [torch.full((16,), i, dtype=torch.uint8) for i in range(8)]
+    train.restore_cuda_rng(states)
+    assert len(got[0]) == 1 and torch.equal(got[0][0], states[0])
