@@ -45,6 +45,8 @@ def test_a_model_cast_to_another_dtype_runs(dtype):
     frames, ids, mask = clip()
     for task in ("rvos", "pretrain"):
         model = slvp.SLVP(CFG, task=task).eval()
+        if task == "pretrain":  # the zero-initialized flow head gives the zero flow in every dtype: nothing to compare
+            torch.nn.init.normal_(model.flow_head.weight, std=0.02)
         cast = slvp.SLVP(CFG, task=task).eval()
         cast.load_state_dict(model.state_dict())
         cast = cast.to(dtype)
@@ -53,7 +55,8 @@ def test_a_model_cast_to_another_dtype_runs(dtype):
             out = cast(frames.to(dtype), ids, mask)
         ref = ref["masks"] if task == "rvos" else ref
         out = out["masks"] if task == "rvos" else out
-        tol = 0.3 if dtype == torch.bfloat16 else 1e-4
+        tol = 0.1 if dtype == torch.bfloat16 else 1e-4   # bf16: measured 0.02 on masks of std 0.6
+        assert ref.std() > 0.1, task
         assert torch.isfinite(out).all() and (out.float() - ref).abs().max() < tol, task
 
 

@@ -1319,3 +1319,44 @@ def test_refcoco_affine_shift_is_a_fraction_of_each_side(tmp_path):
     assert it["valid"].all()
     want = torch.tensor([0.3, 0.4, 0.6, 0.7]).expand(4, 4)
     assert torch.allclose(it["boxes"], want, atol=1.5 / W), it["boxes"]
+
+
+# ---------------------------------------------------------------------------------------------- from a test audit
+
+def test_flip_is_drawn_with_probability_one_half():
+    """SPEC §4 'random horizontal flip': each clip is flipped with probability 1/2 (torchvision's RandomHorizontalFlip
+    default), the words with it. Over 400 clip seeds the flipped fraction is 0.5 within 4 standard errors (0.025 each):
+    a flip taken always (or never) is a mirrored (or unflipped) training set, not an augmentation. Reference: the
+    binomial(400, 1/2) bounds, and for each clip the frame flipped by hand."""
+    frames = torch.zeros(4, 3, H, W)
+    frames[:, 0, 10:20, 5:15] = 1.0                                  # a red square on the left
+    masks = frames[:, 0] > 0.5
+    boxes, valid = data.boxes_from_masks(masks)
+    item = {"frames": frames, "masks": masks, "boxes": boxes, "valid": valid, "text": "the left square"}
+    flipped = 0
+    for seed in range(400):
+        out = data.augment(item, np.random.default_rng(seed), crop_scale=(1.0, 1.0), jitter=0.0)
+        is_flipped = torch.equal(out["masks"], masks.flip(-1))
+        assert is_flipped or torch.equal(out["masks"], masks), seed
+        assert out["text"] == ("the right square" if is_flipped else "the left square"), seed
+        flipped += is_flipped
+    assert 0.4 < flipped / 400 < 0.6, flipped
+
+
+def test_default_augmentation_crops():
+    """SPEC §4 'random crop': with augment's defaults (crop scale 0.6..1.0 of each side, resized back) a crop of scale s
+    enlarges the target by 1/s, so a 12 x 12 square in the middle of the frame comes out 12/s wide: over 200 clips
+    the mean of 1/s for s uniform on [0.6, 1] is ln(1/0.6) / 0.4 = 1.277, and none beyond 64 / 38 (the narrowest crop,
+    round(0.6 W) columns) with 1.5 px of slack for the rounding of the crop and the mask's resampling. A default
+    that never crops leaves every square 12 px wide."""
+    frames = torch.zeros(4, 3, H, W)
+    frames[:, :, 18:30, 26:38] = 1.0
+    masks = frames[:, 0] > 0.5
+    boxes, valid = data.boxes_from_masks(masks)
+    item = {"frames": frames, "masks": masks, "boxes": boxes, "valid": valid, "text": "the square"}
+    ratios = []
+    for seed in range(200):
+        out = data.augment(item, np.random.default_rng(seed), jitter=0.0)
+        assert out["valid"].all(), seed                              # the crop keeps the target
+        ratios.append(((out["boxes"][:, 2] - out["boxes"][:, 0]) * W / 12).mean().item())
+    assert 1.2 < np.mean(ratios) < 1.36 and max(ratios) < (12 * W / 38 + 1.5) / 12, (np.mean(ratios), max(ratios))

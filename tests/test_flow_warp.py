@@ -362,6 +362,9 @@ def test_wide_offsets_on_a_sparse_4gb_plane(tmp_path):
     want = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], dtype=torch.float16)
     image[0, 0] = want
     assert fw._wide(image)
+    if not fw.INTERPRETED:   # gpu_check's run (TRITON_INTERPRET=0): CPU tensors take the torch path, not the kernels
+        pytest.skip("CPU tensors reach the kernels only under TRITON_INTERPRET=1")
+    assert fw.use_triton(image, torch.zeros(1, 2, 3, 2, dtype=torch.float16))   # the kernels, not the reference
     zero = torch.zeros(1, 2, 3, 2, dtype=torch.float16)
     assert torch.equal(fw.flow_warp(image, zero)[0, 0], want)
     small = want.reshape(1, 1, 3, 2).clone()                  # the plane as the fused loss's target: warp = target
