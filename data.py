@@ -584,7 +584,7 @@ class SMiT(ClipDataset):
                        + ", ".join(f"{n} videos as {k}" for k, n in kinds.items()))
         if empty:
             note(f"S-MiT {split}: skipped {len(empty)} videos with an empty or missing caption "
-                          f"({some(empty)})")
+                 f"({some(empty)})")
         if bad:
             note(f"S-MiT {split}: skipped {len(bad)} videos missing or unreadable ({some(bad)})")
 
@@ -834,10 +834,10 @@ class RefDAVIS17(VideoExpressions):
                     self.add_expression(vid, 4 * k + a, text, obj_id)
         if unpaired:
             note(f"Ref-DAVIS17 {split}: skipped {unpaired} expressions of objects that not all four text "
-                          f"files describe (the conversion pairs the files' lines per video up to the shortest)")
+                 f"files describe (the conversion pairs the files' lines per video up to the shortest)")
         if undescribed:
             note(f"Ref-DAVIS17 {split}: {len(undescribed)} videos of {listing} have no expression in "
-                          f"davis_text_annotations/: {' '.join(undescribed)}")
+                 f"davis_text_annotations/: {' '.join(undescribed)}")
         self.layout = (f"Ref-DAVIS17 original downloads: {listing.relative_to(root)}, DAVIS/JPEGImages/480p, "
                        f"DAVIS/Annotations_unsupervised/480p, davis_text_annotations/"
                        f"{{{','.join(f for f, _ in DAVIS_TEXT_FILES)}}}")
