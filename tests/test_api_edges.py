@@ -242,3 +242,42 @@ def test_rvos_loss_reads_a_float_0_255_mask_as_the_object():
     ref = model.rvos_loss(out, boxes, masks, valid)[0]
     assert torch.allclose(model.rvos_loss(out, boxes, masks.float() * 255, valid)[0], ref)
     assert torch.allclose(model.rvos_loss(out, boxes, masks.float(), valid)[0], ref)
+
+
+# ---------------------------------------------------------------------------------------------- from a mutation run
+
+def test_rvos_loss_takes_float_masks_in_0_1_as_soft_targets():
+    """README: float mask values in [0, 1] are soft targets (slvp.py: they "stay as they are"); a float mask read as
+    non-zero = object passed every test. Reference: torch's BCE with logits against the soft target itself."""
+    torch.manual_seed(0)
+    model = slvp.SLVP(CFG, task="rvos")
+    frames, ids, mask = clip(B=2)
+    with torch.no_grad():
+        out = model(frames, ids, mask)
+    H, W = CFG.frame_size
+    soft = torch.rand(2, CFG.num_frames, H, W, generator=torch.Generator().manual_seed(1))
+    boxes = torch.tensor([0.2, 0.2, 0.6, 0.7]).expand(2, CFG.num_frames, 4)
+    valid = torch.ones(2, CFG.num_frames, dtype=torch.bool)
+    _, parts = model.rvos_loss(out, boxes, soft, valid)
+    assert torch.allclose(parts["bce"], F.binary_cross_entropy_with_logits(out["masks"].float(), soft))
+
+
+def test_metrics_refuse_a_void_mask_of_another_shape():
+    """same_shapes' docstring: gt, pred and void of one shape, as the evaluator asserts; a [H, W] void was broadcast
+    over every frame."""
+    gt = np.zeros((2, 20, 30), bool)
+    gt[:, 5:15, 5:20] = True
+    void = np.zeros((20, 30), bool)
+    with pytest.raises(ValueError, match="void"):
+        ev.db_eval_iou(gt, gt, void)
+    with pytest.raises(ValueError, match="void"):
+        ev.db_eval_boundary(gt, gt, void)
+
+
+def test_flow_colour_of_a_non_finite_y_component_is_black():
+    """Middlebury's flowToColor: a pixel is unknown where either component is not finite; a NaN in the y channel made
+    the whole picture fail with IndexError, as one in x did."""
+    flow = np.zeros((2, 1, 3), np.float32)
+    flow[0, 0, 1] = 3.0                                               # right: red at full saturation
+    flow[1, 0, 2] = np.inf
+    assert ev.flow_to_color(flow)[0].tolist() == [[255, 255, 255], [255, 0, 0], [0, 0, 0]]

@@ -25,7 +25,7 @@ import slvp
 import train
 from test_data import write_jpeg, write_video
 from test_eval import square, write_ids
-from test_train import ENV, FAST, ROOT
+from test_train import ENV, FAST, ROOT, other_spm_model
 
 
 def truncate(path):
@@ -246,6 +246,8 @@ CASES = [
      ["--data-root: --bench synthetic"]),
     ("eval", "--bench ytvos --ckpt {good} --data-root {d}/ytvos-truncated-frame --davis-root {d}/davis --out {d}/o-y",
      ["--davis-root is the DAVIS 2017 ground truth of --bench davis17"]),
+    ("eval", "--bench visor --ckpt {good} --data-root {d}/ytvos-empty --davis-root {d}/davis --out {d}/o-v",
+     ["--davis-root is the DAVIS 2017 ground truth of --bench davis17; --bench visor reads its own"]),
     # the GPU check's report, written after its first part (a traceback there)
     ("gpu", "--parts 1 --out {d}", ["is a folder; expected the report's file name"]),
     ("gpu", "--parts 1 --out {d}/a-file/report.md", ["a-file is a file; expected a folder"]),
@@ -423,6 +425,17 @@ def test_a_refused_resume_keeps_the_runs_tokenizer(tmp_path, spm_model, monkeypa
     assert (out / "spm.model").read_bytes() == spm_model.read_bytes()
 
 
+def test_overwrite_takes_the_new_runs_tokenizer(tmp_path, spm_model, monkeypatch):
+    """--overwrite replaces the earlier run on purpose: its spm.model too, with the --spm given (only a resumed run
+    keeps its own tokenizer; with --overwrite that check refused another --spm as 'not the tokenizer of the run')."""
+    monkeypatch.delenv("TRITON_INTERPRET")
+    out = tmp_path / "run"
+    train.main(["--steps", "1", *FAST, "--spm", str(spm_model), "--out", str(out)])
+    other = other_spm_model(tmp_path)
+    train.main(["--steps", "1", *FAST, "--spm", str(other), "--out", str(out), "--overwrite"])
+    assert (out / "spm.model").read_bytes() == other.read_bytes()
+
+
 @pytest.mark.parametrize("flag", ["--init", "--encoders"])
 def test_overwrite_never_deletes_the_checkpoint_the_run_starts_from(flag, tmp_path, spm_model, monkeypatch, capsys):
     """--mode finetune --init RUN/ckpt.safetensors --out RUN --overwrite (the line the refusal of a used --out points
@@ -435,6 +448,18 @@ def test_overwrite_never_deletes_the_checkpoint_the_run_starts_from(flag, tmp_pa
                                            *FAST, "--out", str(out), "--overwrite"], capsys)
     assert status != 0 and f"{flag} " in text and "--overwrite would delete" in text, text
     assert (out / "ckpt.safetensors").read_bytes() == before
+
+
+def test_overwrite_knows_the_start_checkpoint_by_any_spelling_of_its_path(tmp_path, monkeypatch):
+    """--out given relative and --init absolute (or through a link) name the same file: --overwrite must refuse to
+    delete it all the same (a comparison of the paths as typed let it through)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "run")
+    for start in (tmp_path / "run/ckpt.safetensors", Path("link/ckpt.safetensors"), Path("run/../run/resume.pt")):
+        args = train.parse_args(["--mode", "finetune", "--init", str(start), "--out", "run", "--overwrite"])
+        with pytest.raises(SystemExit, match="is the checkpoint that --overwrite would delete"):
+            train.check_out(args)
 
 
 @pytest.fixture

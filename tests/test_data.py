@@ -927,6 +927,7 @@ def test_smit_skips_an_unreadable_video(tmp_path):
         ds = data.build_dataset("smit", root, "train", CFG, train=True, skip_bad=True)
     assert len(ds) == 1 and [it["id"] for it in ds] == [("good", "0", 0)]
     assert data.some(["a", "b", "c", "d"]) == "a, b, c, ..." and data.some(["a"]) == "a"   # the first three named
+    assert data.some(["a", "b", "c"]) == "a, b, c"                   # all three named: no "..." for more
     with pytest.raises(IndexError, match="index 1 of a dataset of 1 clips"):
         ds[1]
 

@@ -75,6 +75,19 @@ def test_interpreter_set_after_import_takes_the_torch_path():
     assert r.returncode == 0 and r.stdout.strip() == "True", r.stderr[-2000:]
 
 
+def test_interpreter_unset_after_import_takes_the_torch_path(monkeypatch):
+    """use_triton's docstring: CPU tensors reach the kernels only while TRITON_INTERPRET=1 is still set; the tests unset
+    it to take the torch reference (the 'interpret 0' cases), which a check of the import-time flag alone ignored."""
+    if not fw.INTERPRETED:
+        pytest.skip("CPU tensors reach the kernels only when TRITON_INTERPRET=1 was set at import")
+    image, flow = torch.rand(1, 3, 5, 6), torch.rand(1, 2, 5, 6)
+    assert fw.use_triton(image, flow)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not fw.use_triton(image, flow)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert not fw.use_triton(image, flow)
+
+
 @pytest.mark.parametrize("C,H,W,B,reach", [(3, 37, 53, 2, 6), (1, 37, 53, 3, 6), (3, 8, 300, 1, 6), (2, 9, 14, 2, 40)])
 def test_warp_forward_and_backward_match_grid_sample(C, H, W, B, reach):
     """The last case: flows up to 40 px on a 9x14 frame, beyond the clamp of the whole-pixel step to +-(size + 2)."""

@@ -95,6 +95,18 @@ def test_part_5_alone_measures_its_step_alone_row(tmp_path, monkeypatch):
     assert given[-1] == {"stage": "pretrain", "clips/s": 10.0} and "All checks passed" in (tmp_path / "r.md").read_text()
 
 
+def test_the_reports_folder_is_made(tmp_path, monkeypatch):
+    """--out in a folder not made yet: the check makes it (c97e45e) before the first part, whose report is written
+    after it; without it the run ended in a FileNotFoundError after its first part."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a stand-in GPU")
+    monkeypatch.setattr(gpu_check, "train_benchmark", lambda *a, **k: {"stage": "pretrain", "clips/s": 10.0})
+    monkeypatch.setattr(gpu_check, "end_to_end", lambda *a: {"loader keeps up": "yes"})
+    out = tmp_path / "reports" / "today" / "r.md"
+    gpu_check.main(["--parts", "5", "--out", str(out)])
+    assert "All checks passed" in out.read_text()
+
+
 def test_kernel_variants_have_the_signatures_the_launchers_use(monkeypatch):
     """Each launch of the three kernels (every dtype, mask dtype and flag; 32-bit offsets) passes the argument types
     of a variant that part 1 compiles: pointers by their tensors' dtypes, integers 32-bit, 1 / count fp32."""

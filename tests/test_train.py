@@ -925,3 +925,63 @@ def test_resume_restores_the_cuda_rng_of_the_gpus_it_sees(monkeypatch):
     states = [torch.full((16,), i, dtype=torch.uint8) for i in range(8)]
     train.restore_cuda_rng(states)
     assert len(got[0]) == 1 and torch.equal(got[0][0], states[0])
+
+
+# ---------------------------------------------------------------------------------------------- from a mutation run
+
+def other_spm_model(folder):
+    """A sentencepiece model other than spm_model's (T5's conventions), trained in `folder`: its path."""
+    import sentencepiece as spm
+    (folder / "other.txt").write_text("\n".join(f"a quick brown fox number {i} jumps over the lazy dog"
+                                                for i in range(200)))
+    spm.SentencePieceTrainer.train(input=str(folder / "other.txt"), model_prefix=str(folder / "other"), vocab_size=60,
+                                   hard_vocab_limit=False, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
+    return folder / "other.model"
+
+
+def test_check_same_run_lets_paths_and_workers_differ_and_names_the_rest(tmp_path, spm_model, monkeypatch):
+    """check_same_run's docstring: paths and --workers may differ from node to node; the flags, the training clips,
+    the tokenizer and the resume step may not. Two processes stood in by all_gather_object (the gloo tests cover a
+    flag and the clips; a node's own --workers or data path stopped nothing, a resume step or tokenizer of its own
+    was not looked at)."""
+    tok, other_tok = slvp.Tokenizer(spm_model), slvp.Tokenizer(other_spm_model(tmp_path))
+
+    def args(*argv):
+        a = train.parse_args(["--mode", "finetune", *argv])
+        a.clips = [8]
+        return a
+
+    def plan(a, tokenizer, state):  # what this process sends (gathered with itself, the check passes)
+        sent = []
+        monkeypatch.setattr(train.dist, "all_gather_object",
+                            lambda every, mine: (sent.append(mine), every.__setitem__(slice(None), [mine, mine])))
+        train.check_same_run(a, tokenizer, state, 2)
+        return sent[0]
+
+    def check(mine, theirs):  # (args, tokenizer, state) of process 0 and of process 1
+        other = plan(*theirs)
+        monkeypatch.setattr(train.dist, "all_gather_object",
+                            lambda every, sent: every.__setitem__(slice(None), [sent, other]))
+        train.check_same_run(*mine, 2)
+
+    base = (args("--data", "ytvos", "--data-root", "here", "--out", "a", "--workers", "2"), tok, None)
+    check(base, (args("--data", "ytvos", "--data-root", "there", "--out", "b", "--workers", "5", "--spm", "x.model"),
+                 tok, None))
+    with pytest.raises(SystemExit, match=re.escape("process 1: --seed 1 (process 0: 0)")):   # a flag: not a path
+        check(base, (args("--data", "ytvos", "--data-root", "here", "--out", "a", "--workers", "2", "--seed", "1"),
+                     tok, None))
+    with pytest.raises(SystemExit, match=re.escape("process 1: resumed at step 6 (process 0: 4)")):
+        check((base[0], tok, {"step": 4}), (base[0], tok, {"step": 6}))
+    with pytest.raises(SystemExit, match=r"process 1: tokenizer \w+ \(process 0: \w+\)"):
+        check(base, (base[0], other_tok, None))
+
+
+def test_a_frozen_encoder_given_by_t5_is_not_named_random(tmp_path, spm_model, capsys, monkeypatch):
+    """The note names a frozen encoder with random weights; --t5 brings the text encoder's (as --vit the vision's)."""
+    from transformers import T5Config, T5EncoderModel
+    monkeypatch.delenv("TRITON_INTERPRET")       # the torch path of the warp: the interpreter is slow (SPEC §2)
+    T5EncoderModel(T5Config(vocab_size=120, d_model=48, d_kv=16, d_ff=80, num_layers=2, num_heads=4,
+                            feed_forward_proj="relu", dropout_rate=0.0)).save_pretrained(tmp_path / "t5")
+    train.main(["--mode", "pretrain", "--steps", "1", *FAST, "--t5", str(tmp_path / "t5"), "--spm", str(spm_model),
+                "--out", str(tmp_path / "pre")])
+    assert "\nnote: frozen with random weights: the vision encoder (no --vit)\n" in capsys.readouterr().out
