@@ -494,6 +494,63 @@ def stage_loss(model, raw, batch, device):
     return raw.rvos_loss(out, boxes, masks, valid, num_valid)
 
 
+def choose_tokenizer(args, sets, main_proc, ddp):
+    """--spm, else the spm.model beside --init/--encoders, else (a new run) one fitted to the training texts; a resumed
+    run keeps its own. Copied to --out/spm.model, beside the checkpoint."""
+    spm = Path(args.spm) if args.spm else next((Path(c).parent / "spm.model" for c in (args.init, args.encoders)
+                                                if c and (Path(c).parent / "spm.model").is_file()), None)
+    own = args.out / "spm.model"
+    if args.resume and own.is_file():   # a resumed run keeps its own tokenizer (checked before it is replaced)
+        if spm is not None and spm.is_file() and spm.read_bytes() != own.read_bytes():
+            raise ValueError(f"--resume: {spm} is not the tokenizer of the run in {args.out} ({own}); a resumed "
+                             f"run keeps its own: leave out --spm (and give the run's own --init or --encoders)")
+        if spm is None or spm.is_file():   # (a missing --spm is named by the Tokenizer)
+            spm = own
+    if spm is None and (args.init or args.encoders):   # a new tokenizer would give its text encoder other ids
+        raise ValueError(f"no spm.model beside {args.init or args.encoders}: pass the sentencepiece model it was "
+                         f"trained with as --spm")
+    if spm is not None:
+        tokenizer = slvp.Tokenizer(spm)
+        if spm.resolve() != own.resolve() and main_proc:
+            shutil.copy(spm, own)
+    else:
+        if main_proc:
+            fit_tokenizer(sets, args.out)
+        if ddp:
+            dist.barrier()
+        tokenizer = slvp.Tokenizer(own)
+    return tokenizer
+
+
+def check_resume(state, args, model):
+    """A resumed run must be the run in resume.pt: the same model config, task and fusion, and the same
+    run_settings (a flag left out takes its default, not the run's)."""
+    path = args.out / "resume.pt"
+    ours = dataclasses.asdict(model.cfg)
+    fields = [f"{k} {ours[k]} (was {state['config'].get(k)})" for k in ours if state["config"].get(k) != ours[k]]
+    differ = [k for k, theirs, mine in (("model config", state["config"], ours),
+                                        ("task", state["task"], model.task),
+                                        ("fusion", state["fusion"], model.fusion)) if theirs != mine]
+    if differ:
+        raise SystemExit(f"error: {path} holds a {state['task']}/{state['fusion']} run of another "
+                         f"{' and '.join(differ)} than this one ({model.task}/{model.fusion}"
+                         + "; ".join(["", *fields]) + ")")
+    recorded = state.get("run", {})
+
+    def typed(k, v, name=True):  # a setting as the command line gives it
+        if isinstance(v, bool):
+            return k if v else "--no-" + k[2:]
+        value = "not given" if v is None else " ".join(map(str, v)) if isinstance(v, list) else v
+        return f"{k} {value}" if name else value
+    changed = [f"{typed(k, v)} (was {typed(k, recorded[k], isinstance(v, bool))})"
+               for k, v in run_settings(args).items()
+               if recorded.get(k, v) != v and not (k == "--warmup" and recorded[k] is None)]  # None: not recorded
+    if changed:
+        raise SystemExit(f"error: {path}: resuming with {', '.join(changed)}; a resumed run keeps the earlier "
+                         f"run's data order and optimizer (start a new run to change them; a flag left out "
+                         f"takes its default, not the run's: resume with the run's own flags)")
+
+
 def check_same_run(args, tokenizer, state, world):
     """Under DDP every process must run the same plan: the same flags (but paths and --workers, which may differ from
     node to node), as many training clips, the same tokenizer and resume step. Otherwise the processes cut other
@@ -571,28 +628,7 @@ def run(args, ddp, rank, world, device):
         state = read_resume(args.out / "resume.pt") if args.resume else None
         probe_cfg = getattr(slvp.SLVPConfig, args.config)()
         sets = build_training_data(args, probe_cfg)
-        spm = Path(args.spm) if args.spm else next((Path(c).parent / "spm.model" for c in (args.init, args.encoders)
-                                                    if c and (Path(c).parent / "spm.model").is_file()), None)
-        own = args.out / "spm.model"
-        if args.resume and own.is_file():   # a resumed run keeps its own tokenizer (checked before it is replaced)
-            if spm is not None and spm.is_file() and spm.read_bytes() != own.read_bytes():
-                raise ValueError(f"--resume: {spm} is not the tokenizer of the run in {args.out} ({own}); a resumed "
-                                 f"run keeps its own: leave out --spm (and give the run's own --init or --encoders)")
-            if spm is None or spm.is_file():   # (a missing --spm is named by the Tokenizer)
-                spm = own
-        if spm is None and (args.init or args.encoders):   # a new tokenizer would give its text encoder other ids
-            raise ValueError(f"no spm.model beside {args.init or args.encoders}: pass the sentencepiece model it was "
-                             f"trained with as --spm")
-        if spm is not None:
-            tokenizer = slvp.Tokenizer(spm)
-            if spm.resolve() != own.resolve() and main_proc:
-                shutil.copy(spm, own)
-        else:
-            if main_proc:
-                fit_tokenizer(sets, args.out)
-            if ddp:
-                dist.barrier()
-            tokenizer = slvp.Tokenizer(own)
+        tokenizer = choose_tokenizer(args, sets, main_proc, ddp)
         model = build_model(args, tokenizer)
         if len(tokenizer) > model.cfg.vocab_size:
             raise ValueError(f"the tokenizer has {len(tokenizer)} pieces, more than the model's vocabulary of "
@@ -622,30 +658,7 @@ def run(args, ddp, rank, world, device):
 
     step, epoch, batch_idx = 0, 0, 0
     if state is not None:
-        path = args.out / "resume.pt"
-        ours = dataclasses.asdict(cfg)
-        fields = [f"{k} {ours[k]} (was {state['config'].get(k)})" for k in ours if state["config"].get(k) != ours[k]]
-        differ = [k for k, theirs, mine in (("model config", state["config"], ours),
-                                            ("task", state["task"], model.task),
-                                            ("fusion", state["fusion"], model.fusion)) if theirs != mine]
-        if differ:
-            raise SystemExit(f"error: {path} holds a {state['task']}/{state['fusion']} run of another "
-                             f"{' and '.join(differ)} than this one ({model.task}/{model.fusion}"
-                             + "; ".join(["", *fields]) + ")")
-        recorded = state.get("run", {})
-
-        def typed(k, v, name=True):  # a setting as the command line gives it
-            if isinstance(v, bool):
-                return k if v else "--no-" + k[2:]
-            value = "not given" if v is None else " ".join(map(str, v)) if isinstance(v, list) else v
-            return f"{k} {value}" if name else value
-        changed = [f"{typed(k, v)} (was {typed(k, recorded[k], isinstance(v, bool))})"
-                   for k, v in run_settings(args).items()
-                   if recorded.get(k, v) != v and not (k == "--warmup" and recorded[k] is None)]  # None: not recorded
-        if changed:
-            raise SystemExit(f"error: {path}: resuming with {', '.join(changed)}; a resumed run keeps the earlier "
-                             f"run's data order and optimizer (start a new run to change them; a flag left out "
-                             f"takes its default, not the run's: resume with the run's own flags)")
+        check_resume(state, args, model)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -656,7 +669,7 @@ def run(args, ddp, rank, world, device):
         if cuda and state["cuda_rng"]:
             restore_cuda_rng(state["cuda_rng"])
         if main_proc:
-            print(f"resumed {path} at step {step} (epoch {epoch}, batch {batch_idx})")
+            print(f"resumed {args.out / 'resume.pt'} at step {step} (epoch {epoch}, batch {batch_idx})")
 
     raw = model
     if ddp:  # DDP first, then compile: the compiler splits the graph at DDP's gradient buckets
