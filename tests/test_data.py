@@ -95,7 +95,8 @@ def test_synthetic_true_flow_warps_frame_1_onto_frame_i():
 def test_synthetic_motion_is_recoverable_with_the_photometric_objective(monkeypatch):
     """Eq. (1) on the synthetic world carries the motion: a free flow, one vector per 8x8 patch and frame, fit to
     each clip by Adam on slvp.photometric_objective alone, ends well below the zero flow's end-point error. (At
-    64x96 on 64 held-out clips, 300 steps: EPE 1.32 -> 0.86; README, "The default run".)"""
+    64x96 on 64 held-out clips, 300 steps: EPE 1.32 -> 0.86; README, "How the miniature learns flow", "Earlier
+    runs".)"""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)   # the torch path of the warp (the kernels have their own tests)
     ds = data.build_dataset("synthetic", None, "pretrain_val", CFG, train=False, size=8)
     items = [ds[i] for i in range(8)]
