@@ -209,6 +209,7 @@ def format_note(message, category, *args, _format=warnings.formatwarning, **kwar
     return f"note: {message}\n" if issubclass(category, Note) else _format(message, category, *args, **kwargs)
 
 
+# (a replaced formatwarning is passed no source: -X tracemalloc's "Object allocated at" is then not shown)
 warnings.formatwarning = format_note
 
 

@@ -785,9 +785,12 @@ def save_checkpoint(path, model, **extra):
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     save_file(state, str(tmp), metadata=meta)
-    umask = os.umask(0o077)  # read it (setting a strict one meanwhile)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # as open() would: safetensors 0.8 writes 0600 whatever the umask (its issue #782)
+    # the mode open() gives a file here (umask, or the folder's default ACL): save_file writes 0600 whatever they say
+    # (safetensors issue #782); no os.umask, which sets the process's umask, every thread's, while it reads it
+    probe = path.with_name(path.name + ".mode")
+    probe.touch()
+    os.chmod(tmp, probe.stat().st_mode & 0o7777)
+    probe.unlink()
     os.replace(tmp, path)
 
 

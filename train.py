@@ -691,8 +691,9 @@ def run(args, ddp, rank, world, device):
               f"trained), {len(train_set)} clips, batch {args.batch_size} on {world} process(es), device {device}")
         random = [f"the {part} encoder (no --{flag})" for part, flag, frozen in
                   (("text", "t5", raw.freeze_text), ("vision", "vit", raw.freeze_vision))
-                  if frozen and not (args.init or args.encoders or getattr(args, flag))]
-        if random:  # the paper freezes pre-trained encoders (Sec. 4.1); the miniature's are random
+                  if frozen and not (args.init or args.encoders or args.resume or getattr(args, flag))]
+        if random:  # the paper freezes pre-trained encoders (Sec. 4.1); the miniature's are random (a resumed run's
+            # encoders are resume.pt's, which no flag names: said at the run's start)
             print(f"note: frozen with random weights: {' and '.join(random)}")
     peak = peak_flops() if cuda else None
 

@@ -324,20 +324,17 @@ def failed_cell(e):
     return f"FAILED: {error_line(e)}"
 
 
-def run_sections(sections, head, out, deadline=None, clock=time.time):
-    """[(title, function returning rows or a line)] -> (Markdown text, failed titles), written to `out` after each
-    section. A failure is recorded, not skipped: its section shows FAILED and the error, or a row its cell FAILED
-    with the rest of the row; the caller exits non-zero. With `deadline` (seconds from the start), a section not
-    started by then is written as NOT RUN and counted as failed, so that a report cut short by a time limit says
-    which checks it lacks."""
-    parts, failed, start = [head], [], clock()
-    for title, fn in sections:
-        t = clock()
-        if deadline is not None and t - start > deadline:
-            parts.append(f"## {title}\n\n**NOT RUN**: past the --deadline of {deadline:g} s\n")
-            failed.append(title)
-            Path(out).write_text("\n".join(parts))
-            continue
+def run_sections(sections, head, out):
+    """[(title, function returning rows or a line)] -> (Markdown text, failed titles), written to `out` at the end
+    and before each section, there with the sections not done yet as NOT RUN and a FAILED line, so that a check
+    stopped by a time limit or a hang leaves a report that names what it lacks. A failure is recorded, not skipped:
+    its section shows FAILED and the error, or a row its cell FAILED with the rest of the row; the caller exits
+    non-zero."""
+    parts, failed = [head], []
+    for i, (title, fn) in enumerate(sections):
+        pending = [f"## {t}\n\n**NOT RUN**: the check stopped before it was done\n" for t, _ in sections[i:]]
+        Path(out).write_text("\n".join([*parts, *pending]) + "\n**FAILED**: the check did not finish\n")
+        t = time.time()
         print(f"... {title}", file=sys.stderr, flush=True)
         try:
             result = fn()
@@ -348,8 +345,8 @@ def run_sections(sections, head, out, deadline=None, clock=time.time):
             traceback.print_exc()
             body = f"**FAILED**: `{error_line(e)}`"
             failed.append(title)
-        parts.append(f"## {title}\n\n{body}\n\n({clock() - t:.0f} s)\n")
-        Path(out).write_text("\n".join(parts))
+        parts.append(f"## {title}\n\n{body}\n\n({time.time() - t:.0f} s)\n")
+    Path(out).write_text("\n".join(parts))
     return "\n".join(parts), failed
 
 
@@ -366,9 +363,6 @@ def main(argv=None):
                    help="timed training steps per row (default: %(default)s)")
     p.add_argument("--batch-size", type=data.number(int, 1), default=16,
                    help="clips per training step in the timed rows (default: %(default)s)")
-    p.add_argument("--deadline", type=data.number(float, 0, strict=True), default=None,
-                   help="seconds: sections not started by then are written as NOT RUN (and fail the check), so that "
-                        "a run under a time limit leaves a report that names what it lacks (default: none)")
     args = p.parse_args(argv)
     try:
         parts = {int(x) for x in args.parts.split(",")}
@@ -412,7 +406,7 @@ def main(argv=None):
     if os.path.isdir("/dev/shm"):  # part 5's DataLoader workers pass their batches through it (10.7 MiB a clip)
         head += f", /dev/shm {shutil.disk_usage('/dev/shm').free / 2**30:.1f} GiB free"
     head += "\n\n"
-    body, failed = run_sections(sections, head, args.out, args.deadline)
+    body, failed = run_sections(sections, head, args.out)
     report = body + ("\n**FAILED**: " + "; ".join(failed) + "\n" if failed else "\nAll checks passed.\n")
     Path(args.out).write_text(report)
     print(report)

@@ -633,6 +633,21 @@ def test_a_checkpoint_is_as_readable_as_any_file_written_beside_it(tmp_path, uma
     assert mode("ckpt.safetensors") == mode("plain.txt") == 0o666 & ~umask
 
 
+def test_a_checkpoint_takes_the_folders_default_acl(tmp_path):
+    """In a folder with a default ACL (a group's shared folder), open() takes the mode from it, not from the umask:
+    a chmod to 0666 less the umask gave 0644 where open() gives 0664. Reference: a file written by open() beside it."""
+    import struct
+    entry = lambda tag, perm: struct.pack("<HHI", tag, perm, 0xFFFFFFFF)   # the kernel's posix_acl_xattr layout
+    try:     # u::rw- g::rw- o::r--
+        os.setxattr(tmp_path, "system.posix_acl_default", struct.pack("<I", 2) + entry(1, 6) + entry(4, 6) + entry(32, 4))
+    except OSError as e:
+        pytest.skip(f"no POSIX ACLs here: {e}")
+    slvp.save_checkpoint(tmp_path / "ckpt.safetensors", slvp.SLVP(slvp.SLVPConfig.tiny()))
+    (tmp_path / "plain.txt").write_text("x")
+    mode = lambda f: stat.S_IMODE((tmp_path / f).stat().st_mode)
+    assert mode("ckpt.safetensors") == mode("plain.txt") == 0o664
+
+
 def test_checkpoint_errors_name_the_tensor(tmp_path):
     from safetensors.torch import load_file, save_file
     cfg = slvp.SLVPConfig.tiny()

@@ -914,6 +914,10 @@ def test_frozen_random_encoders_are_named(tmp_path, spm_model, capsys, monkeypat
     assert "\nnote: frozen with random weights: the text encoder (no --t5)\n" in capsys.readouterr().out
     train.main([*ft, "--encoders", str(tmp_path / "pre/ckpt.safetensors"), "--out", str(tmp_path / "ft2")])
     assert "frozen with random weights" not in capsys.readouterr().out
+    # resumed, the encoders are resume.pt's whatever --t5/--vit say (a run started with --t5, resumed without it,
+    # was said to have a random text encoder)
+    train.main(["--mode", "pretrain", "--steps", "2", *FAST, "--out", str(tmp_path / "pre"), "--resume"])
+    assert "frozen with random weights" not in capsys.readouterr().out
 
 
 def test_resume_restores_the_cuda_rng_of_the_gpus_it_sees(monkeypatch):
