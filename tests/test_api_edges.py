@@ -79,9 +79,11 @@ def test_vit_refuses_frames_of_another_size():
             vit(torch.randn(1, 3, *size))
 
 
-def test_rvos_loss_reads_integer_masks_as_the_evaluator_does():
-    """A 0/255 uint8 mask (a binary PNG) was read as a target of 255 by BCE and Dice; non-zero is the object (the DAVIS
-    evaluator's astype(bool)). Reference: the bool mask's loss (hand-worked in test_rvos_loss_hand_worked)."""
+def test_rvos_loss_reads_masks_as_the_evaluator_does():
+    """Non-zero is the object (the DAVIS evaluator's astype(bool)): a 0/255 mask, uint8 (a binary PNG) or float (a
+    PNG read with .float()), was a BCE and Dice target of 255 (a loss of 11.38 where the bool mask's is 8.04); float
+    values in [0, 1] are soft targets. References: the bool mask's loss (hand-worked in test_rvos_loss_hand_worked),
+    and torch's BCE with logits against the soft target itself."""
     torch.manual_seed(0)
     model = slvp.SLVP(CFG, task="rvos")
     frames, ids, mask = clip(B=2)
@@ -93,7 +95,11 @@ def test_rvos_loss_reads_integer_masks_as_the_evaluator_does():
     boxes = torch.tensor([10 / W, 8 / H, 30 / W, 20 / H]).expand(2, CFG.num_frames, 4)
     valid = torch.ones(2, CFG.num_frames, dtype=torch.bool)
     ref = model.rvos_loss(out, boxes, masks, valid)[0]
-    assert torch.allclose(model.rvos_loss(out, boxes, masks.byte() * 255, valid)[0], ref)
+    for other in (masks.byte() * 255, masks.float() * 255, masks.float()):
+        assert torch.allclose(model.rvos_loss(out, boxes, other, valid)[0], ref), other.dtype
+    soft = torch.rand(2, CFG.num_frames, H, W, generator=torch.Generator().manual_seed(1))
+    _, parts = model.rvos_loss(out, boxes, soft, valid)
+    assert torch.allclose(parts["bce"], F.binary_cross_entropy_with_logits(out["masks"].float(), soft))
     with pytest.raises(ValueError, match="do not match"):
         model.rvos_loss(out, boxes, masks.flatten(0, 1), valid)
 
@@ -226,41 +232,7 @@ def test_photometric_loss_takes_one_hw_mask_for_every_image(interpret, monkeypat
         fw.photometric_loss(image, flow, target, mask[None].expand(3, 5, 7))
 
 
-def test_rvos_loss_reads_a_float_0_255_mask_as_the_object():
-    """README: masks for rvos_loss may be 0/255, non-zero the object. A float 0/255 mask (a PNG read with .float()) was
-    a BCE and Dice target of 255: a loss of 11.38 where the bool mask's is 8.04. Reference: the bool mask's loss."""
-    torch.manual_seed(0)
-    model = slvp.SLVP(CFG, task="rvos")
-    frames, ids, mask = clip(B=2)
-    with torch.no_grad():
-        out = model(frames, ids, mask)
-    H, W = CFG.frame_size
-    masks = torch.zeros(2, CFG.num_frames, H, W, dtype=torch.bool)
-    masks[..., 8:20, 10:30] = True
-    boxes = torch.tensor([10 / W, 8 / H, 30 / W, 20 / H]).expand(2, CFG.num_frames, 4)
-    valid = torch.ones(2, CFG.num_frames, dtype=torch.bool)
-    ref = model.rvos_loss(out, boxes, masks, valid)[0]
-    assert torch.allclose(model.rvos_loss(out, boxes, masks.float() * 255, valid)[0], ref)
-    assert torch.allclose(model.rvos_loss(out, boxes, masks.float(), valid)[0], ref)
-
-
 # ---------------------------------------------------------------------------------------------- from a mutation run
-
-def test_rvos_loss_takes_float_masks_in_0_1_as_soft_targets():
-    """README: float mask values in [0, 1] are soft targets (slvp.py: they "stay as they are"); a float mask read as
-    non-zero = object passed every test. Reference: torch's BCE with logits against the soft target itself."""
-    torch.manual_seed(0)
-    model = slvp.SLVP(CFG, task="rvos")
-    frames, ids, mask = clip(B=2)
-    with torch.no_grad():
-        out = model(frames, ids, mask)
-    H, W = CFG.frame_size
-    soft = torch.rand(2, CFG.num_frames, H, W, generator=torch.Generator().manual_seed(1))
-    boxes = torch.tensor([0.2, 0.2, 0.6, 0.7]).expand(2, CFG.num_frames, 4)
-    valid = torch.ones(2, CFG.num_frames, dtype=torch.bool)
-    _, parts = model.rvos_loss(out, boxes, soft, valid)
-    assert torch.allclose(parts["bce"], F.binary_cross_entropy_with_logits(out["masks"].float(), soft))
-
 
 def test_metrics_refuse_a_void_mask_of_another_shape():
     """same_shapes' docstring: gt, pred and void of one shape, as the evaluator asserts; a [H, W] void was broadcast
