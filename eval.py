@@ -698,19 +698,27 @@ def main(argv=None):
     p.add_argument("--out", default=None, type=data.path,
                    help="where predictions, tables and pictures go (default: out/eval; not with --predictions, whose "
                         "two CSV tables go into the predictions folder, as the official tool writes them)")
-    p.add_argument("--batch-size", type=data.number(int, 1), default=4,
-                   help="clips per forward pass (default: %(default)s)")
+    p.add_argument("--batch-size", type=data.number(int, 1), default=None,
+                   help="a benchmark's clips per forward pass (default: 4)")
     p.add_argument("--workers", type=data.number(int, 0), default=None,
-                   help="DataLoader worker processes reading the clips (default: 0 on the CPU; with a GPU the "
+                   help="DataLoader worker processes reading a benchmark's clips (default: 0 on the CPU; with a GPU the "
                         "process's share of the cores less one, 1 to 16)")
-    p.add_argument("--num-clips", type=data.number(int, 1), default=256,
-                   help="synthetic: the number of held-out clips (default: %(default)s; 64 are few for differences of "
+    p.add_argument("--num-clips", type=data.number(int, 1), default=None,
+                   help="synthetic: the number of held-out clips (default: 256; 64 are few for differences of "
                         "a few hundredths, README 'At 64x96')")
     args = p.parse_args(argv)
     PROGRESS_LINE[0] = False
-    args.workers = data.default_workers(torch.cuda.is_available()) if args.workers is None else args.workers
     if args.predictions and args.bench != "davis17":
         p.error("--predictions scores a folder of DAVIS-style masks: it goes with --bench davis17")
+    if args.num_clips is not None and args.bench != "synthetic":
+        p.error("--num-clips is the number of held-out synthetic clips: it goes with --bench synthetic")
+    for flag, value in (("--spm", args.spm), ("--batch-size", args.batch_size), ("--workers", args.workers)):
+        if value is not None and args.predictions:
+            p.error(f"{flag} is for a model run; --predictions scores masks without one: leave it out")
+        if value is not None and flag != "--spm" and not args.bench:
+            p.error(f"{flag} goes with a --bench (the demo runs its video one clip at a time): leave it out")
+    args.batch_size, args.num_clips = args.batch_size or 4, args.num_clips or 256
+    args.workers = data.default_workers(torch.cuda.is_available()) if args.workers is None else args.workers
     if args.predictions and args.ckpt:
         p.error("--predictions scores a folder of masks and --ckpt runs a model: give one of them")
     if args.predictions and args.out:

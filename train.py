@@ -142,6 +142,8 @@ def parse_args(argv=None):
         p.error("--encoders brings its own encoders: leave out --t5 and --vit")
     if args.resume and args.overwrite:
         p.error("--resume continues the run in --out and --overwrite replaces it: give one of them")
+    if args.skip_bad and set(args.data) == {"synthetic"}:
+        p.error("--skip-bad skips the unreadable files of real datasets; --data synthetic is made here and reads none")
     if args.train_size and not (args.mode == "finetune" and "synthetic" in args.data):
         p.error("--train-size is the number of labelled synthetic clips: it needs --mode finetune and --data synthetic")
     if args.warmup is not None and args.warmup > args.steps and not (args.resume and not args.steps_given):
