@@ -73,6 +73,9 @@ class SLVPConfig:
             raise ValueError(f"frame_size {self.frame_size} is not divisible by patch_size {self.patch_size}")
         if self.dec_dim % 4:  # sincos_2d: a sine and a cosine for the row and for the column
             raise ValueError(f"dec_dim {self.dec_dim} is not a multiple of 4 (E_pos starts as 2-D sin-cos codes)")
+        for width, heads in (("dec_dim", "dec_heads"), ("vit_dim", "vit_heads")):  # Attention splits the width
+            if getattr(self, width) % getattr(self, heads):
+                raise ValueError(f"{width} {getattr(self, width)} is not divisible by {heads} {getattr(self, heads)}")
 
     @property
     def grid(self):
@@ -562,6 +565,8 @@ class SLVP(nn.Module):
             raise ValueError(f"fusion must be 'vision' or 'language', got {fusion!r}")
         if task not in ("pretrain", "rvos"):
             raise ValueError(f"task must be 'pretrain' or 'rvos', got {task!r}")
+        if task == "pretrain" and cfg.num_frames < 2:  # Eq. (1) pairs frames 2..T with frame 1: none at T = 1
+            raise ValueError(f"num_frames {cfg.num_frames}: pre-training (Eq. (1)) needs at least 2 frames")
         self.cfg, self.fusion, self.task = cfg, fusion, task
         d, p = cfg.dec_dim, cfg.patch_size
         self.text = T5Encoder(cfg)
@@ -650,7 +655,8 @@ class SLVP(nn.Module):
             return unpatchify(self.flow_head(f_fused.to(self.flow_head.weight.dtype)), self.cfg, 2)  # Eq. (3)
 
     def pretrain_loss(self, frames, ids, mask):
-        """Eq. (1) on this model's flow: (loss, flow)."""
+        """Eq. (1) on this model's flow: (loss, flow). train.py applies photometric_objective to forward()'s flow
+        itself (DDP syncs gradients only through forward()): a change of the objective goes there, not here."""
         flow = self.flow(frames, ids, mask)
         return photometric_objective(frames, flow), flow
 
@@ -703,6 +709,8 @@ def photometric_objective(frames, flow):
     frames Float[B, T, 3, H, W] in [0, 1] and flow Float[B, T, 2, H, W]. The frames are data: only the flow gets a
     gradient."""
     B, T, C, H, W = frames.shape
+    if T < 2:  # the mean over no frame pair was NaN, and train.py then stopped on a "non-finite loss"
+        raise ValueError(f"frames {tuple(frames.shape)}: Eq. (1) pairs frames 2..T with frame 1; expected T >= 2")
     frames = frames.detach()
     V_1 = frames[:, :1].expand(B, T - 1, C, H, W).reshape(-1, C, H, W)      # [B*(T-1), C, H, W]
     V_i = frames[:, 1:].reshape(-1, C, H, W)

@@ -126,9 +126,11 @@ def parse_args(argv=None):
         p.error("give one --data-root per non-synthetic --data entry, in the same order")
     if any(d != "synthetic" for d in args.data) and args.data_root is None:
         p.error(f"--data {' '.join(args.data)} needs --data-root")
-    if args.mode == "finetune" and "smit" in args.data:
-        p.error("--data smit has captions, no masks or boxes: it is for --mode pretrain (fine-tune on synthetic, "
-                "ytvos, davis17, refcoco or visor)")
+    captions = [d for d in args.data if d != "synthetic" and not data.DATASETS[d].rvos]       # SMiT
+    if args.mode == "finetune" and captions:
+        usable = ", ".join(d for d in data.DATASETS if d == "synthetic" or data.DATASETS[d].rvos)
+        p.error(f"--data {captions[0]} has captions, no masks or boxes: it is for --mode pretrain "
+                f"(fine-tune on {usable})")
     if args.mode == "pretrain" and (args.init or args.encoders):
         p.error("--init and --encoders are for --mode finetune")
     if args.t5 and not args.spm:

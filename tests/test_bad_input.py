@@ -525,3 +525,15 @@ def test_the_largest_value_a_flag_allows_is_allowed():
     top = float(np.finfo(np.float32).max) / 10
     assert train.parse_args(["--lr", repr(top)]).lr == top
     assert data.number(int, 1, high=3)("3") == 3
+
+
+def test_finetune_refuses_any_captions_only_dataset(monkeypatch, tmp_path, capsys):
+    """The fine-tuning guard read the name 'smit'; a dataset registered in data.DATASETS with rvos = False (captions
+    only, as SMiT) passed it and the run then stopped with a KeyError traceback in stage_loss. The class attribute
+    that says a dataset has masks is the guard."""
+    class Captions(data.SMiT):
+        pass
+    monkeypatch.setitem(data.DATASETS, "captions", Captions)
+    status, text = error_line(train.main, [*FAST, "--out", str(tmp_path / "out"), "--mode", "finetune", "--data",
+                                           "captions", "--data-root", str(tmp_path)], capsys)
+    assert status != 0 and text.startswith("error: ") and "--data captions has captions, no masks or boxes" in text

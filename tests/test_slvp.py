@@ -740,3 +740,32 @@ def test_weights_saved_under_model_load_as_timm_loads_them(tmp_path):
     with torch.no_grad():
         err = (ours(x) - vit.forward_features(x)[:, 1:]).abs().max().item()
     assert err < TOL
+
+
+# ---------------------------------------------------------------------------------------------- a fork's configs
+
+def test_pretraining_needs_two_frames():
+    """Eq. (1) is a mean over frames i = 2..T, each warped from frame 1: at T = 1 there is no pair. It was a silent
+    NaN (the mean over nothing), which train.py then reported as a 'non-finite loss at step 1', as if the run had
+    diverged. T = 1 stays a valid transfer (rvos) config: image clips."""
+    cfg = dataclasses.replace(slvp.SLVPConfig.tiny(), num_frames=1)
+    with pytest.raises(ValueError, match="at least 2 frames"):
+        slvp.SLVP(cfg)
+    with pytest.raises(ValueError, match="expected T >= 2"):
+        slvp.photometric_objective(torch.rand(2, 1, 3, 8, 8), torch.zeros(2, 1, 2, 8, 8))
+    out = slvp.SLVP(cfg, task="rvos")(torch.rand(1, 1, 3, *cfg.frame_size), torch.tensor([[5, 1]]),
+                                      torch.ones(1, 2, dtype=torch.bool))
+    assert out["masks"].shape == (1, 1, *cfg.frame_size)
+
+
+@pytest.mark.parametrize("width, heads", [("dec_dim", "dec_heads"), ("vit_dim", "vit_heads")])
+def test_config_refuses_heads_that_do_not_split_the_width(width, heads):
+    """Multi-head attention splits the width evenly over the heads; torch's own nn.MultiheadAttention refuses
+    128 over 5 heads. The config refused dec_dim 126 (not a multiple of 4) but accepted 5 heads of 128 channels,
+    which failed at the first forward with a bare view error inside Attention."""
+    with pytest.raises(AssertionError, match="divisible"):
+        torch.nn.MultiheadAttention(128, 5)                       # the reference's rule
+    base = dataclasses.replace(slvp.SLVPConfig.tiny(), vit_dim=128, dec_dim=128)
+    with pytest.raises(ValueError, match=f"{width} 128 is not divisible by {heads} 5"):
+        dataclasses.replace(base, **{heads: 5})
+    dataclasses.replace(base, **{heads: 16})                      # divisible: accepted
