@@ -749,7 +749,8 @@ def run(args, ddp, rank, world, device):
                 t_eval = time.time()
                 scores = evaluate()
                 raw.train()
-                print("eval " + " | ".join(f"{k} {v:.4f}" for k, v in scores.items()), flush=True)
+                print(f"eval on {args.eval_clips} held-out synthetic clips | "            # whatever --data is
+                      + " | ".join(f"{k} {v:.4f}" for k, v in scores.items()), flush=True)
                 log.write(json.dumps({"kind": "eval", "step": step, **scores}) + "\n")
                 log.flush()
                 t_last += time.time() - t_eval                              # it/s counts training time only

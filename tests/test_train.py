@@ -888,6 +888,14 @@ def test_a_run_ends_with_an_evaluation(tmp_path):
     assert {"epe", "epe_zero_flow", "photo"} <= set(evals[0])
 
 
+def test_the_evaluation_line_says_its_clips_are_synthetic(tmp_path, spm_model, capsys, monkeypatch):
+    """The evaluation during training is on held-out synthetic clips whatever --data is (README, Training): a run
+    fine-tuned on a real dataset printed `eval J ...`, read as that dataset's score."""
+    train.main(["--mode", "finetune", "--steps", "1", *FAST, "--spm", str(spm_model), "--out", str(tmp_path / "ft")])
+    evals = [l for l in capsys.readouterr().out.splitlines() if l.startswith("eval")]
+    assert len(evals) == 1 and evals[0].startswith("eval on 4 held-out synthetic clips | J "), evals
+
+
 def test_overwrite_starts_a_new_log(tmp_path):
     """--overwrite replaces the earlier run in --out: its log.jsonl too, which then holds the new run's lines alone,
     as a run into a new folder writes them (appended to the old lines, the steps of two runs were mixed)."""
