@@ -710,15 +710,6 @@ def main(argv=None):
     PROGRESS_LINE[0] = False
     if args.predictions and args.bench != "davis17":
         p.error("--predictions scores a folder of DAVIS-style masks: it goes with --bench davis17")
-    if args.num_clips is not None and args.bench != "synthetic":
-        p.error("--num-clips is the number of held-out synthetic clips: it goes with --bench synthetic")
-    for flag, value in (("--spm", args.spm), ("--batch-size", args.batch_size), ("--workers", args.workers)):
-        if value is not None and args.predictions:
-            p.error(f"{flag} is for a model run; --predictions scores masks without one: leave it out")
-        if value is not None and flag != "--spm" and not args.bench:
-            p.error(f"{flag} goes with a --bench (the demo runs its video one clip at a time): leave it out")
-    args.batch_size, args.num_clips = args.batch_size or 4, args.num_clips or 256
-    args.workers = data.default_workers(torch.cuda.is_available()) if args.workers is None else args.workers
     if args.predictions and args.ckpt:
         p.error("--predictions scores a folder of masks and --ckpt runs a model: give one of them")
     if args.predictions and args.out:
@@ -738,6 +729,16 @@ def main(argv=None):
     if args.bench in ("ytvos", "visor") and args.davis_root:
         p.error(f"--davis-root is the DAVIS 2017 ground truth of --bench davis17; --bench {args.bench} reads its own "
                 f"under --data-root: leave it out")
+    # flags that would do nothing, after the checks that name a contradiction or a missing --bench
+    if args.num_clips is not None and args.bench != "synthetic":
+        p.error("--num-clips is the number of held-out synthetic clips: it goes with --bench synthetic")
+    for flag, value in (("--spm", args.spm), ("--batch-size", args.batch_size), ("--workers", args.workers)):
+        if value is not None and args.predictions:
+            p.error(f"{flag} is for a model run; --predictions scores masks without one: leave it out")
+        if value is not None and flag != "--spm" and not args.bench:
+            p.error(f"{flag} goes with a --bench (the demo runs its video one clip at a time): leave it out")
+    args.batch_size, args.num_clips = args.batch_size or 4, args.num_clips or 256
+    args.workers = data.default_workers(torch.cuda.is_available()) if args.workers is None else args.workers
     if not args.predictions and (problem := data.cannot_write(args.out)):
         p.error(f"--out {args.out}: {problem}")
     try:

@@ -74,6 +74,8 @@ class SLVPConfig:
         if self.dec_dim % 4:  # sincos_2d: a sine and a cosine for the row and for the column
             raise ValueError(f"dec_dim {self.dec_dim} is not a multiple of 4 (E_pos starts as 2-D sin-cos codes)")
         for width, heads in (("dec_dim", "dec_heads"), ("vit_dim", "vit_heads")):  # Attention splits the width
+            if getattr(self, heads) < 1:
+                raise ValueError(f"{heads} {getattr(self, heads)}: expected at least 1 attention head")
             if getattr(self, width) % getattr(self, heads):
                 raise ValueError(f"{width} {getattr(self, width)} is not divisible by {heads} {getattr(self, heads)}")
 

@@ -206,6 +206,10 @@ CASES = [
     ("eval", "--bench davis17 --davis-root {d}/davis --predictions {d}/pred --workers 0", ["--workers is for a model"]),
     ("eval", "--bench ytvos --ckpt {good} --data-root {d} --num-clips 8", ["--num-clips", "goes with --bench synthetic"]),
     ("eval", "--ckpt {good} --video {d}/frames --text the --batch-size 2", ["--batch-size goes with a --bench"]),
+    # ... after the checks that name the real mistake: a model run given --predictions too, a --bench left out
+    ("eval", "--bench davis17 --davis-root {d}/davis --predictions {d}/pred --ckpt {good} --spm {spm}",
+     ["--predictions scores a folder of masks and --ckpt runs a model: give one of them"]),
+    ("eval", "--ckpt {good} --data-root {d} --batch-size 2", ["--data-root goes with --bench davis17, ytvos or visor"]),
     ("train", "--skip-bad --steps 1", ["--skip-bad skips the unreadable files of real datasets"]),
     ("train", "--mode finetune --init {d}/pre.safetensors --config small", ["--config small: --init and --encoders take"]),
     ("train", "--mode finetune --encoders {d}/pre.safetensors --config small --steps 1", ["--config small: --init and"]),

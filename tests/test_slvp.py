@@ -769,3 +769,15 @@ def test_config_refuses_heads_that_do_not_split_the_width(width, heads):
     with pytest.raises(ValueError, match=f"{width} 128 is not divisible by {heads} 5"):
         dataclasses.replace(base, **{heads: 5})
     dataclasses.replace(base, **{heads: 16})                      # divisible: accepted
+
+
+@pytest.mark.parametrize("heads", [0, -8])
+def test_config_refuses_a_head_count_below_one(heads):
+    """A head count is a positive integer, as torch's nn.MultiheadAttention requires. 0 heads failed the divisibility
+    check with a ZeroDivisionError (a traceback from load_checkpoint, which turns only ValueError into a line), and -8
+    divides 128, so it was accepted and failed at the first forward with an invalid shape."""
+    with pytest.raises(ValueError, match="must be greater than 0"):
+        torch.nn.MultiheadAttention(128, heads)                   # the reference's rule
+    for name in ("dec_heads", "vit_heads"):
+        with pytest.raises(ValueError, match=f"{name} {heads}: expected at least 1 attention head"):
+            dataclasses.replace(slvp.SLVPConfig.tiny(), **{name: heads})
