@@ -419,7 +419,9 @@ def resample_pos_embed(pos, new_grid):
 
 def load_vit(path, cfg):
     """An open_clip CLIP/CoCa checkpoint (keys visual.* or bare; conv1 without bias, stacked in_proj) or a timm
-    ViT checkpoint. Width, depth and MLP size are read off the weights, heads = width / 64; patch size and grid
+    ViT checkpoint. Width, depth and MLP size are read off the weights, heads = width / 64 (up to ViT-L's 1024; a
+    wider ViT is refused, since its heads are not in the weights and vary: open_clip's ViT-H-14 has 16 of 80
+    channels, timm's DINOv2 giant 24 of 64); patch size and grid
     come from cfg (patch embedding and position embedding resampled). Returns a ViTEncoder whose .cfg is cfg with
     the vision fields of the checkpoint. Two things it does not carry over: OpenAI CLIP's QuickGELU (this ViT uses
     exact GELU; use CoCa, LAION CLIP or timm weights), and a checkpoint's own pixel statistics: SLVP normalizes
@@ -463,6 +465,10 @@ def load_vit(path, cfg):
         qkv = "attn.qkv."
     else:
         raise ValueError(f"{path}: neither an open_clip (conv1.weight) nor a timm (patch_embed.proj.weight) ViT")
+    if D > 1024:  # every ViT up to ViT-L in open_clip's configs and timm's has 64 channels a head; wider ones vary
+        raise ValueError(f"{path}: a ViT of width {D}, whose number of attention heads the weights do not give (64 "
+                         f"channels a head up to ViT-L's 1024; ViT-H-14's 1280 has 16 heads of 80): expected a ViT "
+                         f"up to ViT-L")
     for k, v in state.items():
         if k.startswith(ignored):
             continue

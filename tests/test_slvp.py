@@ -1,10 +1,12 @@
 """slvp.py against the libraries it replaces (transformers, timm, open_clip, sentencepiece) and against hand-worked
 values. Every reference model is random-init and built here; nothing is downloaded."""
 import dataclasses
+import json
 import math
 import os
 import shutil
 import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -203,6 +205,23 @@ def test_vit_conversion_is_strict(tmp_path):
     save_file(state, tmp_path / "v.safetensors")
     with pytest.raises(ValueError, match="unexpected: blocks.0.ls1.gamma"):
         slvp.load_vit(tmp_path / "v.safetensors", frame_cfg(32, 32, 8))
+
+
+def test_vit_wider_than_vit_l_is_refused(tmp_path):
+    """heads = width / 64 holds for the ViTs up to ViT-L (1024) of open_clip and timm; wider ones differ, and the
+    weights do not say: open_clip's ViT-H-14 config (read here) has 16 heads of 80 channels, where width / 64 gives
+    20, and a ViT-H loaded so would split its attention wrongly with every tensor of the right shape."""
+    import importlib.util
+    from safetensors.torch import save_file
+    configs = Path(importlib.util.find_spec("open_clip").submodule_search_locations[0]) / "model_configs"
+    large, huge = (json.loads((configs / f"ViT-{n}-14.json").read_text())["vision_cfg"] for n in ("L", "H"))
+    assert large["width"] // large.get("head_width", 64) == large["width"] // 64 == 16      # the rule holds
+    assert (huge["width"], huge["width"] // huge["head_width"]) == (1280, 16)                # it does not
+    D = huge["width"]
+    save_file({"conv1.weight": torch.zeros(D, 3, 8, 8), "class_embedding": torch.zeros(D),
+               "positional_embedding": torch.zeros(17, D)}, tmp_path / "h.safetensors")
+    with pytest.raises(ValueError, match="a ViT of width 1280, whose number of attention heads the weights do not"):
+        slvp.load_vit(tmp_path / "h.safetensors", frame_cfg(32, 32, 8))
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer
@@ -678,7 +697,6 @@ def test_the_readme_api_snippet_runs_as_written(tmp_path, spm_model, monkeypatch
     """README "The API in a few lines", run as written where the main job has left its tokenizer: the shapes it
     states are the shapes it gets."""
     import re
-    from pathlib import Path
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     code = re.search(r"## The API in a few lines\n\n```python\n(.*?)```", text, re.S).group(1)
     (tmp_path / "out/pretrain").mkdir(parents=True)
