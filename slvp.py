@@ -423,8 +423,9 @@ def load_vit(path, cfg):
     wider ViT is refused, since its heads are not in the weights and vary: open_clip's ViT-H-14 has 16 of 80
     channels, timm's DINOv2 giant 24 of 64); patch size and grid
     come from cfg (patch embedding and position embedding resampled). Returns a ViTEncoder whose .cfg is cfg with
-    the vision fields of the checkpoint. Two things it does not carry over: OpenAI CLIP's QuickGELU (this ViT uses
-    exact GELU; use CoCa, LAION CLIP or timm weights), and a checkpoint's own pixel statistics: SLVP normalizes
+    the vision fields of the checkpoint. Two things it does not carry over: QuickGELU (this ViT uses exact GELU:
+    OpenAI CLIP's weights and open_clip's other *-quickgelu ones, some LAION-400M, MetaCLIP and DFN, are not
+    reproduced; use CoCa or GELU CLIP / timm weights), and a checkpoint's own pixel statistics: SLVP normalizes
     frames with CLIP's (PIXEL_MEAN, PIXEL_STD; CoCa's too), where many timm ViTs were trained with 0.5 / 0.5 or
     ImageNet's."""
     path = Path(path)
@@ -454,9 +455,15 @@ def load_vit(path, cfg):
         qkv = "attn.in_proj_"
     elif "patch_embed.proj.weight" in state:             # ---- timm
         D = state["patch_embed.proj.weight"].shape[0]
-        eps, norm_pre, norm_final = 1e-6, "norm_pre.weight" in state, "norm.weight" in state
+        norm_pre, norm_final = "norm_pre.weight" in state, "norm.weight" in state
+        # timm's CLIP image towers (vit_*_clip_*: pre_norm=True) have a norm_pre, no patch-embedding bias and
+        # LayerNorm eps 1e-5, as open_clip; its other ViTs 1e-6
+        eps = 1e-5 if norm_pre else 1e-6
         ours["patch_embed.weight"] = state.pop("patch_embed.proj.weight")
-        ours["patch_embed.bias"] = state.pop("patch_embed.proj.bias")
+        if "patch_embed.proj.bias" in state:
+            ours["patch_embed.bias"] = state.pop("patch_embed.proj.bias")
+        elif norm_pre:                                   # timm builds the CLIP towers' patch embedding without one
+            ours["patch_embed.bias"] = torch.zeros(D)    # (other ViTs without it: "missing" in the strict check)
         if "cls_token" not in state:
             raise ValueError(f"{path}: timm ViT without a class token is not supported")
         ours["cls_token"] = state.pop("cls_token").reshape(D)

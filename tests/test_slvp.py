@@ -190,6 +190,39 @@ def test_vit_matches_reference_native_and_resampled(tmp_path, kind):
     assert err < TOL
 
 
+def test_timm_clip_tower_loads_as_timm_runs_it(tmp_path):
+    """timm's CLIP image towers (vit_*_clip_*, LAION / DFN / MetaCLIP weights in timm's format) are built with
+    pre_norm=True: a norm_pre, no patch-embedding bias, LayerNorm eps 1e-5. Loaded as a timm ViT they stopped with
+    KeyError: 'patch_embed.proj.bias' (a traceback from train.py --vit). Reference: timm's own model of that name."""
+    import timm
+    from safetensors.torch import save_file
+    from timm.models.vision_transformer import checkpoint_filter_fn
+    kw = dict(pretrained=False, embed_dim=128, depth=2, num_heads=2, num_classes=10)
+    native = timm.create_model("vit_base_patch16_clip_224", img_size=32, patch_size=8, **kw).eval()
+    rescale_(native, torch.Generator().manual_seed(3))
+    assert "patch_embed.proj.bias" not in native.state_dict() and "norm_pre.weight" in native.state_dict()
+    save_file({k: v.contiguous() for k, v in native.state_dict().items()}, tmp_path / "clip.safetensors")
+    gen = torch.Generator().manual_seed(4)
+    for (H, W), patch in (((32, 32), 8), ((32, 48), 8), ((360, 648), 18)):
+        ref_model = native if (H, W) == (32, 32) else \
+            timm.create_model("vit_base_patch16_clip_224", img_size=(H, W), patch_size=patch, **kw).eval()
+        if ref_model is not native:
+            ref_model.load_state_dict(checkpoint_filter_fn(native.state_dict(), ref_model))
+        ours = slvp.load_vit(tmp_path / "clip.safetensors", frame_cfg(H, W, patch)).eval()
+        assert {m.eps for m in ref_model.modules() if isinstance(m, torch.nn.LayerNorm)} == \
+            {m.eps for m in ours.modules() if isinstance(m, torch.nn.LayerNorm)} == {1e-5}
+        x = torch.randn(1, 3, H, W, generator=gen)
+        with torch.no_grad():
+            ref = ref_model.forward_features(x)[:, 1:]
+            err = (ours(x) - ref).abs().max().item()
+        assert ref.std() > 0.1 and err < TOL, (H, W, err)
+    # a timm ViT of another kind (no norm_pre) whose patch-embedding bias is missing stays a strict error naming it
+    state = {k: v.contiguous() for k, v in timm_vit(32, 8).state_dict().items() if k != "patch_embed.proj.bias"}
+    save_file(state, tmp_path / "nobias.safetensors")
+    with pytest.raises(ValueError, match="missing: patch_embed.bias"):
+        slvp.load_vit(tmp_path / "nobias.safetensors", frame_cfg(32, 32, 8))
+
+
 def test_vit_conversion_is_strict(tmp_path):
     from safetensors.torch import save_file
     state = dict(timm_vit(32, 8).state_dict())
