@@ -676,6 +676,7 @@ def load_model_and_tokenizer(ckpt, spm, device):
     if len(tokenizer) > model.cfg.vocab_size:
         raise ValueError(f"{spm} has {len(tokenizer)} pieces, more than the {model.cfg.vocab_size} of {ckpt}; expected "
                          f"the sentencepiece model the checkpoint was trained with")
+    slvp.check_tokenizer(ckpt, tokenizer)
     return model, tokenizer
 
 

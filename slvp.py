@@ -13,6 +13,7 @@ The whole model in one file, in the paper's order:
 Conventions the paper leaves open (units, layouts, masks, initialization) are stated where they apply.
 """
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -780,6 +781,11 @@ class Tokenizer:
     def __len__(self):
         return self.sp.get_piece_size()
 
+    def digest(self):
+        """sha256 of the sentencepiece model (its file's bytes): what ckpt.safetensors records of the tokenizer its
+        text encoder was trained with (check_tokenizer)."""
+        return hashlib.sha256(self.sp.serialized_model_proto()).hexdigest()
+
     def __call__(self, texts, max_len=64):
         if isinstance(texts, str):
             raise TypeError(f"texts is a str ({texts[:40]!r}); expected a list of texts, e.g. [text]")
@@ -831,6 +837,17 @@ def read_checkpoint_metadata(path):
     if "config" not in meta:
         raise ValueError(f"{path}: not an SLVP checkpoint (no config in the safetensors metadata)")
     return meta
+
+
+def check_tokenizer(path, tokenizer):
+    """Refuses a tokenizer other than the one the checkpoint at `path` records (train.py writes its digest among the
+    extra fields): another sentencepiece model of no more pieces than the vocabulary gives the text encoder other ids
+    without any error. A checkpoint that records none (saved without it through the API) is not checked."""
+    want = json.loads(read_checkpoint_metadata(path).get("extra", "{}")).get("tokenizer_sha256")
+    if want is not None and want != tokenizer.digest():
+        raise ValueError(f"{tokenizer.path} is not the sentencepiece model {path} was trained with (sha256 "
+                         f"{tokenizer.digest()[:16]}..., the checkpoint records {want[:16]}...); expected the "
+                         f"spm.model of the run that wrote it")
 
 
 def load_checkpoint(path, task=None, **overrides):

@@ -13,7 +13,6 @@ pre-training, flow_0.png ... flow_2.png (frames, predicted and true flow of held
 import argparse
 import dataclasses
 import gc
-import hashlib
 import json
 import math
 import os
@@ -354,8 +353,8 @@ def atomic_save(obj, path):
     os.replace(tmp, path)
 
 
-def save_all(args, raw, opt, sched, step, epoch, batch_idx):
-    slvp.save_checkpoint(args.out / "ckpt.safetensors", raw, step=step)
+def save_all(args, raw, tokenizer, opt, sched, step, epoch, batch_idx):
+    slvp.save_checkpoint(args.out / "ckpt.safetensors", raw, step=step, tokenizer_sha256=tokenizer.digest())
     atomic_save({"model": raw.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                  "step": step, "epoch": epoch, "batch": batch_idx, "rng": torch.get_rng_state(),
                  "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -515,6 +514,9 @@ def choose_tokenizer(args, sets, main_proc, ddp):
                          f"trained with as --spm")
     if spm is not None:
         tokenizer = slvp.Tokenizer(spm)
+        for start in (args.init, args.encoders):   # its text encoder was trained on that tokenizer's ids
+            if start and not args.resume:
+                slvp.check_tokenizer(start, tokenizer)
         if spm.resolve() != own.resolve() and main_proc:
             shutil.copy(spm, own)
     else:
@@ -563,7 +565,7 @@ def check_same_run(args, tokenizer, state, world):
     local = {"data_root", "out", "spm", "init", "encoders", "t5", "vit", "workers", "steps_given", "clips"}
     mine = {"--" + k.replace("_", "-"): v for k, v in vars(args).items() if k not in local}
     mine["training clips"] = args.clips
-    mine["tokenizer"] = hashlib.sha256(tokenizer.sp.serialized_model_proto()).hexdigest()[:16]
+    mine["tokenizer"] = tokenizer.digest()[:16]
     mine["resumed at step"] = None if state is None else state["step"]
     every = [None] * world
     dist.all_gather_object(every, mine)
@@ -756,7 +758,7 @@ def run(args, ddp, rank, world, device):
                 t_last += time.time() - t_eval                              # it/s counts training time only
             if main_proc and (step % args.ckpt_every == 0 or step == args.steps):
                 t_save = time.time()
-                save_all(args, raw, opt, sched, step, *divmod(pos, n_batches))
+                save_all(args, raw, tokenizer, opt, sched, step, *divmod(pos, n_batches))
                 t_last += time.time() - t_save                              # nor the checkpoints' writing
             if step >= args.steps:
                 break

@@ -147,8 +147,8 @@ def test_resume_across_epochs_equals_uninterrupted(tmp_path, spm_model, monkeypa
     base = ["--mode", "finetune", *FAST, "--train-size", "8", "--steps", "7", "--ckpt-every", "1", "--spm", str(spm_model)]
     save_all, snaps = train.save_all, {}
 
-    def snapshot(args, raw, opt, sched, step, epoch, batch_idx):
-        save_all(args, raw, opt, sched, step, epoch, batch_idx)
+    def snapshot(args, raw, tokenizer, opt, sched, step, epoch, batch_idx):
+        save_all(args, raw, tokenizer, opt, sched, step, epoch, batch_idx)
         if args.out.name == "full" and step in (4, 5):
             snaps[step] = shutil.copytree(args.out, tmp_path / f"from{step}")
     monkeypatch.setattr(train, "save_all", snapshot)
@@ -277,7 +277,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, spm_model, monke
     assert re.search(r"non-finite loss \(nan\) at step 5" if poison == "loss" else
                      r"non-finite gradient \(loss [0-9.e-]+\) at step 5", str(e.value))
     assert "ckpt.safetensors" in str(e.value)
-    assert slvp.read_checkpoint_metadata(out / "ckpt.safetensors")["extra"] == '{"step": 4}'
+    assert json.loads(slvp.read_checkpoint_metadata(out / "ckpt.safetensors")["extra"])["step"] == 4
     assert all(torch.isfinite(w).all() for w in load_file(out / "ckpt.safetensors").values())
     assert torch.load(out / "resume.pt", weights_only=True)["step"] == 4
     assert not list(out.glob("*.tmp"))
@@ -997,3 +997,36 @@ def test_a_frozen_encoder_given_by_t5_is_not_named_random(tmp_path, spm_model, c
     train.main(["--mode", "pretrain", "--steps", "1", *FAST, "--t5", str(tmp_path / "t5"), "--spm", str(spm_model),
                 "--out", str(tmp_path / "pre")])
     assert "\nnote: frozen with random weights: the vision encoder (no --vit)\n" in capsys.readouterr().out
+
+
+def test_a_checkpoint_refuses_another_tokenizer(tmp_path, spm_model, monkeypatch):
+    """The staged recipe hands the tokenizer on beside each checkpoint (README, "Training"). Another sentencepiece model
+    with no more pieces than the vocabulary (here BPE on the same sentences) gives the text encoder other ids for the
+    same text, and --init --spm and eval.py --spm took it without a word. ckpt.safetensors records the sha256 of its
+    tokenizer's file (checked here with hashlib on the file), and --init, --encoders and eval.py refuse another one;
+    the right one, beside the checkpoint or given as --spm, is taken."""
+    import hashlib
+    import sentencepiece
+    import eval as ev
+    monkeypatch.delenv("TRITON_INTERPRET")
+    other = tmp_path / "other"
+    sentencepiece.SentencePieceTrainer.train(input=str(spm_model.parent / "text.txt"), model_prefix=str(other),
+                                             vocab_size=30, hard_vocab_limit=False, pad_id=0, eos_id=1, unk_id=2,
+                                             bos_id=-1, model_type="bpe", character_coverage=1.0, minloglevel=2)
+    mine, theirs = (sentencepiece.SentencePieceProcessor(model_file=str(p)) for p in (spm_model, f"{other}.model"))
+    assert mine.encode("the red circle moves left") != theirs.encode("the red circle moves left")
+    assert theirs.get_piece_size() <= mine.get_piece_size()     # within the vocabulary: no other check sees it
+    pre, ft = tmp_path / "pre", tmp_path / "ft"
+    train.main(["--mode", "pretrain", *FAST, "--steps", "1", "--spm", str(spm_model), "--out", str(pre)])
+    extra = json.loads(slvp.read_checkpoint_metadata(pre / "ckpt.safetensors")["extra"])
+    assert extra["tokenizer_sha256"] == hashlib.sha256(spm_model.read_bytes()).hexdigest()
+    for flag in ("--init", "--encoders"):
+        with pytest.raises(SystemExit) as e:
+            train.main(["--mode", "finetune", *FAST, "--steps", "1", flag, str(pre / "ckpt.safetensors"),
+                        "--spm", f"{other}.model", "--out", str(tmp_path / f"bad{flag}")])
+        assert str(e.value.code).startswith("error: ") and "is not the sentencepiece model" in str(e.value.code)
+    train.main(["--mode", "finetune", *FAST, "--steps", "1", "--init", str(pre / "ckpt.safetensors"), "--out", str(ft)])
+    with pytest.raises(ValueError, match="is not the sentencepiece model"):
+        ev.load_model_and_tokenizer(ft / "ckpt.safetensors", f"{other}.model", "cpu")
+    for spm in (None, spm_model):                               # beside the checkpoint, or given as --spm
+        assert ev.load_model_and_tokenizer(ft / "ckpt.safetensors", spm, "cpu")[1].digest() == extra["tokenizer_sha256"]
