@@ -13,7 +13,8 @@ video with clips of T frames, the last one padded by repeating its last frame (n
 
 All randomness (clip sampling, augmentation, synthetic scenes) is drawn from a generator seeded by
 (seed, epoch, index): items do not depend on the worker that loads them, so any number of DataLoader workers,
-a DistributedSampler, or a resumed run give the same clips. Call set_epoch(epoch) for fresh augmentations.
+a DistributedSampler, or a resumed run give the same clips. Call set_epoch(epoch) for fresh augmentations
+(DataLoader workers that persist keep their own copies of the set: train.EpochItems passes the epoch in the index).
 
 Run as a script it is the dataset inspector, the first thing to run on a new download: it prints the layout it
 found, the counts (videos or images, frames, expressions, objects) and what it skipped and why, and writes a

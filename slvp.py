@@ -620,10 +620,26 @@ class SLVP(nn.Module):
             self.mask_head = nn.Linear(d + 4, p * p)                        # token ++ its frame's box (Sec. 4.1)
         self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1), persistent=False)
-        self.freeze_text = True if freeze_text is None else freeze_text
+        self.freeze_text = True if freeze_text is None else freeze_text          # sets requires_grad (below)
         self.freeze_vision = (task == "pretrain") if freeze_vision is None else freeze_vision
-        self.text.requires_grad_(not self.freeze_text)
-        self.vision.requires_grad_(not self.freeze_vision)
+
+    # freeze_text / freeze_vision are what the encoders' parameters say: `model.text.requires_grad_(True)` unfreezes
+    # the text encoder as `freeze_text = False` does, and save_checkpoint records it
+    @property
+    def freeze_text(self):
+        return not any(p.requires_grad for p in self.text.parameters())
+
+    @freeze_text.setter
+    def freeze_text(self, frozen):
+        self.text.requires_grad_(not frozen)
+
+    @property
+    def freeze_vision(self):
+        return not any(p.requires_grad for p in self.vision.parameters())
+
+    @freeze_vision.setter
+    def freeze_vision(self, frozen):
+        self.vision.requires_grad_(not frozen)
 
     # -- encoders: f_v [B, T*N, d] and f_r [B, L, d] ---------------------------------------------------------
     def encode(self, frames, ids, mask):
@@ -635,10 +651,9 @@ class SLVP(nn.Module):
             raise TypeError(f"frames are {frames.dtype}; expected floating-point RGB in [0, 1] (e.g. "
                             f"frames.float() / 255)")
         x = (frames.flatten(0, 1).to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std   # [B*T, 3, H, W]
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_vision):
-            f_v = self.vision(x)                                            # [B*T, N, vit_dim], each frame alone
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_text):
-            f_r = self.text(ids, mask)                                      # [B, L, t5_dim]
+        # a frozen encoder's parameters do not require grad: autograd records nothing of it (the frames and ids do not)
+        f_v = self.vision(x)                                                # [B*T, N, vit_dim], each frame alone
+        f_r = self.text(ids, mask)                                          # [B, L, t5_dim]
         f_v = self.vision_proj(f_v).reshape(B, T * self.cfg.num_patches, -1)  # [B, T*N, d]
         return f_v, self.text_proj(f_r)
 

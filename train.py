@@ -280,6 +280,7 @@ def fit_tokenizer(sets, out):
     not T5's unigram: on the synthetic captions the unigram trainer stopped at 49 pieces, nearly letters, and most
     captions were cut at the tiny config's length; BPE keeps each word whole (README, "The default run")."""
     import sentencepiece as spm
+    out = Path(out)
     texts = [t for s in sets for t in s.texts(5000)]
     corpus = out / "spm_corpus.txt"
     corpus.write_text("\n".join(texts))

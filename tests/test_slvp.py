@@ -832,3 +832,43 @@ def test_config_refuses_a_head_count_below_one(heads):
     for name in ("dec_heads", "vit_heads"):
         with pytest.raises(ValueError, match=f"{name} {heads}: expected at least 1 attention head"):
             dataclasses.replace(slvp.SLVPConfig.tiny(), **{name: heads})
+
+
+# ---------------------------------------------------------------------------------------------- freezing
+
+def _encoder_grads(model, part):
+    torch.manual_seed(1)
+    frames = torch.rand(2, 4, 3, 32, 48)
+    ids = torch.tensor([[5, 6, 7, 1, 0], [8, 9, 1, 0, 0]])
+    out = model(frames, ids, ids != 0)
+    loss = out["masks"].square().mean() + out["boxes"].sum() if isinstance(out, dict) else out.square().mean()
+    loss.backward()
+    return [p.grad for p in getattr(model, part).parameters()]
+
+
+@pytest.mark.parametrize("task,part", [("rvos", "text"), ("pretrain", "vision"), ("pretrain", "text")])
+@pytest.mark.parametrize("how", ["requires_grad_", "attribute"])
+def test_unfreezing_an_encoder_gives_its_gradient(task, part, how, tmp_path):
+    """The freeze flags and requires_grad are one state: an encoder unfrozen the PyTorch way (requires_grad_) or by
+    its flag gets the gradient of one built unfrozen (freeze_*=False, the documented way), and the flag and the
+    checkpoint say so. The flags were stored apart: requires_grad_(True) left the encoder under no_grad, its .grad
+    None for ever, and setting the flag left the parameters frozen while the checkpoint recorded them trained."""
+    torch.manual_seed(0)
+    ref = slvp.SLVP(slvp.SLVPConfig.tiny(), task=task, **{f"freeze_{part}": False})   # the documented way
+    model = slvp.SLVP(slvp.SLVPConfig.tiny(), task=task)                           # frozen by default
+    model.load_state_dict(ref.state_dict())
+    assert getattr(model, f"freeze_{part}") is True
+    assert all(g is None for g in _encoder_grads(model, part))
+    model.zero_grad(set_to_none=True)
+    if how == "requires_grad_":
+        getattr(model, part).requires_grad_(True)
+    else:
+        setattr(model, f"freeze_{part}", False)
+    assert all(p.requires_grad for p in getattr(model, part).parameters())
+    assert getattr(model, f"freeze_{part}") is False
+    got, want = _encoder_grads(model, part), _encoder_grads(ref, part)
+    assert all(g is not None for g in got)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    slvp.save_checkpoint(tmp_path / "m.safetensors", model)
+    assert getattr(slvp.load_checkpoint(tmp_path / "m.safetensors"), f"freeze_{part}") is False
