@@ -701,7 +701,7 @@ def run(args, ddp, rank, world, device):
                   if frozen and not (args.init or args.encoders or args.resume or getattr(args, flag))]
         if random:  # the paper freezes pre-trained encoders (Sec. 4.1); the miniature's are random (a resumed run's
             # encoders are resume.pt's, which no flag names: said at the run's start)
-            print(f"note: frozen with random weights: {' and '.join(random)}")
+            print(f"note: frozen with random weights: {' and '.join(random)}", file=sys.stderr)
     peak = peak_flops() if cuda else None
 
     def evaluate():  # both leave the model in eval mode; the loop switches it back

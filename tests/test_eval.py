@@ -363,6 +363,45 @@ def test_predict_yields_each_expression_when_its_clips_are_done(tiny_ckpt):
     assert got[0][1] <= 4 < len(ds)                           # the first came out after the second batch at most
 
 
+@pytest.mark.parametrize("bench", ["davis17", "visor", "ytvos"])
+def test_masks_are_written_as_each_sequence_is_done(bench, tmp_path, monkeypatch):
+    """README, "Evaluation": masks are written as each expression (Ref-YouTube-VOS) or sequence (Ref-DAVIS17, VISOR)
+    is done, so memory holds one sequence's masks, not the benchmark's. predict is stood in by a generator over two
+    videos of two expressions each; each time it is asked for its next expression, the files on disk are checked:
+    every video before the current one (Ref-DAVIS17, VISOR; grouping by video reads one expression ahead), every
+    expression yielded so far (Ref-YouTube-VOS) has its PNGs."""
+    keys = [("vid_a", "1"), ("vid_a", "2"), ("vid_b", "1"), ("vid_b", "2")]
+    names = ["00000", "00001"]
+    out = tmp_path / "o"
+
+    def written(vid, exp, run):
+        if bench == "ytvos":
+            return all((out / "Annotations" / vid / exp / f"{n}.png").is_file() for n in names)
+        folder = out / (f"run{run}" if bench == "davis17" else "visor") / vid
+        return all((folder / f"{n}.png").is_file() for n in names)
+
+    runs, missing = [], []
+
+    def streaming(model, ds, tokenizer, batch_size=4, device="cpu", progress=True, workers=0):
+        run = len(runs)
+        runs.append(run)
+        for k, (vid, exp) in enumerate(keys):
+            yield (vid, exp), {n: np.full((4, 6), 5.0, np.float32) for n in names}
+            due = keys[:k + 1] if bench == "ytvos" else [key for key in keys[:k + 1] if key[0] != vid]
+            missing.extend((run, key) for key in due if not written(*key, run))
+
+    monkeypatch.setattr(ev, "predict", streaming)
+    monkeypatch.setattr(data, "build_dataset", lambda *a, **k: [None] * len(keys))
+    monkeypatch.setattr(ev, "davis_sequences", lambda root: (tmp_path, ["vid_a", "vid_b"]))
+    monkeypatch.setattr(ev, "first_frame_objects", lambda gt_dir, seq: 2)
+    monkeypatch.setattr(ev, "evaluate_davis", lambda *a, **k: ({"J&F-Mean": 0.0}, []))
+    monkeypatch.setattr(ev, "write_tables", lambda *a, **k: None)
+    monkeypatch.setattr(ev, "print_table", lambda *a, **k: None)
+    args = types.SimpleNamespace(data_root=tmp_path, davis_root=tmp_path, out=out, batch_size=2, workers=0)
+    getattr(ev, f"bench_{bench}")(args, types.SimpleNamespace(cfg=slvp.SLVPConfig.tiny()), None, "cpu")
+    assert runs and not missing, missing
+
+
 def test_predict_with_workers_gives_the_same_masks(tiny_ckpt):
     """Clips read by worker processes (eval.py --workers, the default with a GPU) come in the dataset's order: the
     same expressions and the same logits as read in the process itself."""

@@ -515,6 +515,30 @@ def test_flow_pictures_scale_to_the_longest_flow(tmp_path):
         assert img[2 * H, t * W].min() == 0 and (img[2 * H + 1, t * W] == 255).all()
 
 
+def test_flow_pictures_draw_both_flows_at_the_true_flows_scale_of_at_least_1_px(tmp_path):
+    """README, "Training": both flows of a picture at one scale, the length of the clip's longest true flow vector, at
+    least 1 px. Hand-worked: every colour of the wheel has a channel at 0, so a vector of length r at scale s has its
+    smallest channel at 255 (1 - r / s). Clip 0: true flow 5 px, a predicted 2.5 px vector: 127.5 (at the predicted
+    flow's own scale, 0). Clip 1: true flow 0.5 px: 127.5 (at its own scale, 0). Clip 2: no true motion, a predicted
+    0.5 px vector: 127.5 (scale 1 px; at the predicted flow's own, 0)."""
+    from PIL import Image
+    import numpy as np
+    T, H, W = 4, 8, 10
+    true, pred = torch.zeros(3, T, 2, H, W), torch.zeros(3, T, 2, H, W)
+    true[0, 2:, :, 0, 0] = torch.tensor([3.0, 4.0])
+    pred[0, 1:, :, 1, 1] = torch.tensor([1.5, 2.0])
+    true[1, 2:, :, 0, 0] = torch.tensor([0.3, 0.4])
+    pred[2, 1:, :, 1, 1] = torch.tensor([0.3, 0.4])
+    train.save_flow_pictures({"frames": torch.zeros(3, T, 3, H, W), "flow": true}, pred, tmp_path, 3)
+    img = [np.asarray(Image.open(tmp_path / f"flow_{b}.png")).astype(int) for b in range(3)]
+    for t in (2, 3):
+        assert img[0][2 * H, t * W].min() == 0                          # the longest true vector: fully saturated
+        assert img[0][H + 1, t * W + 1].min() in (127, 128)             # the predicted 2.5 px at 5 px
+        assert img[1][2 * H, t * W].min() in (127, 128)                 # the true 0.5 px at 1 px
+        assert img[2][H + 1, t * W + 1].min() in (127, 128)             # the predicted 0.5 px at 1 px
+        assert (img[2][2 * H:, t * W:(t + 1) * W] == 255).all()         # no true motion: white
+
+
 def test_throughput_counts_training_time_only(tmp_path, spm_model, monkeypatch):
     """it_per_s in log.jsonl: steps over the training time since the last log line. With a clock that advances 0.1 s
     a step, 10 s an evaluation and 7 s a checkpoint, every line must read 10 it/s, also where evaluations and
@@ -755,10 +779,13 @@ def test_init_keeps_the_freeze_flags(tmp_path, spm_model):
     # --init of a fine-tuning checkpoint (a staged fine-tuning, RefCOCO before Ref-YouTube-VOS) keeps that run's
     # choices unless the flags are given; they were replaced by the paper's defaults
     slvp.save_checkpoint(tmp_path / "ft.safetensors", model)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
     for flags, text, vision in (([], False, True), (["--freeze-text"], True, True), (["--no-freeze-vision"], False, False)):
         args = train.parse_args(["--mode", "finetune", "--init", str(tmp_path / "ft.safetensors"), *flags])
         model = train.build_model(args, slvp.Tokenizer(spm_model))
         assert (model.freeze_text, model.freeze_vision) == (text, vision), flags
+        state = model.state_dict()                          # the run is continued: every weight, its heads too
+        assert state.keys() == saved.keys() and all(torch.equal(state[k], v) for k, v in saved.items()), flags
 
 
 # SPEC §7: a kill during a save never loses the last good checkpoint. The writer below dies (SIGKILL) with half its
@@ -915,17 +942,17 @@ def test_frozen_random_encoders_are_named(tmp_path, spm_model, capsys, monkeypat
     monkeypatch.delenv("TRITON_INTERPRET")       # the torch path of the warp: the interpreter is slow (SPEC §2)
     pre = ["--mode", "pretrain", "--steps", "1", *FAST, "--spm", str(spm_model), "--out", str(tmp_path / "pre")]
     train.main(pre)
-    assert "\nnote: frozen with random weights: the text encoder (no --t5) and the vision encoder (no --vit)\n" \
-        in capsys.readouterr().out
+    assert "note: frozen with random weights: the text encoder (no --t5) and the vision encoder (no --vit)" \
+        in capsys.readouterr().err.splitlines()                 # on stderr, as the loaders' notes
     ft = ["--mode", "finetune", "--steps", "1", *FAST, "--spm", str(spm_model)]
     train.main([*ft, "--out", str(tmp_path / "ft")])
-    assert "\nnote: frozen with random weights: the text encoder (no --t5)\n" in capsys.readouterr().out
+    assert "note: frozen with random weights: the text encoder (no --t5)" in capsys.readouterr().err.splitlines()
     train.main([*ft, "--encoders", str(tmp_path / "pre/ckpt.safetensors"), "--out", str(tmp_path / "ft2")])
-    assert "frozen with random weights" not in capsys.readouterr().out
+    assert "frozen with random weights" not in str(capsys.readouterr())
     # resumed, the encoders are resume.pt's whatever --t5/--vit say (a run started with --t5, resumed without it,
     # was said to have a random text encoder)
     train.main(["--mode", "pretrain", "--steps", "2", *FAST, "--out", str(tmp_path / "pre"), "--resume"])
-    assert "frozen with random weights" not in capsys.readouterr().out
+    assert "frozen with random weights" not in str(capsys.readouterr())
 
 
 def test_resume_restores_the_cuda_rng_of_the_gpus_it_sees(monkeypatch):
@@ -996,7 +1023,7 @@ def test_a_frozen_encoder_given_by_t5_is_not_named_random(tmp_path, spm_model, c
                             feed_forward_proj="relu", dropout_rate=0.0)).save_pretrained(tmp_path / "t5")
     train.main(["--mode", "pretrain", "--steps", "1", *FAST, "--t5", str(tmp_path / "t5"), "--spm", str(spm_model),
                 "--out", str(tmp_path / "pre")])
-    assert "\nnote: frozen with random weights: the vision encoder (no --vit)\n" in capsys.readouterr().out
+    assert "note: frozen with random weights: the vision encoder (no --vit)" in capsys.readouterr().err.splitlines()
 
 
 def test_a_checkpoint_refuses_another_tokenizer(tmp_path, spm_model, monkeypatch):
