@@ -18,6 +18,7 @@ import json
 import math
 import os
 import pickle
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -822,6 +823,11 @@ def save_checkpoint(path, model, **extra):
     """safetensors with the config, fusion and task in the metadata, plus any `extra` JSON-able fields. Written
     to a temporary file and renamed, so a kill during the save never loses the previous checkpoint."""
     from safetensors.torch import save_file
+    for part in ("text", "vision"):   # the flags say whole encoders: a partly trained one reloads wholly trained
+        grads = {p.requires_grad for p in getattr(model, part).parameters()}
+        if len(grads) > 1:
+            warnings.warn(f"the {part} encoder is partly frozen; the checkpoint records freeze_{part}=False and "
+                          f"load_checkpoint trains all of it", stacklevel=2)
     meta = {"config": json.dumps(dataclasses.asdict(model.cfg)), "fusion": model.fusion, "task": model.task,
             "freeze_text": json.dumps(model.freeze_text), "freeze_vision": json.dumps(model.freeze_vision),
             "extra": json.dumps(extra)}

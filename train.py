@@ -201,7 +201,8 @@ def forward_flops(cfg, fusion, task, batch, text_len):
 
 def train_flops(model, batch, text_len):
     """FLOPs of one training step: forward + backward (3x forward) for trained parts, forward only for frozen
-    encoders (run under no_grad). Element-wise work is left out."""
+    encoders (their parameters do not require grad: autograd records nothing of them). Element-wise work is left
+    out."""
     f = forward_flops(model.cfg, model.fusion, model.task, batch, text_len)
     return (f["vision"] * (1 if model.freeze_vision else 3) + f["text"] * (1 if model.freeze_text else 3)
             + 3 * f["decoder"])
