@@ -385,8 +385,9 @@ def test_the_shell_sees_what_was_skipped_as_notes(d, tmp_path):
     assert r.returncode == 0, r.stderr
     lines = r.stderr.splitlines()
     assert lines[0] == "note: Ref-YouTube-VOS train: skipped 2 empty expressions (vid_a expression 1, vid_b expression 1)"
+    assert lines[1] == "note: frozen with random weights: the text encoder (no --t5)"          # train.py's own
     assert re.fullmatch(r"note: skipped a bad clip \(1 so far in this worker\): .*/vid_b/00003.jpg: unreadable image .*",
-                        lines[1])
+                        lines[2])
     assert all(line.startswith("note: ") for line in lines), r.stderr
 
 
