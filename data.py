@@ -1232,7 +1232,9 @@ def main(argv=None):
             print(f"{args.name} {args.split}" + (f" under {args.data_root}" if args.data_root else ""))
             print(f"layout: {ds.layout}")
             print("found: " + ", ".join(f"{n} {what}" for what, n in ds.summary.items()))
-            print(f"items: {len(ds)} clips of {cfg.num_frames} frames at {cfg.frame_size[0]}x{cfg.frame_size[1]}")
+            print(f"items: {len(ds)} clips of {cfg.num_frames} frames at {cfg.frame_size[0]}x{cfg.frame_size[1]}"
+                  + (f" (evaluation clips, every frame covered; a training epoch takes one random window of each of "
+                     f"the {len(ds.exprs)} expressions)" if hasattr(ds, "exprs") else ""))
             if not len(ds):
                 raise ValueError(f"no items in {args.name} {args.split}: nothing to show")
             picks = sorted(set(np.linspace(0, len(ds) - 1, min(4, len(ds))).round().astype(int).tolist()))

@@ -292,6 +292,8 @@ def use_triton(*tensors):
     imported, and still set: the tests unset it to take the torch path); fp32/fp16/bf16, frames below 2^31 pixels."""
     if triton is None or any(t.dtype not in TRITON_DTYPES or t.shape[-2:].numel() >= 2 ** 31 for t in tensors):
         return False
+    if any(t.numel() == 0 for t in tensors):  # nothing to launch; the reference gives the mean of nothing, NaN
+        return False
     return all(t.is_cuda for t in tensors) or (INTERPRETED and os.environ.get("TRITON_INTERPRET") == "1")
 
 

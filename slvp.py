@@ -874,7 +874,8 @@ def check_tokenizer(path, tokenizer):
 def load_checkpoint(path, task=None, **overrides):
     """The model saved at `path`. With task="rvos" on a pre-training checkpoint: the transfer model, with
     everything it shares with the pre-training model loaded, the flow head dropped and fresh box and mask heads.
-    `overrides` (fusion is fixed by the checkpoint) go to SLVP(), e.g. freeze_text=False; loaded for its own task,
+    `overrides` (fusion is fixed by the checkpoint) go to SLVP(), e.g. freeze_text=False (config fields such as
+    num_frames, frame_size or patch_size are refused: the weights fix them); loaded for its own task,
     the model keeps the checkpoint's freeze flags unless they are overridden (None: not overridden)."""
     from safetensors.torch import load_file
     meta = read_checkpoint_metadata(path)
@@ -883,6 +884,11 @@ def load_checkpoint(path, task=None, **overrides):
         raise ValueError(f"{path} has fusion {meta['fusion']!r}; a checkpoint's fusion cannot be changed "
                          f"(its decoder was trained with it)")
     overrides.pop("fusion", None)
+    fields = sorted(set(overrides) & {f.name for f in dataclasses.fields(SLVPConfig)})
+    if fields:  # E_tem is T x d, E_pos and the patch embedding follow the grid: the weights fix the config
+        raise ValueError(f"{path}: {', '.join(fields)} cannot be overridden; the checkpoint's weights fix its config "
+                         f"(E_tem has one row per frame, E_pos one per patch of its grid, the patch embedding its "
+                         f"patch size): fine-tune at the pre-training's T, frame size and patch size")
     try:
         cfg = SLVPConfig(**json.loads(meta["config"]))
     except (TypeError, ValueError) as e:   # fields of another version of SLVPConfig, or not JSON

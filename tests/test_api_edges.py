@@ -253,3 +253,27 @@ def test_flow_colour_of_a_non_finite_y_component_is_black():
     flow[0, 0, 1] = 3.0                                               # right: red at full saturation
     flow[1, 0, 2] = np.inf
     assert ev.flow_to_color(flow)[0].tolist() == [[255, 255, 255], [255, 0, 0], [0, 0, 0]]
+
+
+@pytest.mark.parametrize("interpret", ["1", "0"])
+def test_photometric_loss_of_an_empty_batch_is_the_mean_of_nothing(interpret, monkeypatch):
+    """torch's F.mse_loss on empty tensors gives NaN (the mean of nothing, as the docstring says of an all-zero mask);
+    the Triton launcher divided by image.numel() = 0: ZeroDivisionError."""
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    image, target, flow = torch.rand(0, 3, 4, 5), torch.rand(0, 3, 4, 5), torch.zeros(0, 2, 4, 5, requires_grad=True)
+    assert torch.isnan(F.mse_loss(image, target))
+    loss = fw.photometric_loss(image, flow, target)
+    assert torch.isnan(loss) and loss.dtype == torch.float32
+    assert fw.flow_warp(image, flow).shape == image.shape
+
+
+def test_load_checkpoint_refuses_config_overrides(tmp_path):
+    """load_checkpoint's overrides go to SLVP(): num_frames=2 failed with Python's "unexpected keyword argument"; a
+    config given as cfg= with "multiple values". The weights fix T (E_tem: T x d), the grid (E_pos) and the patch."""
+    cfg = slvp.SLVPConfig.tiny()
+    path = tmp_path / "pre.safetensors"
+    slvp.save_checkpoint(path, slvp.SLVP(cfg))
+    for field, value in (("num_frames", 2), ("frame_size", (64, 96)), ("patch_size", 16)):
+        with pytest.raises(ValueError, match=f"{field} cannot be overridden"):
+            slvp.load_checkpoint(path, task="rvos", **{field: value})
+    assert slvp.load_checkpoint(path, task="rvos", freeze_text=False).freeze_text is False

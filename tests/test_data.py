@@ -988,7 +988,8 @@ def test_inspector_prints_what_it_found_and_writes_a_sheet(tmp_path, capsys):
     assert printed.startswith(f"davis17 valid under {root}\nlayout: Ref-DAVIS17 original downloads: "
                               f"DAVIS/ImageSets/2017/val.txt, DAVIS/JPEGImages/480p")
     assert "\nfound: 4 videos, 17 frames, 23 expressions, 6 objects\n" in printed
-    assert "\nitems: 27 clips of 4 frames at 360x648\n" in printed
+    assert ("\nitems: 27 clips of 4 frames at 360x648 (evaluation clips, every frame covered; a training epoch takes "
+            "one random window of each of the 23 expressions)\n") in printed
     assert "note: Ref-DAVIS17 valid: skipped 3 expressions of objects that not all four text files" in printed
     assert "note: Ref-DAVIS17 valid: 1 videos of" in printed and "note: Ref-DAVIS17 valid: skipped 1 empty" in printed
     assert f"wrote {out}: clips 0, 9, 17, 26" in printed
