@@ -1102,7 +1102,8 @@ def build_dataset(name, root, split, cfg, train, **options):
 
 
 def cpu_cores():
-    """The cores this process may run on (a container's or a taskset's share, not the host's count)."""
+    """The cores this process may run on: its CPU affinity (a taskset's or a cpuset container's share, not the host's
+    count); a CPU quota (docker --cpus, a Kubernetes CPU limit) leaves the affinity whole and is not seen."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 

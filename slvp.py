@@ -834,7 +834,11 @@ def save_checkpoint(path, model, **extra):
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata=meta)
+    try:
+        save_file(state, str(tmp), metadata=meta)
+    except BaseException:
+        tmp.unlink(missing_ok=True)   # a part left would hold the disk space the next save needs
+        raise
     # the mode open() gives a file here (umask, or the folder's default ACL): save_file writes 0600 whatever they say
     # (safetensors issue #782); no os.umask, which sets the process's umask, every thread's, while it reads it
     probe = path.with_name(path.name + ".mode")

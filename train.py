@@ -165,7 +165,9 @@ def check_out(args):
     if args.resume and not resume.is_file():
         raise SystemExit(f"error: --resume but {resume} does not exist; expected the --out of an earlier run")
     if not (args.resume or args.overwrite) and (ckpt.exists() or resume.exists()):
-        raise SystemExit(f"error: --out {args.out} holds the checkpoint of an earlier run; continue it with --resume, "
+        # ckpt.safetensors without resume.pt (a run killed between its first two files, a copied checkpoint)
+        cont = "continue it with --resume, " if resume.exists() else f"it has no {resume.name} to --resume from; "
+        raise SystemExit(f"error: --out {args.out} holds the checkpoint of an earlier run; {cont}"
                          f"replace it with --overwrite, or choose another --out")
     if args.overwrite:  # replaced now, not at this run's first checkpoint: a --resume could continue the earlier run
         ckpt.unlink(missing_ok=True)
@@ -351,17 +353,28 @@ def save_flow_pictures(batch, pred, out, k):
 
 def atomic_save(obj, path):
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
+    try:
+        torch.save(obj, tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)   # a part left would hold the disk space the next save needs
+        raise
     os.replace(tmp, path)
 
 
 def save_all(args, raw, tokenizer, opt, sched, step, epoch, batch_idx):
-    slvp.save_checkpoint(args.out / "ckpt.safetensors", raw, step=step, tokenizer_sha256=tokenizer.digest())
-    atomic_save({"model": raw.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                 "step": step, "epoch": epoch, "batch": batch_idx, "rng": torch.get_rng_state(),
-                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                 "config": dataclasses.asdict(raw.cfg), "fusion": raw.fusion, "task": raw.task,
-                 "run": run_settings(args), "steps": args.steps}, args.out / "resume.pt")
+    """ckpt.safetensors, then resume.pt. A write that fails (a full disk or quota) stops the run with one line; the
+    files it was replacing are left as they were."""
+    from safetensors import SafetensorError
+    try:
+        slvp.save_checkpoint(args.out / "ckpt.safetensors", raw, step=step, tokenizer_sha256=tokenizer.digest())
+        atomic_save({"model": raw.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                     "step": step, "epoch": epoch, "batch": batch_idx, "rng": torch.get_rng_state(),
+                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                     "config": dataclasses.asdict(raw.cfg), "fusion": raw.fusion, "task": raw.task,
+                     "run": run_settings(args), "steps": args.steps}, args.out / "resume.pt")
+    except (OSError, RuntimeError, SafetensorError) as e:   # torch.save on a full disk: RuntimeError "unexpected pos"
+        raise SystemExit(f"error: writing the checkpoint of step {step} to {args.out} failed ({e}: a full disk or "
+                         f"quota?); the checkpoint files it was replacing are left as they were") from None
 
 
 def restore_cuda_rng(states):

@@ -1057,3 +1057,66 @@ def test_a_checkpoint_refuses_another_tokenizer(tmp_path, spm_model, monkeypatch
         ev.load_model_and_tokenizer(ft / "ckpt.safetensors", f"{other}.model", "cpu")
     for spm in (None, spm_model):                               # beside the checkpoint, or given as --spm
         assert ev.load_model_and_tokenizer(ft / "ckpt.safetensors", spm, "cpu")[1].digest() == extra["tokenizer_sha256"]
+
+
+@pytest.mark.parametrize("which", ["ckpt", "resume"])
+def test_a_full_disk_during_a_save_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path, spm_model, monkeypatch,
+                                                                                     which):
+    """No space left on the device at the second checkpoint, in ckpt.safetensors' or in resume.pt's write (as the
+    libraries fail there: safetensors with a SafetensorError, torch.save with a RuntimeError "unexpected pos", both
+    having written part of the file): the run stops with one `error:` line naming the step and the cause, no part
+    file is left to hold the disk space, the first checkpoint is whole, and --resume ends with the uninterrupted
+    run's weights."""
+    import safetensors
+    import safetensors.torch as st
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    args = ["--mode", "pretrain", "--steps", "8", "--ckpt-every", "4", *FAST, "--spm", str(spm_model)]
+    train.main([*args, "--out", str(tmp_path / "full")])
+    real_st, real_torch = st.save_file, torch.save
+    calls = {"n": 0}
+
+    def full_disk(real, error):
+        def save(obj, path, *a, **k):
+            calls["n"] += 1
+            if calls["n"] < 2:
+                return real(obj, path, *a, **k)
+            Path(path).write_bytes(b"\0" * 1000)                             # the part written before the disk filled
+            raise error
+        return save
+    if which == "ckpt":
+        monkeypatch.setattr(st, "save_file", full_disk(
+            real_st, safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os "
+                                                 "error 28)")))
+    else:
+        monkeypatch.setattr(torch, "save", full_disk(real_torch, RuntimeError(
+            "[enforce fail at inline_container.cc:672] . unexpected pos 6219200 vs 6219088")))
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        train.main([*args, "--out", str(out)])
+    message = str(e.value.code)
+    assert message.startswith(f"error: writing the checkpoint of step 8 to {out} failed (") and "\n" not in message
+    assert ("No space left on device" if which == "ckpt" else "unexpected pos") in message
+    assert not list(out.glob("*.tmp"))
+    assert torch.load(out / "resume.pt", weights_only=True)["step"] == 4
+    step = json.loads(slvp.read_checkpoint_metadata(out / "ckpt.safetensors")["extra"])["step"]
+    assert step == (4 if which == "ckpt" else 8)     # ckpt.safetensors is whole: the last one written
+    monkeypatch.setattr(st, "save_file", real_st)
+    monkeypatch.setattr(torch, "save", real_torch)
+    train.main([*args, "--out", str(out), "--resume"])
+    a, b = weights(tmp_path / "full"), weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_checkpoint_without_resume_pt_is_not_sent_to_resume(tmp_path):
+    """An --out holding ckpt.safetensors but no resume.pt (a run killed between the two files of its first checkpoint,
+    or a copied checkpoint): the guard's message does not tell to continue it with --resume, which would stop with
+    "resume.pt does not exist"."""
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "ckpt.safetensors").write_bytes(b"x")
+    args = types.SimpleNamespace(out=out, resume=False, overwrite=False, init=None, encoders=None)
+    with pytest.raises(SystemExit) as e:
+        train.check_out(args)
+    assert "--resume" not in str(e.value).replace("to --resume from", "") and "--overwrite" in str(e.value)
+    with pytest.raises(SystemExit, match="resume.pt does not exist"):   # what --resume would have said
+        train.check_out(types.SimpleNamespace(**{**vars(args), "resume": True}))
