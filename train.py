@@ -362,8 +362,8 @@ def atomic_save(obj, path):
 
 
 def save_all(args, raw, tokenizer, opt, sched, step, epoch, batch_idx):
-    """ckpt.safetensors, then resume.pt. A write that fails (a full disk or quota) stops the run with one line; the
-    files it was replacing are left as they were."""
+    """ckpt.safetensors, then resume.pt. A write that fails (a full disk or quota) stops the run with one line and
+    leaves no file half-written: --resume continues from the last whole resume.pt."""
     from safetensors import SafetensorError
     try:
         slvp.save_checkpoint(args.out / "ckpt.safetensors", raw, step=step, tokenizer_sha256=tokenizer.digest())
@@ -374,7 +374,8 @@ def save_all(args, raw, tokenizer, opt, sched, step, epoch, batch_idx):
                      "run": run_settings(args), "steps": args.steps}, args.out / "resume.pt")
     except (OSError, RuntimeError, SafetensorError) as e:   # torch.save on a full disk: RuntimeError "unexpected pos"
         raise SystemExit(f"error: writing the checkpoint of step {step} to {args.out} failed ({e}: a full disk or "
-                         f"quota?); the checkpoint files it was replacing are left as they were") from None
+                         f"quota?); no file is left half-written: --resume continues from the last whole "
+                         f"resume.pt") from None
 
 
 def restore_cuda_rng(states):
