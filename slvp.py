@@ -568,6 +568,12 @@ def unpatchify(x, cfg, channels):
 # 5.-6. The SLVP model: pre-training (flow) and transfer (boxes and masks)
 # ----------------------------------------------------------------------------------------------------------
 
+def _frozen(part):
+    """A property over an encoder's requires_grad: read, no parameter requires grad; set, all or none do."""
+    return property(lambda self: not any(p.requires_grad for p in getattr(self, part).parameters()),
+                    lambda self, frozen: getattr(self, part).requires_grad_(not frozen))
+
+
 class SLVP(nn.Module):
     """fusion: "vision" (vision as query, Eq. (2)) or "language" (language as query, Eq. (8)).
     task: "pretrain" (flow head, Eq. (3)) or "rvos" (box and mask heads, Eq. (4); the paper's transfer learning,
@@ -626,21 +632,7 @@ class SLVP(nn.Module):
 
     # freeze_text / freeze_vision are what the encoders' parameters say: `model.text.requires_grad_(True)` unfreezes
     # the text encoder as `freeze_text = False` does, and save_checkpoint records it
-    @property
-    def freeze_text(self):
-        return not any(p.requires_grad for p in self.text.parameters())
-
-    @freeze_text.setter
-    def freeze_text(self, frozen):
-        self.text.requires_grad_(not frozen)
-
-    @property
-    def freeze_vision(self):
-        return not any(p.requires_grad for p in self.vision.parameters())
-
-    @freeze_vision.setter
-    def freeze_vision(self, frozen):
-        self.vision.requires_grad_(not frozen)
+    freeze_text, freeze_vision = _frozen("text"), _frozen("vision")
 
     # -- encoders: f_v [B, T*N, d] and f_r [B, L, d] ---------------------------------------------------------
     def encode(self, frames, ids, mask):

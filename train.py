@@ -530,9 +530,9 @@ def choose_tokenizer(args, sets, main_proc, ddp):
                          f"trained with as --spm")
     if spm is not None:
         tokenizer = slvp.Tokenizer(spm)
-        for start in (args.init, args.encoders):   # its text encoder was trained on that tokenizer's ids
-            if start and not args.resume:
-                slvp.check_tokenizer(start, tokenizer)
+        start = args.init or args.encoders          # (not both): its text encoder was trained on that tokenizer's ids
+        if start and not args.resume:
+            slvp.check_tokenizer(start, tokenizer)
         if spm.resolve() != own.resolve() and main_proc:
             shutil.copy(spm, own)
     else:
