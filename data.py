@@ -34,6 +34,7 @@ import pickle
 import re
 import sys
 import textwrap
+import time
 import warnings
 from pathlib import Path
 
@@ -93,7 +94,7 @@ def frame_order(path):
     """Sort key of a frame file: by the numbers in its name, so that frames named without zero padding (ffmpeg's
     %d: 1.jpg, 2.jpg, ..., 10.jpg) keep their order; zero-padded names sort as their text does. re.split with a group
     alternates text and digits, so a number is only ever compared with a number; the name breaks ties (1 and 01)."""
-    name = Path(path).name
+    name = os.path.basename(path)
     return [int(t) if k % 2 else t for k, t in enumerate(re.split(r"([0-9]+)", name))], name
 
 
@@ -559,24 +560,30 @@ class SMiT(ClipDataset):
         T = cfg.num_frames
         self.summary = {"videos": 0, "frames": 0}
         kinds = {"frames/<name>/*.jpg": 0, "videos/<name>.mp4": 0}
-        for name in names:
+        shown = time.monotonic()
+        for v, name in enumerate(names):
+            if time.monotonic() - shown > 30 and os.environ.get("RANK", "0") == "0":  # 500k videos take minutes
+                print(f"S-MiT {split}: {v} of {len(names)} videos read", file=sys.stderr, flush=True)
+                shown = time.monotonic()
             cap_file = root / "transcriptions" / f"{name}.txt"
             lines = cap_file.read_text(errors="replace").splitlines() if cap_file.is_file() else []
             text = clean_text(lines[0]) if lines else ""
             if not text:
                 empty.append(cap_file)
                 continue
-            source = sorted((root / "frames" / name).glob("*.jpg"), key=frame_order) or root / "videos" / f"{name}.mp4"
+            frames_dir = root / "frames" / name
+            n = len(jpeg_names(frames_dir))  # counted, not kept: listed again for each clip (500k videos of 90
+            source = frames_dir if n else root / "videos" / f"{name}.mp4"  # frames as Paths took 11 GiB)
             try:
-                if isinstance(source, Path) and not source.is_file():
-                    raise FileNotFoundError(f"{source} not found (nor {root / 'frames' / name}/*.jpg)")
-                n = len(source) if isinstance(source, list) else _count_video_frames(source)
+                if not n and not source.is_file():
+                    raise FileNotFoundError(f"{source} not found (nor {frames_dir}/*.jpg)")
+                n = n or _count_video_frames(source)
             except (FileNotFoundError, BadFile):
                 if not skip_bad:
                     raise
-                bad.append(source if isinstance(source, Path) else source[0].parent)
+                bad.append(source)
                 continue
-            kinds["frames/<name>/*.jpg" if isinstance(source, list) else "videos/<name>.mp4"] += 1
+            kinds["frames/<name>/*.jpg" if source == frames_dir else "videos/<name>.mp4"] += 1
             self.summary["videos"] += 1
             self.summary["frames"] += n
             step = stride * (T - 1)
@@ -593,11 +600,20 @@ class SMiT(ClipDataset):
     def load(self, entry, rng):
         name, source, idx, text = entry
         size = self.cfg.frame_size
-        if isinstance(source, list):
-            frames = torch.stack([read_rgb(source[i], size)[0] for i in idx])
+        if source.is_dir():
+            files = sorted(jpeg_names(source), key=frame_order)
+            frames = torch.stack([read_rgb(source / files[i], size)[0] for i in idx])
         else:
             frames = read_video_frames(source, idx, size)
         return {"frames": frames, "text": text, "id": (name, "0", idx[0])}
+
+
+def jpeg_names(folder):
+    """The names of a folder's .jpg files, in the order listed; none where the folder is missing."""
+    try:
+        return [f for f in os.listdir(folder) if f.endswith(".jpg")]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
 
 
 def _count_video_frames(path):

@@ -229,9 +229,12 @@ def evaluate_objects(gt, pred, void=None, match=True, max_proposals=MAX_PROPOSAL
         Fm = np.stack([f_from_boundaries(*boundaries(p, void), *b) for p, b in zip(pred, bg)])
         return Jm, Fm
     bg = [boundaries(g, void) for g in gt]
-    bp = [boundaries(p, void) for p in pred]
-    J = np.stack([[db_eval_iou(g, p, void) for g in gt] for p in pred])              # [n_pred, n_gt, T]
-    Fm = np.stack([[f_from_boundaries(*b_p, *b_g) for b_g in bg] for b_p in bp])
+    J, Fm = [], []                  # [n_pred, n_gt, T]; one proposal's boundary maps at a time: all 20 proposals'
+    for p in pred:                  # of a 104-frame 480p sequence are 1.7 GB
+        b_p = boundaries(p, void)
+        J.append([db_eval_iou(g, p, void) for g in gt])
+        Fm.append([f_from_boundaries(*b_p, *b_g) for b_g in bg])
+    J, Fm = np.stack(J), np.stack(Fm)
     rows, cols = linear_sum_assignment((J.mean(2) + Fm.mean(2)) / 2)
     return J[rows, cols], Fm[rows, cols]
 
