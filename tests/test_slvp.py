@@ -874,12 +874,14 @@ def test_unfreezing_an_encoder_gives_its_gradient(task, part, how, tmp_path):
     assert getattr(slvp.load_checkpoint(tmp_path / "m.safetensors"), f"freeze_{part}") is False
 
 
-def test_a_partly_frozen_encoder_is_named_when_saved(tmp_path):
-    """The freeze flags are whole-encoder: the last ViT block unfrozen by hand makes freeze_vision False, and the
-    reloaded model trains every vision parameter (counted here by requires_grad). save_checkpoint says so."""
-    m = slvp.SLVP(slvp.SLVPConfig.tiny(), task="rvos", freeze_vision=True)
-    m.vision.blocks[-1].requires_grad_(True)
-    with pytest.warns(UserWarning, match="vision encoder is partly frozen"):
+@pytest.mark.parametrize("part", ["vision", "text"])
+def test_a_partly_frozen_encoder_is_named_when_saved(tmp_path, part):
+    """The freeze flags are whole-encoder: the last parameter of a frozen encoder unfrozen by hand makes its flag
+    False, and the reloaded model trains every parameter of that encoder (counted here by requires_grad).
+    save_checkpoint says so, for either encoder."""
+    m = slvp.SLVP(slvp.SLVPConfig.tiny(), task="rvos", **{f"freeze_{part}": True})
+    list(getattr(m, part).parameters())[-1].requires_grad_(True)
+    with pytest.warns(UserWarning, match=f"{part} encoder is partly frozen"):
         slvp.save_checkpoint(tmp_path / "m.safetensors", m)
     r = slvp.load_checkpoint(tmp_path / "m.safetensors")
-    assert all(p.requires_grad for p in r.vision.parameters())
+    assert all(p.requires_grad for p in getattr(r, part).parameters())

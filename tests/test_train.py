@@ -164,20 +164,20 @@ def test_resume_across_epochs_equals_uninterrupted(tmp_path, spm_model, monkeypa
 
 def test_a_resumed_run_keeps_its_warmup(tmp_path, spm_model, monkeypatch):
     """--steps may grow on --resume (the cosine then ends at the new last step), but the default warm-up, 5% of the
-    first run's steps, stays: 1 step for a 2-step run, not 5 for 100."""
+    first run's steps, stays: 1 step for a 2-step run, not 2 for 40."""
     monkeypatch.delenv("TRITON_INTERPRET")
     first = ["--mode", "pretrain", *FAST, "--log-every", "1", "--spm", str(spm_model), "--out", str(tmp_path / "run")]
     train.main([*first, "--steps", "2"])
-    train.main([*first, "--steps", "100", "--resume"])
+    train.main([*first, "--steps", "40", "--resume"])
     lr = {r["step"]: r["lr"] for r in map(json.loads, (tmp_path / "run/log.jsonl").read_text().splitlines())
           if r["kind"] == "train"}
     assert lr[1] == pytest.approx(1e-3)                                          # the first run's warm-up: 1 step
-    assert lr[3] == pytest.approx(1e-3 * (0.1 + 0.45 * (1 + math.cos(math.pi * (2 - 1) / (100 - 1)))))   # cosine
+    assert lr[3] == pytest.approx(1e-3 * (0.1 + 0.45 * (1 + math.cos(math.pi * (2 - 1) / (40 - 1)))))     # cosine
     # a resume.pt written before the warm-up and the freeze flags were recorded still resumes
     state = torch.load(tmp_path / "run/resume.pt", weights_only=True)
     state["run"] = {**{k: v for k, v in state["run"].items() if not k.startswith("--freeze")}, "--warmup": None}
     torch.save(state, tmp_path / "run/resume.pt")
-    train.main([*first, "--steps", "101", "--resume"])
+    train.main([*first, "--steps", "41", "--resume"])
 
 
 def test_resume_without_steps_finishes_the_run_as_planned(tmp_path, spm_model, monkeypatch, capsys):
