@@ -169,7 +169,7 @@ def cannot_write(folder):
 def read_json(path, what):
     """A JSON file; missing or not JSON, it fails with one line naming the path and what was expected there."""
     try:
-        return json.loads(need(path, what).read_text())
+        return json.loads(need(path, what).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BadFile(f"{path}: not JSON ({e}); expected {what}") from e
 
@@ -555,7 +555,8 @@ class SMiT(ClipDataset):
     def __init__(self, root, split, cfg, train, seed=0, skip_bad=False, stride=6):
         super().__init__(cfg, train, seed, skip_bad)
         root = need(root, "the S-MiT root with videos/ or frames/, transcriptions/ and <split>.txt")
-        names = [n.strip() for n in need(root / f"{split}.txt", "one video name a line").read_text().splitlines() if n.strip()]
+        listing = need(root / f"{split}.txt", "one video name a line").read_text(encoding="utf-8")
+        names = [n.strip() for n in listing.splitlines() if n.strip()]
         self.stride, empty, bad = stride, [], []
         T = cfg.num_frames
         self.summary = {"videos": 0, "frames": 0}
@@ -566,7 +567,7 @@ class SMiT(ClipDataset):
                 print(f"S-MiT {split}: {v} of {len(names)} videos read", file=sys.stderr, flush=True)
                 shown = time.monotonic()
             cap_file = root / "transcriptions" / f"{name}.txt"
-            lines = cap_file.read_text(errors="replace").splitlines() if cap_file.is_file() else []
+            lines = cap_file.read_text(encoding="utf-8", errors="replace").splitlines() if cap_file.is_file() else []
             text = clean_text(lines[0]) if lines else ""
             if not text:
                 empty.append(cap_file)
@@ -836,7 +837,7 @@ class RefDAVIS17(VideoExpressions):
             raise ValueError(f"Ref-DAVIS17 split must be train or valid, got {split!r}")
         davis = root / "DAVIS"
         listing = davis / "ImageSets" / "2017" / f"{'val' if split == 'valid' else 'train'}.txt"
-        vids = need(listing, "the DAVIS 2017 split, one video a line").read_text().split()
+        vids = need(listing, "the DAVIS 2017 split, one video a line").read_text(encoding="utf-8").split()
         jpeg = need(davis / "JPEGImages" / "480p", "one folder of JPEG frames per video")
         anno = need(davis / "Annotations_unsupervised" / "480p", "one folder of indexed PNGs per video")
         texts = [read_davis_text(root / "davis_text_annotations" / f, enc) for f, enc in DAVIS_TEXT_FILES]
@@ -871,7 +872,7 @@ class VISOR(VideoExpressions):
         super().__init__(cfg, train, seed, skip_bad)
         root = need(root, "the VISOR root converted to the DAVIS layout")
         seqs = [s.strip() for s in need(root / "ImageSets" / "2022" / f"{split}.txt", "one sequence a line")
-                .read_text().splitlines() if s.strip()]
+                .read_text(encoding="utf-8").splitlines() if s.strip()]
         mapping_path = root / f"{split}_data_mapping.json"
         mapping = read_json(mapping_path, "{seq: {object index: name}}")
         jpeg = need(root / "JPEGImages" / "480p", "one folder of JPEG frames per sequence")

@@ -324,11 +324,11 @@ def evaluate_davis(gt_dir, sequences, pred_dir, match=True, progress=True):
 def write_tables(out_dir, g, rows, subset="val"):
     """global_results-<subset>.csv and per-sequence_results-<subset>.csv with the official columns, 3 decimals."""
     out_dir = Path(out_dir)
-    with open(out_dir / f"global_results-{subset}.csv", "w", newline="") as fh:
+    with open(out_dir / f"global_results-{subset}.csv", "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh, lineterminator="\n")
         w.writerow(list(g))
         w.writerow([f"{v:.3f}" for v in g.values()])
-    with open(out_dir / f"per-sequence_results-{subset}.csv", "w", newline="") as fh:
+    with open(out_dir / f"per-sequence_results-{subset}.csv", "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh, lineterminator="\n")
         w.writerow(["Sequence", "J-Mean", "F-Mean"])
         w.writerows([(name, f"{jm:.3f}", f"{fm:.3f}") for name, jm, fm in rows])
@@ -358,7 +358,7 @@ def davis_sequences(root):
         raise FileNotFoundError(f"{lst} not found: expected the DAVIS 2017 tree (ImageSets/2017/val.txt) or "
                                 f"Ref-DAVIS17 converted (meta_expressions/, valid/Annotations)")
     if lst.is_file():
-        seqs = [s.strip() for s in lst.read_text().splitlines() if s.strip()]
+        seqs = [s.strip() for s in lst.read_text(encoding="utf-8").splitlines() if s.strip()]
     else:
         lst = root / "meta_expressions" / "valid" / "meta_expressions.json"
         seqs = sorted(data.read_expressions(lst, "the converted Ref-DAVIS17 expression file"))

@@ -168,7 +168,7 @@ def read_tensors(path):
     expected = "expected a .safetensors file, a torch state dict (.bin/.pt/.pth) or a sharded index (.index.json)"
     if path.name.endswith(".index.json"):
         try:
-            shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+            shards = sorted(set(json.loads(path.read_text(encoding="utf-8"))["weight_map"].values()))
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"{path}: not a sharded checkpoint index ({type(e).__name__}: {e}); {expected}") from e
         state = {}
@@ -291,7 +291,7 @@ def load_t5(path):
         raise FileNotFoundError(f"{path}: expected a Hugging Face T5 folder with config.json")
     keys = ("vocab_size", "d_model", "num_layers", "num_heads", "d_kv", "d_ff")
     try:
-        hf = json.loads((path / "config.json").read_text())
+        hf = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except ValueError as e:
         raise ValueError(f"{path / 'config.json'}: not JSON ({e}); expected a T5 config") from e
     if not isinstance(hf, dict) or any(k not in hf for k in keys):

@@ -286,7 +286,7 @@ def fit_tokenizer(sets, out):
     out = Path(out)
     texts = [t for s in sets for t in s.texts(5000)]
     corpus = out / "spm_corpus.txt"
-    corpus.write_text("\n".join(texts))
+    corpus.write_text("\n".join(texts), encoding="utf-8")  # sentencepiece reads UTF-8, whatever the locale
     spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(out / "spm"), vocab_size=256,
                                    model_type="bpe", hard_vocab_limit=False, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
                                    character_coverage=1.0, minloglevel=2)
@@ -399,14 +399,14 @@ def trim_log(path, step):
     """Keep the lines of log.jsonl up to `step`, where a resumed run takes over: the later ones are of steps lost with
     the killed process (and its last line may be cut)."""
     kept = []
-    for line in path.read_text().splitlines(keepends=True):
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
         try:
             if line.endswith("\n") and json.loads(line)["step"] <= step:
                 kept.append(line)
         except json.JSONDecodeError:
             pass
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept))
+    tmp.write_text("".join(kept), encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -706,7 +706,7 @@ def run(args, ddp, rank, world, device):
                          f"expected at most {len(train_set)}")
     if main_proc and args.resume and (args.out / "log.jsonl").is_file():
         trim_log(args.out / "log.jsonl", step)
-    log = open(args.out / "log.jsonl", "a" if args.resume else "w") if main_proc else None
+    log = open(args.out / "log.jsonl", "a" if args.resume else "w", encoding="utf-8") if main_proc else None
     n_params = sum(p.numel() for p in raw.parameters())
     if main_proc:
         print(f"{args.mode} {raw.fusion}-as-query, {n_params / 1e6:.2f}M parameters ({sum(p.numel() for p in trainable) / 1e6:.2f}M "

@@ -402,7 +402,8 @@ def main(argv=None):
     sections = [(title, fn) for part, title, fn in sections if part in parts]
     head = f"# GPU check\n\n`python tests/gpu_check.py` on {time.strftime('%Y-%m-%d')}: "
     gpu = f"{torch.cuda.get_device_name()}, CUDA {torch.version.cuda}" if torch.cuda.is_available() else "no GPU"
-    head += f"{gpu}, torch {torch.__version__}, triton {fw.triton.__version__}; {data.cpu_cores()} CPU cores"
+    triton_version = fw.triton.__version__ if fw.triton else "not installed"   # macOS, Windows: the torch path
+    head += f"{gpu}, torch {torch.__version__}, triton {triton_version}; {data.cpu_cores()} CPU cores"
     if os.path.isdir("/dev/shm"):  # part 5's DataLoader workers pass their batches through it (10.7 MiB a clip)
         head += f", /dev/shm {shutil.disk_usage('/dev/shm').free / 2**30:.1f} GiB free"
     head += "\n\n"

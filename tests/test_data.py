@@ -1061,22 +1061,27 @@ def test_default_workers(monkeypatch):
         assert ev.main(["--bench", "synthetic", "--ckpt", "x"])["J"] == want
 
 
+class BadAtTwo(torch.utils.data.Dataset):
+    """Item 2 is a bad file. At module level, so that workers started by spawning (macOS's and Windows' default) can
+    unpickle it: a class defined in a test function cannot be pickled."""
+    msg = "clips/v/00003.jpg: unreadable image (truncated)\nsecond line"
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        if i == 2:
+            raise data.BadFile(self.msg)
+        return torch.zeros(1)
+
+
 def test_read_batches_gives_a_workers_bad_file_as_it_was_raised():
     """A BadFile raised in a DataLoader worker comes back with the worker's traceback as its message; read_batches
     gives it the message the worker raised (two lines here), and leaves one raised in the process itself as it is.
     The workers stop as it raises: left to the garbage collector, torch took 5 s to stop them."""
-    msg = "clips/v/00003.jpg: unreadable image (truncated)\nsecond line"
-
-    class Bad(torch.utils.data.Dataset):
-        def __len__(self):
-            return 4
-
-        def __getitem__(self, i):
-            if i == 2:
-                raise data.BadFile(msg)
-            return torch.zeros(1)
+    msg = BadAtTwo.msg
     for workers in (0, 1):
-        loader = torch.utils.data.DataLoader(Bad(), batch_size=1, num_workers=workers)
+        loader = torch.utils.data.DataLoader(BadAtTwo(), batch_size=1, num_workers=workers)
         with pytest.raises(data.BadFile) as e:
             list(data.read_batches(loader))
         assert str(e.value) == msg, workers
@@ -1394,3 +1399,34 @@ def test_smit_frames_are_counted_not_kept(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("RANK", "1")                                # one line per run, not one per DDP rank
     data.build_dataset("smit", root, "train", CFG, train=True)
     assert capsys.readouterr().err == ""
+
+
+def test_text_files_are_read_and_written_as_utf8_whatever_the_locale(ytvos_root, tmp_path):
+    """Expression files and captions are UTF-8 (README, "Data"), and so is the corpus sentencepiece is fit to: the
+    locale's encoding (cp1252 on Windows, ASCII in the C locale without UTF-8 mode) decodes none of them. Run in a
+    process whose locale encoding is ASCII; the reference is the text written."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    exp, cap = "the café’s dog", "a ball rolls past the café’s door"
+    path = ytvos_root / "meta_expressions/train/meta_expressions.json"
+    meta = json.loads(path.read_text(encoding="utf-8"))
+    meta["videos"]["vid_b"]["expressions"]["0"]["exp"] = exp
+    path.write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
+    smit = smit_root(tmp_path, 12)
+    (smit / "transcriptions/v.txt").write_text(cap + "\n", encoding="utf-8")
+    code = ("import json, sys, dataclasses, data, slvp, train\n"
+            "cfg = dataclasses.replace(slvp.SLVPConfig.tiny(), frame_size=(48, 64))\n"
+            f"yt = data.build_dataset('ytvos', {str(ytvos_root)!r}, 'train', cfg, train=True)\n"
+            f"sm = data.build_dataset('smit', {str(smit)!r}, 'train', cfg, train=False)\n"
+            f"tok = train.fit_tokenizer([yt, sm], {str(tmp_path)!r})\n"
+            "texts = yt.texts(10) + sm.texts(1)\n"
+            "print(json.dumps({'texts': texts, 'decoded': [tok.sp.decode(tok.sp.encode(t)) for t in texts]}))\n")
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
+           "PYTHONPATH": str(Path(data.__file__).resolve().parent)}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, encoding="utf-8")
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert exp in out["texts"] and out["texts"][-1] == cap
+    assert out["decoded"] == out["texts"]                    # the tokenizer was fit to the same characters

@@ -420,22 +420,28 @@ def test_masks_are_written_as_each_sequence_is_done(bench, tmp_path, monkeypatch
     assert runs and not missing, missing
 
 
+class InWorker(torch.utils.data.Dataset):
+    """A dataset's items, read in a worker process (it fails in the process itself). At module level, so that workers
+    started by spawning (macOS's and Windows' default) can unpickle it."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        assert torch.utils.data.get_worker_info() is not None
+        return self.ds[i]
+
+
 def test_predict_with_workers_gives_the_same_masks(tiny_ckpt):
     """Clips read by worker processes (eval.py --workers, the default with a GPU) come in the dataset's order: the
     same expressions and the same logits as read in the process itself."""
     model, tok = ev.load_model_and_tokenizer(tiny_ckpt, None, "cpu")
     ds = data.build_dataset("synthetic", None, "val", model.cfg, train=False, size=6)
-
-    class InWorker(torch.utils.data.Dataset):          # read in a worker process when workers are asked for
-        def __len__(self):
-            return len(ds)
-
-        def __getitem__(self, i):
-            assert torch.utils.data.get_worker_info() is not None
-            return ds[i]
-
     alone = list(ev.predict(model, ds, tok, batch_size=2, progress=False))
-    workers = list(ev.predict(model, InWorker(), tok, batch_size=2, progress=False, workers=2))
+    workers = list(ev.predict(model, InWorker(ds), tok, batch_size=2, progress=False, workers=2))
     assert [k for k, _ in workers] == [k for k, _ in alone] == [(ds[i]["id"][0], ds[i]["id"][1]) for i in range(6)]
     for (_, a), (_, b) in zip(alone, workers):
         assert a.keys() == b.keys() and all(np.array_equal(a[n], b[n]) for n in a)

@@ -466,6 +466,21 @@ def test_epoch_batches_split_one_permutation():
     assert train.epoch_batches(256, 4, 1, 0, 0, 1) != train.epoch_batches(256, 4, 0, 0, 0, 1)
 
 
+def test_spawned_workers_give_the_clips_of_the_process_itself(spm_model):
+    """macOS and Windows start DataLoader workers by spawning, not forking: EpochItems, its datasets and Collate with
+    its tokenizer are pickled to them and set to each item's epoch there. The clips of 3 epochs (augmentations drawn
+    on the epoch) are those read with no worker."""
+    n, B = 4, 2                                                    # 2 batches an epoch
+    sets = [data.build_dataset("synthetic", None, "train", slvp.SLVPConfig.tiny(), train=True, size=n)]
+    collate = data.Collate(slvp.Tokenizer(spm_model), 32, keys=train.STAGE_KEYS["finetune"])
+
+    def batches(**kw):
+        order = list(itertools.islice(train.run_batches(n, B, 0, 0, 0, 0, 1), 6))
+        return list(torch.utils.data.DataLoader(train.EpochItems(sets), batch_sampler=order, collate_fn=collate, **kw))
+    for a, b in zip(batches(), batches(num_workers=2, multiprocessing_context="spawn"), strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_one_loader_serves_every_epoch(tmp_path, spm_model, monkeypatch):
     """run_batches goes on from (epoch, batch) through the next epochs, each epoch_batches' order, as indices e * n + i
     of EpochItems; read through one DataLoader with 2 workers, whose copies of the datasets are set to each item's
