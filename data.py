@@ -603,6 +603,8 @@ class SMiT(ClipDataset):
         size = self.cfg.frame_size
         if source.is_dir():
             files = sorted(jpeg_names(source), key=frame_order)
+            if len(files) <= max(idx):
+                raise BadFile(f"{source}: {len(files)} .jpg frames, fewer than when the dataset was built")
             frames = torch.stack([read_rgb(source / files[i], size)[0] for i in idx])
         else:
             frames = read_video_frames(source, idx, size)

@@ -1399,6 +1399,10 @@ def test_smit_frames_are_counted_not_kept(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("RANK", "1")                                # one line per run, not one per DDP rank
     data.build_dataset("smit", root, "train", CFG, train=True)
     assert capsys.readouterr().err == ""
+    for t in range(50, n_fr + 1):                                  # frames deleted since: a bad clip, named
+        (root / "frames/v099" / f"{t}.jpg").unlink()
+    with pytest.raises(data.BadFile, match=r"v099: 49 .jpg frames, fewer than when the dataset was built"):
+        ds[len(ds) - 1]
 
 
 def test_text_files_are_read_and_written_as_utf8_whatever_the_locale(ytvos_root, tmp_path):
