@@ -102,6 +102,9 @@ def read_image(path):
     """An image file as a PIL RGB image; a missing, truncated or non-image file fails naming it."""
     try:
         with Image.open(path) as im:
+            if im.mode.startswith("I"):   # a 16-bit grey PNG (I;16; I in older Pillow): convert("RGB") clips at 255
+                grey = np.asarray(im).astype(np.float64) / 257                  # 65535 -> 255
+                return Image.fromarray(grey.round().clip(0, 255).astype(np.uint8)).convert("RGB")
             return im.convert("RGB")
     except (OSError, ValueError) as e:
         raise BadFile(f"{path}: unreadable image ({e}); expected a JPEG or PNG frame") from e

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 
 import data
 
@@ -621,45 +621,80 @@ def bench_visor(args, model, tokenizer, device):
     return g
 
 
-def demo(args, model, tokenizer, device):
-    """Overlays of the predicted mask on every frame of a video (a folder of frames or an .mp4), and a GIF."""
-    video = Path(args.video)
-    cfg = model.cfg
+GIF_SIDE = 480   # demo.gif's frames at most this many pixels on their long side (the PNGs keep the full size)
+
+
+def demo_frames(video):
+    """The demo's frames, read one at a time as (name, RGB image as players show it), their number (None where the
+    container does not say) and demo.gif's frame duration in ms. A folder's .jpg/.png frames in data.frame_order,
+    turned as their EXIF orientation says (a phone's photos), hidden files (macOS's ._ copies) left out, 100 ms a
+    frame; or a video file's (any PyAV decodes) at its rate, turned as its display matrix says (a phone's portrait
+    video stores landscape pixels and -90 degrees: PyAV's frame.rotation, counterclockwise)."""
+    video = Path(video)
     if video.is_dir():
-        paths = sorted((p for p in video.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png")),
-                       key=data.frame_order)
+        paths = sorted((p for p in video.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png")
+                        and not p.name.startswith(".")), key=data.frame_order)
         if not paths:
             raise FileNotFoundError(f"{video}: no .jpg/.png frames")
-        originals = [np.asarray(data.read_image(p)) for p in paths]
-    elif video.is_file():
-        av = data._pyav(video)
+        return ((p, ImageOps.exif_transpose(data.read_image(p))) for p in paths), len(paths), 100
+    if not video.is_file():
+        raise FileNotFoundError(f"{video}: no such video file or folder")
+    av = data._pyav(video)
+    turns = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_270}
+
+    def decode():
+        n = 0
         try:
             with av.open(str(video)) as c:
-                originals = [np.asarray(f.to_image().convert("RGB")) for f in c.decode(video=0)]
+                for n, f in enumerate(c.decode(video=0), 1):
+                    im = f.to_image().convert("RGB")
+                    turn = round(getattr(f, "rotation", 0) / 90) * 90 % 360   # PyAV before 14: no rotation read
+                    yield f"{video} frame {n - 1}", im.transpose(turns[turn]) if turn else im
         except (av.FFmpegError, IndexError) as e:
-            raise ValueError(f"{video}: unreadable video ({e}); expected an .mp4 or a folder of frames") from e
-        if not originals:
-            raise ValueError(f"{video}: no frames decoded; expected an .mp4 or a folder of frames")
-    else:
-        raise FileNotFoundError(f"{video}: no such video file or folder")
-    H0, W0 = originals[0].shape[:2]
-    small = torch.stack([torch.from_numpy(np.array(Image.fromarray(o).resize(cfg.frame_size[::-1], Image.BILINEAR)))
-                         .permute(2, 0, 1).float() / 255 for o in originals])
+            raise ValueError(f"{video}: unreadable video ({e}); expected a video file or a folder of frames") from e
+        if n == 0:
+            raise ValueError(f"{video}: no frames decoded; expected a video file or a folder of frames")
+    try:
+        with av.open(str(video)) as c:
+            count, rate = c.streams.video[0].frames or None, c.streams.video[0].average_rate
+    except (av.FFmpegError, IndexError) as e:
+        raise ValueError(f"{video}: unreadable video ({e}); expected a video file or a folder of frames") from e
+    return decode(), count, max(20, round(1000 / rate)) if rate else 100
+
+
+def demo(args, model, tokenizer, device):
+    """Overlays of the predicted mask on every frame of a video (a folder of frames or a video file), and a GIF. The
+    frames are read, run in clips of T (the last padded by repeating its last frame, as data.eval_clips) and written
+    a clip at a time: a long video is never held whole; demo.gif's frames are at most GIF_SIDE pixels wide or high."""
+    cfg = model.cfg
+    frames, count, ms = demo_frames(args.video)
     ids, mask = tokenizer([args.text], max_len=cfg.max_text_len)
     model.eval()
     out = Path(args.out) / "demo"
     out.mkdir(parents=True, exist_ok=True)
-    pictures = []
+    gif, size, t0 = [], None, time.time()
     with torch.no_grad():
-        for s, idx, n in data.eval_clips(len(originals), cfg.num_frames):
-            logits = model(small[idx][None].to(device), ids.to(device), mask.to(device))["masks"][0, :n]
-            up = F.interpolate(logits[:, None].float(), size=(H0, W0), mode="bilinear", align_corners=False)[:, 0] > 0
-            for t, m in zip(range(s, s + n), up.cpu().numpy()):
-                pic = Image.fromarray(overlay(originals[t], m))
-                pic.save(out / f"{t:05d}.png")
-                pictures.append(pic)
-    pictures[0].save(out / "demo.gif", save_all=True, append_images=pictures[1:], duration=100, loop=0)
-    print(f"wrote {len(pictures)} overlays and {out / 'demo.gif'}")
+        for clip in iter(lambda: list(itertools.islice(frames, cfg.num_frames)), []):   # the last may be shorter
+            size = size or clip[0][1].size
+            for name, im in clip:
+                if im.size != size:
+                    raise ValueError(f"{name}: {im.width}x{im.height}, the first frame {size[0]}x{size[1]}; a "
+                                     f"video's frames are all one size")
+            small = torch.stack([torch.from_numpy(np.array(im.resize(cfg.frame_size[::-1], Image.BILINEAR)))
+                                 .permute(2, 0, 1).float() / 255 for _, im in clip])
+            idx = [min(j, len(clip) - 1) for j in range(cfg.num_frames)]
+            logits = model(small[idx][None].to(device), ids.to(device), mask.to(device))["masks"][0, :len(clip)]
+            up = F.interpolate(logits[:, None].float(), size=size[::-1], mode="bilinear", align_corners=False)[:, 0]
+            for (_, im), m in zip(clip, (up > 0).cpu().numpy()):
+                pic = Image.fromarray(overlay(np.asarray(im), m))
+                pic.save(out / f"{len(gif):05d}.png")
+                pic.thumbnail((GIF_SIDE, GIF_SIDE))                       # in place, the aspect kept
+                gif.append(pic.convert("P", palette=Image.Palette.ADAPTIVE))   # as the GIF writer would
+            eta = f", ETA {(time.time() - t0) / len(gif) * (count - len(gif)):.0f}s" if (count or 0) > len(gif) else ""
+            show_progress(f"{len(gif)}{f'/{count}' if count else ''} frames{eta}")
+    end_progress()
+    gif[0].save(out / "demo.gif", save_all=True, append_images=gif[1:], duration=ms, loop=0)
+    print(f"wrote {len(gif)} overlays and {out / 'demo.gif'}")
     return out
 
 
@@ -697,7 +732,8 @@ def main(argv=None):
     p.add_argument("--data-root", type=data.path,
                    help="the dataset root: Ref-DAVIS17 (the original downloads or the converted layout), "
                         "Ref-YouTube-VOS or VISOR")
-    p.add_argument("--video", type=data.path, help="demo: a folder of frames or an .mp4")
+    p.add_argument("--video", type=data.path,
+                   help="demo: a folder of JPEG/PNG frames or a video file (.mp4, .mov, .webm, ...)")
     p.add_argument("--text", help="demo: the referring expression")
     p.add_argument("--out", default=None, type=data.path,
                    help="where predictions, tables and pictures go (default: out/eval; not with --predictions, whose "

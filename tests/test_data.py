@@ -1434,3 +1434,13 @@ def test_text_files_are_read_and_written_as_utf8_whatever_the_locale(ytvos_root,
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert exp in out["texts"] and out["texts"][-1] == cap
     assert out["decoded"] == out["texts"]                    # the tokenizer was fit to the same characters
+
+
+def test_read_image_scales_a_16_bit_grey_png(tmp_path):
+    """A 16-bit grey PNG (Pillow's mode I;16) read as 8-bit RGB: value v is round(v / 257) in all three channels
+    (65535 -> 255), not clipped at 255 (Image.convert("RGB") makes every value above 255 white)."""
+    ramp = np.linspace(0, 65535, 64).round().astype(np.uint16)[None].repeat(3, 0)
+    Image.fromarray(ramp).save(tmp_path / "f.png")
+    got = np.asarray(data.read_image(tmp_path / "f.png"))
+    expected = np.floor(ramp / 257 + 0.5).astype(np.uint8)
+    assert got.shape == (3, 64, 3) and all(np.array_equal(got[..., c], expected) for c in range(3))

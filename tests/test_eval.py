@@ -786,3 +786,114 @@ def test_a_checkpoint_of_exactly_its_tokenizers_pieces_loads(tmp_path, spm_model
         else:
             with pytest.raises(ValueError, match=f"has {n} pieces, more than the {n - 1}"):
                 ev.load_model_and_tokenizer(path, None, "cpu")
+
+
+# ---------------------------------------------------------------------------------------------- the demo on users' videos
+
+def quadrants(H=80, W=48):
+    """An upright portrait frame of four flat colours: red top-left, green top-right, blue bottom-left, yellow."""
+    P = np.zeros((H, W, 3), np.uint8)
+    P[:H // 2, :W // 2], P[:H // 2, W // 2:] = (255, 0, 0), (0, 255, 0)
+    P[H // 2:, :W // 2], P[H // 2:, W // 2:] = (0, 0, 255), (255, 255, 0)
+    return P
+
+
+def no_mask_demo(video, tmp_path, spm_model, name="d"):
+    """The demo with a stand-in model that predicts no mask: each overlay is its frame as the demo read it."""
+    model = KnownLogits(slvp.SLVPConfig.tiny(), lambda frames: torch.full(frames.shape[:2] + frames.shape[-2:], -1.0))
+    args = types.SimpleNamespace(video=video, text="the red circle", out=tmp_path / name)
+    return ev.demo(args, model, slvp.Tokenizer(spm_model), "cpu")
+
+
+@pytest.mark.parametrize("rotation", [-90, 90, 180])
+def test_demo_shows_a_rotated_video_as_players_do(rotation, tmp_path, spm_model):
+    """A phone's portrait video stores landscape pixels and a display matrix that turns them (FFmpeg's, and PyAV's
+    frame.rotation: degrees counterclockwise; an iPhone's -90 is turned 90 degrees clockwise, as ffmpeg's autorotate and
+    every player show it). Stored pixels S = the upright frame P turned by -rotation (np.rot90: counterclockwise), PNG
+    in .mov (lossless): each overlay is P, upright, not S."""
+    av = pytest.importorskip("av")
+    P = quadrants()
+    S = np.ascontiguousarray(np.rot90(P, -rotation // 90))
+    video = tmp_path / "phone.mov"
+    with av.open(str(video), "w") as c:
+        s = c.add_stream("png", rate=25)
+        s.width, s.height, s.pix_fmt = S.shape[1], S.shape[0], "rgb24"
+        s.set_display_rotation(rotation)
+        for _ in range(5):
+            for p in s.encode(av.VideoFrame.from_ndarray(S, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    out = no_mask_demo(video, tmp_path, spm_model)
+    for t in range(5):
+        assert np.array_equal(np.asarray(Image.open(out / f"{t:05d}.png")), P), t
+    assert Image.open(out / "demo.gif").size == (P.shape[1], P.shape[0])
+
+
+@pytest.mark.parametrize("orientation, turn", [(3, 2), (6, 1), (8, -1)])
+def test_demo_turns_photos_as_their_exif_orientation_says(orientation, turn, tmp_path, spm_model):
+    """A phone's photos store the sensor's pixels and an EXIF orientation (tag 0x0112; the EXIF standard: 3 = shown
+    turned 180 degrees, 6 = turned 90 degrees clockwise, 8 = 90 counterclockwise). Stored pixels = the upright frame P
+    turned the other way (np.rot90: counterclockwise), JPEG: each overlay is P, up to JPEG's loss, not sideways."""
+    P = quadrants()
+    video = tmp_path / "photos"
+    video.mkdir()
+    for t in range(3):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        Image.fromarray(np.ascontiguousarray(np.rot90(P, turn))).save(video / f"IMG_{t:04d}.JPG", quality=95, exif=exif)
+    out = no_mask_demo(video, tmp_path, spm_model)
+    for t in range(3):
+        pic = np.asarray(Image.open(out / f"{t:05d}.png")).astype(int)
+        assert pic.shape == P.shape and np.abs(pic - P).mean() < 4, t
+
+
+def test_demo_frames_of_another_size_fail_naming_the_file(tmp_path, spm_model):
+    video = tmp_path / "frames"
+    video.mkdir()
+    for t in range(5):
+        Image.fromarray(np.zeros((48, 66 if t == 2 else 64, 3), np.uint8)).save(video / f"{t:05d}.png")
+    with pytest.raises(ValueError, match=r"frames/00002.png: 66x48, the first frame 64x48"):
+        no_mask_demo(video, tmp_path, spm_model)
+
+
+def test_demo_reads_and_writes_one_clip_at_a_time(tmp_path, spm_model, monkeypatch):
+    """A long video is never held whole (HEAD held every frame twice at full size: 2.4 GB for 120 frames of 1080p):
+    when the model runs on clip k, at most (k + 1) T frames have been read and the overlays of clips before it are on
+    disk. demo.gif's frames are at most GIF_SIDE pixels on their long side; macOS's ._ files are left out."""
+    cfg = slvp.SLVPConfig.tiny()
+    T = cfg.num_frames
+    video = tmp_path / "frames"
+    video.mkdir()
+    for t in range(3 * T):
+        Image.fromarray(np.full((600, 1000, 3), 20 * t, np.uint8)).save(video / f"{t:05d}.jpg")
+    (video / "._00000.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    reads, seen = [], []
+    read_image = data.read_image
+    monkeypatch.setattr(data, "read_image", lambda p: reads.append(p) or read_image(p))
+    out_dir = tmp_path / "d" / "demo"
+
+    def logits(frames):
+        seen.append((len(reads), len(list(out_dir.glob("0*.png")))))
+        return torch.full(frames.shape[:2] + frames.shape[-2:], -1.0)
+    args = types.SimpleNamespace(video=video, text="the red circle", out=tmp_path / "d")
+    out = ev.demo(args, KnownLogits(cfg, logits), slvp.Tokenizer(spm_model), "cpu")
+    assert seen == [((k + 1) * T, k * T) for k in range(3)]
+    assert len(list(out.glob("0*.png"))) == 3 * T
+    assert Image.open(out / "demo.gif").size == (ev.GIF_SIDE, round(600 * ev.GIF_SIDE / 1000))
+
+
+def test_demo_gif_plays_at_the_videos_rate(tmp_path, spm_model):
+    """demo.gif's frames last 1000 / fps ms (25 fps: 40 ms), not 100 ms whatever the video (2.5 times too slow)."""
+    av = pytest.importorskip("av")
+    video = tmp_path / "v.mov"
+    with av.open(str(video), "w") as c:
+        s = c.add_stream("png", rate=25)
+        s.width, s.height, s.pix_fmt = 48, 32, "rgb24"
+        for t in range(4):
+            for p in s.encode(av.VideoFrame.from_ndarray(np.full((32, 48, 3), 40 * t, np.uint8), format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    gif = Image.open(no_mask_demo(video, tmp_path, spm_model) / "demo.gif")
+    assert gif.n_frames == 4 and gif.info["duration"] == 40
