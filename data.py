@@ -27,6 +27,7 @@ It also holds what the three command lines (data.py, train.py, eval.py) share: a
 one line, `error: ...`, and no traceback.
 """
 import argparse
+import fnmatch
 import json
 import math
 import os
@@ -575,9 +576,10 @@ class SMiT(ClipDataset):
             if not text:
                 empty.append(cap_file)
                 continue
+            # the frames are counted, not kept, and listed again for each clip (500k videos' frames as Paths: 11 GiB)
             frames_dir = root / "frames" / name
-            n = len(jpeg_names(frames_dir))  # counted, not kept: listed again for each clip (500k videos of 90
-            source = frames_dir if n else root / "videos" / f"{name}.mp4"  # frames as Paths took 11 GiB)
+            n = len(jpeg_names(frames_dir))
+            source = frames_dir if n else root / "videos" / f"{name}.mp4"
             try:
                 if not n and not source.is_file():
                     raise FileNotFoundError(f"{source} not found (nor {frames_dir}/*.jpg)")
@@ -604,7 +606,7 @@ class SMiT(ClipDataset):
     def load(self, entry, rng):
         name, source, idx, text = entry
         size = self.cfg.frame_size
-        if source.is_dir():
+        if source.suffix != ".mp4":                              # frames/<name>, gone or not
             files = sorted(jpeg_names(source), key=frame_order)
             if len(files) <= max(idx):
                 raise BadFile(f"{source}: {len(files)} .jpg frames, fewer than when the dataset was built")
@@ -615,9 +617,10 @@ class SMiT(ClipDataset):
 
 
 def jpeg_names(folder):
-    """The names of a folder's .jpg files, in the order listed; none where the folder is missing."""
+    """The names of a folder's .jpg files, in the order listed; none where the folder is missing. Matched as
+    Path.glob("*.jpg") matches: case-insensitively on Windows (.JPG too), case-sensitively elsewhere."""
     try:
-        return [f for f in os.listdir(folder) if f.endswith(".jpg")]
+        return [f for f in os.listdir(folder) if fnmatch.fnmatch(f, "*.jpg")]
     except (FileNotFoundError, NotADirectoryError):
         return []
 

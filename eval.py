@@ -229,8 +229,9 @@ def evaluate_objects(gt, pred, void=None, match=True, max_proposals=MAX_PROPOSAL
         Fm = np.stack([f_from_boundaries(*boundaries(p, void), *b) for p, b in zip(pred, bg)])
         return Jm, Fm
     bg = [boundaries(g, void) for g in gt]
-    J, Fm = [], []                  # [n_pred, n_gt, T]; one proposal's boundary maps at a time: all 20 proposals'
-    for p in pred:                  # of a 104-frame 480p sequence are 1.7 GB
+    # one proposal's boundary maps at a time: all 20 proposals' of a 104-frame 480p sequence are 1.7 GB
+    J, Fm = [], []                                                                   # [n_pred, n_gt, T]
+    for p in pred:
         b_p = boundaries(p, void)
         J.append([db_eval_iou(g, p, void) for g in gt])
         Fm.append([f_from_boundaries(*b_p, *b_g) for b_g in bg])

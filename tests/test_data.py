@@ -1444,3 +1444,28 @@ def test_read_image_scales_a_16_bit_grey_png(tmp_path):
     got = np.asarray(data.read_image(tmp_path / "f.png"))
     expected = np.floor(ramp / 257 + 0.5).astype(np.uint8)
     assert got.shape == (3, 64, 3) and all(np.array_equal(got[..., c], expected) for c in range(3))
+
+
+def test_smit_frames_folder_gone_since_the_build_is_a_bad_clip_named_as_frames(tmp_path, monkeypatch):
+    """A frames/<name> folder removed (or unmounted) after the dataset was built is a bad clip of 0 .jpg frames,
+    named; not read as a video (HEAD: "frames/v: unreadable video", or without PyAV "reading .mp4 needs PyAV ...
+    ffmpeg -i frames/v"). The reference: the folder no longer exists on disk."""
+    import shutil
+    root = smit_root(tmp_path, 30)
+    ds = data.build_dataset("smit", root, "train", CFG, train=False)
+    shutil.rmtree(root / "frames/v")
+    with pytest.raises(data.BadFile, match=r"frames/v: 0 \.jpg frames, fewer than when the dataset was built"):
+        ds[0]
+
+
+def test_smit_frames_match_as_path_glob_does(tmp_path, monkeypatch):
+    """jpeg_names matches as Path.glob("*.jpg") did before it (the reference): .JPG frames count where the file
+    system's case is folded (Windows' os.path.normcase, stood in by ntpath's), and not elsewhere."""
+    import ntpath
+    folder = tmp_path / "f"
+    folder.mkdir()
+    for n in ("1.jpg", "2.JPG", "3.png", "._4.jpg"):
+        (folder / n).touch()
+    assert sorted(data.jpeg_names(folder)) == sorted(p.name for p in folder.glob("*.jpg")) == ["._4.jpg", "1.jpg"]
+    monkeypatch.setattr(data.fnmatch.os.path, "normcase", ntpath.normcase)
+    assert sorted(data.jpeg_names(folder)) == ["._4.jpg", "1.jpg", "2.JPG"]
