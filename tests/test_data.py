@@ -1372,7 +1372,7 @@ def test_default_augmentation_crops():
 
 def test_smit_frames_are_counted_not_kept(tmp_path, monkeypatch, capsys):
     """S-MiT as frames/<name>/*.jpg: its 500k videos of 90 frames (3 s at 30 fps, as ffmpeg extracts them) held as
-    lists of Paths (about 270 bytes a frame) took 11 GiB in each process before the first step. The dataset keeps a
+    lists of Paths (about 270 bytes a frame) would take 11 GiB in each process before the first step. The dataset keeps a
     few objects per video and clip, measured here per frame; the frames are listed again for each clip. Building it
     takes minutes there: a line every 30 s says how far it is."""
     import tracemalloc
