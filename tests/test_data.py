@@ -1372,9 +1372,9 @@ def test_default_augmentation_crops():
 
 def test_smit_frames_are_counted_not_kept(tmp_path, monkeypatch, capsys):
     """S-MiT as frames/<name>/*.jpg: its 500k videos of 90 frames (3 s at 30 fps, as ffmpeg extracts them) held as
-    lists of Paths (about 270 bytes a frame) would take 11 GiB in each process before the first step. The dataset keeps a
-    few objects per video and clip, measured here per frame; the frames are listed again for each clip. Building it
-    takes minutes there: a line every 30 s says how far it is."""
+    lists of Paths (about 270 bytes a frame) would take 11 GiB in each process before the first step. The dataset
+    keeps a few objects per video and clip, measured here per frame; the frames are listed again for each clip.
+    Building it takes minutes there: a line every 30 s says how far it is."""
     import tracemalloc
     root, n_vid, n_fr = tmp_path / "smit", 100, 90
     (root / "transcriptions").mkdir(parents=True)
