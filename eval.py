@@ -643,29 +643,32 @@ def demo_frames(video):
     av = data._pyav(video)
     turns = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_270}
 
+    expected = "expected a video file or a folder of frames"
+    try:
+        c = av.open(str(video))
+        stream = c.streams.video[0]
+    except (av.FFmpegError, IndexError) as e:
+        raise ValueError(f"{video}: unreadable video ({e}); {expected}") from e
+
     def decode():
         n = 0
-        try:
-            with av.open(str(video)) as c:
-                for n, f in enumerate(c.decode(video=0), 1):
+        with c:
+            try:
+                for n, f in enumerate(c.decode(stream), 1):
                     im = f.to_image().convert("RGB")
                     turn = round(getattr(f, "rotation", 0) / 90) * 90 % 360   # PyAV before 14: no rotation read
                     yield f"{video} frame {n - 1}", im.transpose(turns[turn]) if turn else im
-        except (av.FFmpegError, IndexError) as e:
-            raise ValueError(f"{video}: unreadable video ({e}); expected a video file or a folder of frames") from e
+            except av.FFmpegError as e:
+                raise ValueError(f"{video}: unreadable video ({e}); {expected}") from e
         if n == 0:
-            raise ValueError(f"{video}: no frames decoded; expected a video file or a folder of frames")
-    try:
-        with av.open(str(video)) as c:
-            count, rate = c.streams.video[0].frames or None, c.streams.video[0].average_rate
-    except (av.FFmpegError, IndexError) as e:
-        raise ValueError(f"{video}: unreadable video ({e}); expected a video file or a folder of frames") from e
-    return decode(), count, max(20, round(1000 / rate)) if rate else 100
+            raise ValueError(f"{video}: no frames decoded; {expected}")
+    rate = stream.average_rate
+    return decode(), stream.frames or None, max(20, round(1000 / rate)) if rate else 100
 
 
 def demo(args, model, tokenizer, device):
     """Overlays of the predicted mask on every frame of a video (a folder of frames or a video file), and a GIF. The
-    frames are read, run in clips of T (the last padded by repeating its last frame, as data.eval_clips) and written
+    frames are read, run in clips of T (data.eval_clips: the last padded by repeating its last frame) and written
     a clip at a time: a long video is never held whole; demo.gif's frames are at most GIF_SIDE pixels wide or high."""
     cfg = model.cfg
     frames, count, ms = demo_frames(args.video)
@@ -683,7 +686,7 @@ def demo(args, model, tokenizer, device):
                                      f"video's frames are all one size")
             small = torch.stack([torch.from_numpy(np.array(im.resize(cfg.frame_size[::-1], Image.BILINEAR)))
                                  .permute(2, 0, 1).float() / 255 for _, im in clip])
-            idx = [min(j, len(clip) - 1) for j in range(cfg.num_frames)]
+            (_, idx, _), = data.eval_clips(len(clip), cfg.num_frames)      # one clip: the last frame repeated
             logits = model(small[idx][None].to(device), ids.to(device), mask.to(device))["masks"][0, :len(clip)]
             up = F.interpolate(logits[:, None].float(), size=size[::-1], mode="bilinear", align_corners=False)[:, 0]
             for (_, im), m in zip(clip, (up > 0).cpu().numpy()):
