@@ -277,11 +277,16 @@ def train_benchmark(mode, batch_size, steps, compile_model, tmp, warmup=5, searc
     return row
 
 
-def run_train_py(argv):
-    """train.py in a process of its own, as a user runs it: in the check's process, after part 4's compiled models,
-    the same run made 0.84x the step alone, in a process of its own 0.98x-1.00x (README, "Performance"). Its output
-    is the check's (stderr passed on after it ends); its error line (the last of its stderr), a RuntimeError."""
-    r = subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+def run_train_py(argv, timeout=900):
+    """train.py in a process of its own, as a user runs it (in the check's process it once made 0.84x the step alone,
+    in a process of its own on a second machine 0.98x-1.00x: README, "Performance"). Its output is the check's
+    (stderr passed on after it ends); its error line (the last of its stderr) or a hang past `timeout` seconds, a
+    RuntimeError."""
+    try:
+        r = subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], cwd=ROOT, stderr=subprocess.PIPE,
+                           text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"train.py: still running after {timeout} s; stopped") from None
     print(r.stderr, end="", file=sys.stderr)
     if r.returncode:
         raise RuntimeError(f"train.py: {(r.stderr.strip().splitlines() or [f'exit status {r.returncode}'])[-1]}")
@@ -294,12 +299,16 @@ def end_to_end(batch_size, steps, tmp, step_row, config="paper"):
     eager pre-training row of part 4; None where that failed). Under 0.9x of it the loader holds the GPU back: FAILED.
     A batch of the paper config's frames takes 10.7 MiB of /dev/shm a clip."""
     out = Path(tmp) / f"train_py_{config}"
-    run_train_py(["--config", config, "--steps", str(4 * steps), "--batch-size", str(batch_size), "--log-every",
-                  str(steps), "--eval-clips", "8", "--out", str(out), "--overwrite"])
-    lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    shutil.rmtree(out)                                  # the paper config's checkpoint and resume.pt: gigabytes
-    windows = sorted([line for line in lines if line["kind"] == "train"][1:], key=lambda line: line["it_per_s"])
-    mid = windows[len(windows) // 2]
+    try:
+        run_train_py(["--config", config, "--steps", str(4 * steps), "--batch-size", str(batch_size), "--log-every",
+                      str(steps), "--eval-clips", "8", "--out", str(out), "--overwrite"])
+        lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    finally:
+        shutil.rmtree(out, ignore_errors=True)          # the paper config's checkpoint and resume.pt: gigabytes
+    windows = [line for line in lines if line["kind"] == "train"][1:]
+    if len(windows) != 3:
+        raise RuntimeError(f"train.py logged {len(windows) + 1} training windows; expected 4")
+    mid = sorted(windows, key=lambda line: line["it_per_s"])[1]
     row = {"workers": data.default_workers(torch.cuda.is_available()), "batch": batch_size,
            "clips/s": batch_size * mid["it_per_s"], "MFU %": 100 * mid["mfu"] if "mfu" in mid else ""}
     if step_row is None:

@@ -199,10 +199,13 @@ def test_end_to_end_row_compares_train_py_with_the_step_alone(tmp_path, monkeypa
     with pytest.raises(RuntimeError, match="^train.py: .*argument --config: invalid choice: 'huge'"):
         gpu_check.end_to_end(2, 2, tmp_path, None, config="huge")
 
-    def fake_train_py(argv):  # the first window (the workers' start) left out, whatever it gives: the median is 5
+    rates = (9.0, 6.0, 5.0, 1.0)  # the first window (the workers' start) left out, whatever it gives: median 5, mean 4
+
+    def fake_train_py(argv):
+        assert argv[argv.index("--steps") + 1] == "8" and argv[argv.index("--log-every") + 1] == "2"
         out = Path(argv[argv.index("--out") + 1])
         out.mkdir(parents=True, exist_ok=True)
-        lines = [{"kind": "train", "step": 2 * (i + 1), "it_per_s": r} for i, r in enumerate((9.0, 6.0, 5.0, 4.0))]
+        lines = [{"kind": "train", "step": 2 * (i + 1), "it_per_s": r} for i, r in enumerate(rates)]
         lines.append({"kind": "eval", "step": 8, "epe": 1.0})
         (out / "log.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     monkeypatch.setattr(gpu_check, "run_train_py", fake_train_py)
@@ -210,6 +213,26 @@ def test_end_to_end_row_compares_train_py_with_the_step_alone(tmp_path, monkeypa
         row = gpu_check.end_to_end(2, 2, tmp_path, {"clips/s": 10 / ratio})
         assert row["clips/s"] == 10 and row["x the step alone"] == pytest.approx(ratio)
         assert row["loader keeps up"] == keeps_up
+    assert not (tmp_path / "train_py_paper").exists()
+    rates = (9.0, 6.0)
+    with pytest.raises(RuntimeError, match="train.py logged 2 training windows; expected 4"):
+        gpu_check.end_to_end(2, 2, tmp_path, {"clips/s": 1.0})
+    assert not (tmp_path / "train_py_paper").exists()                          # removed after a failure too
+
+
+def test_train_py_runs_in_a_process_of_its_own_under_a_time_limit(monkeypatch):
+    """Part 5 starts train.py as a user does (this Python, the repository's train.py), and a run past its time limit
+    is a failed check naming the limit."""
+    calls = []
+
+    def hung(cmd, **kw):
+        calls.append((cmd, kw))
+        raise subprocess.TimeoutExpired(cmd, kw["timeout"])
+    monkeypatch.setattr(gpu_check.subprocess, "run", hung)
+    with pytest.raises(RuntimeError, match="^train.py: still running after 7 s; stopped$"):
+        gpu_check.run_train_py(["--steps", "1"], timeout=7)
+    (cmd, kw), = calls
+    assert cmd == [sys.executable, str(gpu_check.ROOT / "train.py"), "--steps", "1"] and kw["timeout"] == 7
 
 
 @pytest.mark.parametrize("mode", ["pretrain", "finetune"])
