@@ -217,6 +217,13 @@ def test_end_to_end_row_compares_train_py_with_the_step_alone(tmp_path, monkeypa
     rates = (9.0, 6.0)
     with pytest.raises(RuntimeError, match="train.py logged 2 training windows; expected 4"):
         gpu_check.end_to_end(2, 2, tmp_path, {"clips/s": 1.0})
+
+    def failing_train_py(argv):  # stops after writing its checkpoints
+        fake_train_py(argv)
+        raise RuntimeError("train.py: error: non-finite loss at step 3")
+    monkeypatch.setattr(gpu_check, "run_train_py", failing_train_py)
+    with pytest.raises(RuntimeError, match="non-finite loss at step 3"):
+        gpu_check.end_to_end(2, 2, tmp_path, {"clips/s": 1.0})
     assert not (tmp_path / "train_py_paper").exists()                          # removed after a failure too
 
 
