@@ -825,18 +825,27 @@ def save_checkpoint(path, model, **extra):
             "extra": json.dumps(extra)}
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     path = Path(path)
+
+    def write(tmp):
+        save_file(state, str(tmp), metadata=meta)
+        # the mode open() gives a file here (umask, or the folder's default ACL): save_file writes 0600 whatever they
+        # say (safetensors issue #782); no os.umask, which sets the process's umask, every thread's, while it reads it
+        probe = path.with_name(path.name + ".mode")
+        probe.touch()
+        os.chmod(tmp, probe.stat().st_mode & 0o7777)
+        probe.unlink()
+    atomic_write(path, write)
+
+
+def atomic_write(path, write):
+    """write(tmp) writes the file to path + ".tmp", which then replaces path: a kill during the write never loses the
+    file before it. A write that fails removes its part (which would hold the disk space the next write needs)."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        save_file(state, str(tmp), metadata=meta)
+        write(tmp)
     except BaseException:
-        tmp.unlink(missing_ok=True)   # a part left would hold the disk space the next save needs
+        tmp.unlink(missing_ok=True)
         raise
-    # the mode open() gives a file here (umask, or the folder's default ACL): save_file writes 0600 whatever they say
-    # (safetensors issue #782); no os.umask, which sets the process's umask, every thread's, while it reads it
-    probe = path.with_name(path.name + ".mode")
-    probe.touch()
-    os.chmod(tmp, probe.stat().st_mode & 0o7777)
-    probe.unlink()
     os.replace(tmp, path)
 
 

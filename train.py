@@ -352,13 +352,7 @@ def save_flow_pictures(batch, pred, out, k):
 # ----------------------------------------------------------------------------------------------------------
 
 def atomic_save(obj, path):
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        torch.save(obj, tmp)
-    except BaseException:
-        tmp.unlink(missing_ok=True)   # a part left would hold the disk space the next save needs
-        raise
-    os.replace(tmp, path)
+    slvp.atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def save_all(args, raw, tokenizer, opt, sched, step, epoch, batch_idx):
@@ -405,9 +399,7 @@ def trim_log(path, step):
                 kept.append(line)
         except json.JSONDecodeError:
             pass
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept), encoding="utf-8")
-    os.replace(tmp, path)
+    slvp.atomic_write(path, lambda tmp: tmp.write_text("".join(kept), encoding="utf-8"))
 
 
 def read_resume(path):
