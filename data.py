@@ -578,7 +578,7 @@ class SMiT(ClipDataset):
                 continue
             # the frames are counted, not kept, and listed again for each clip (500k videos' frames as Paths: 11 GiB)
             frames_dir = root / "frames" / name
-            n = len(jpeg_names(frames_dir))
+            n = len(listed(frames_dir, "*.jpg"))
             source = frames_dir if n else root / "videos" / f"{name}.mp4"
             try:
                 if not n and not source.is_file():
@@ -607,7 +607,7 @@ class SMiT(ClipDataset):
         name, source, idx, text = entry
         size = self.cfg.frame_size
         if source.suffix != ".mp4":                              # frames/<name>, gone or not
-            files = sorted(jpeg_names(source), key=frame_order)
+            files = sorted(listed(source, "*.jpg"), key=frame_order)
             if len(files) <= max(idx):
                 raise BadFile(f"{source}: {len(files)} .jpg frames, fewer than when the dataset was built")
             frames = torch.stack([read_rgb(source / files[i], size)[0] for i in idx])
@@ -616,11 +616,13 @@ class SMiT(ClipDataset):
         return {"frames": frames, "text": text, "id": (name, "0", idx[0])}
 
 
-def jpeg_names(folder):
-    """The names of a folder's .jpg files, in the order listed; none where the folder is missing. Matched as
-    Path.glob("*.jpg") matches: case-insensitively on Windows (.JPG too), case-sensitively elsewhere."""
+def listed(folder, pattern):
+    """The names of a folder's files that match pattern ("*.jpg"), as glob.glob matches them (the official DAVIS
+    code lists its frames and annotations so): hidden files left out (macOS's ._ copy of each file, written beside it
+    on a non-Mac disk), the case folded on Windows only (.JPG too); in the order listed, none where the folder is
+    missing."""
     try:
-        return [f for f in os.listdir(folder) if fnmatch.fnmatch(f, "*.jpg")]
+        return [f for f in os.listdir(folder) if not f.startswith(".") and fnmatch.fnmatch(f, pattern)]
     except (FileNotFoundError, NotADirectoryError):
         return []
 
@@ -717,7 +719,8 @@ class VideoExpressions(ClipDataset):
 
 def _video_frames(jpeg_dir, anno_dir, vid, names=None):
     jdir = jpeg_dir / vid
-    frames = [jdir / f"{n}.jpg" for n in names] if names else sorted(jdir.glob("*.jpg"), key=frame_order)
+    files = [f"{n}.jpg" for n in names] if names else sorted(listed(jdir, "*.jpg"), key=frame_order)
+    frames = [jdir / f for f in files]
     if not frames:
         raise FileNotFoundError(f"{jdir}: no JPEG frames")
     annos = [anno_dir / vid / f"{f.stem}.png" for f in frames] if anno_dir is not None else None

@@ -252,7 +252,7 @@ def split_ids(frames, n=None):
 
 def gt_frames(gt_dir, seq):
     """The names of a sequence's annotated frames, gt_dir/<seq>/<name>.png, in the evaluator's order."""
-    names = sorted(p.stem for p in (Path(gt_dir) / seq).glob("*.png"))
+    names = sorted(Path(n).stem for n in data.listed(Path(gt_dir) / seq, "*.png"))
     if not names:
         raise FileNotFoundError(f"{Path(gt_dir) / seq}: no ground-truth PNGs")
     return names
@@ -367,7 +367,7 @@ def davis_sequences(root):
         raise ValueError(f"{lst}: no sequence listed; expected the DAVIS 2017 val sequences")
     if not gt_dir.is_dir():
         raise FileNotFoundError(f"{gt_dir} not found: expected {what}")
-    missing = [s for s in seqs if not any((gt_dir / s).glob("*.png"))]
+    missing = [s for s in seqs if not data.listed(gt_dir / s, "*.png")]
     if missing:
         raise FileNotFoundError(f"{gt_dir / missing[0]}: no ground-truth PNGs ({len(missing)} of {len(seqs)} sequences "
                                 f"lack them{hint})")
@@ -633,8 +633,8 @@ def demo_frames(video):
     video stores landscape pixels and -90 degrees: PyAV's frame.rotation, counterclockwise)."""
     video = Path(video)
     if video.is_dir():
-        paths = sorted((p for p in video.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png")
-                        and not p.name.startswith(".")), key=data.frame_order)
+        paths = sorted((video / n for n in data.listed(video, "*")
+                        if Path(n).suffix.lower() in (".jpg", ".jpeg", ".png")), key=data.frame_order)
         if not paths:
             raise FileNotFoundError(f"{video}: no .jpg/.png frames")
         return ((p, ImageOps.exif_transpose(data.read_image(p))) for p in paths), len(paths), 100

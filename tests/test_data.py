@@ -1458,14 +1458,26 @@ def test_smit_frames_folder_gone_since_the_build_is_a_bad_clip_named_as_frames(t
         ds[0]
 
 
-def test_smit_frames_match_as_path_glob_does(tmp_path, monkeypatch):
-    """jpeg_names matches as Path.glob("*.jpg") did before it (the reference): .JPG frames count where the file
-    system's case is folded (Windows' os.path.normcase, stood in by ntpath's), and not elsewhere."""
+def test_frames_are_listed_as_glob_glob_lists_them(tmp_path, monkeypatch):
+    """data.listed matches as glob.glob (the official DAVIS code's listing; the reference) does: hidden files -- macOS's
+    ._ copies -- left out, .JPG frames counted where the file system's case is folded (Windows' os.path.normcase,
+    stood in by ntpath's) and not elsewhere. The loaders that list a frame folder leave the ._ copies out."""
+    import glob
     import ntpath
+    from pathlib import Path
     folder = tmp_path / "f"
     folder.mkdir()
-    for n in ("1.jpg", "2.JPG", "3.png", "._4.jpg"):
+    for n in ("1.jpg", "2.JPG", "3.png", "._4.jpg", ".5.jpg"):
         (folder / n).touch()
-    assert sorted(data.jpeg_names(folder)) == sorted(p.name for p in folder.glob("*.jpg")) == ["._4.jpg", "1.jpg"]
+    assert (sorted(data.listed(folder, "*.jpg")) == sorted(Path(p).name for p in glob.glob(str(folder / "*.jpg")))
+            == ["1.jpg"])
+    assert data.listed(tmp_path / "missing", "*.jpg") == glob.glob(str(tmp_path / "missing" / "*.jpg")) == []
     monkeypatch.setattr(data.fnmatch.os.path, "normcase", ntpath.normcase)
-    assert sorted(data.jpeg_names(folder)) == ["._4.jpg", "1.jpg", "2.JPG"]
+    assert sorted(data.listed(folder, "*.jpg")) == ["1.jpg", "2.JPG"]
+    monkeypatch.undo()
+    jpeg, anno = tmp_path / "JPEGImages", tmp_path / "Annotations"
+    write_video(jpeg, anno, "v", 3)
+    (jpeg / "v/._00000.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble")       # not an image
+    frames, annos = data._video_frames(jpeg, anno, "v")
+    assert [f.name for f in frames] == ["00000.jpg", "00001.jpg", "00002.jpg"]
+    assert [a.name for a in annos] == ["00000.png", "00001.png", "00002.png"]

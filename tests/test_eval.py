@@ -263,6 +263,26 @@ def test_recall_and_decay_of_j_and_f_each_from_their_own_values(tmp_path):
                                "F-Mean": 0.75, "F-Recall": 0.5, "F-Decay": 0.5})
 
 
+def test_hidden_files_among_the_annotations_are_left_out(tmp_path):
+    """macOS's ._ copy of each PNG (copied to a non-Mac disk) is no annotation: the official evaluator lists with
+    glob.glob, which leaves hidden files out; the scores are row 1's exact 1, not an unreadable file."""
+    davis, pred = tmp_path / "DAVIS", tmp_path / "pred"
+    for t in range(2):
+        write_ids(davis / f"Annotations_unsupervised/480p/a/{t:05d}.png", square().astype(np.uint8))
+        (davis / f"Annotations_unsupervised/480p/a/._{t:05d}.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+        write_ids(pred / f"a/{t:05d}.png", square().astype(np.uint8))
+    (davis / "Annotations_unsupervised/480p/b").mkdir()
+    (davis / "Annotations_unsupervised/480p/b/._00000.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (davis / "ImageSets/2017").mkdir(parents=True)
+    (davis / "ImageSets/2017/val.txt").write_text("a\n")
+    g = ev.main(["--bench", "davis17", "--davis-root", str(davis), "--predictions", str(pred)])
+    assert g["J-Mean"] == 1 and g["F-Mean"] == 1
+    assert ev.gt_frames(davis / "Annotations_unsupervised/480p", "a") == ["00000", "00001"]
+    (davis / "ImageSets/2017/val.txt").write_text("a\nb\n")          # b holds a ._ copy alone: no ground truth
+    with pytest.raises(SystemExit, match=r"480p/b: no ground-truth PNGs"):
+        ev.main(["--bench", "davis17", "--davis-root", str(davis), "--predictions", str(pred)])
+
+
 def test_objects_are_the_ids_of_the_first_frame(tmp_path):
     """As the official evaluator (davis2017/davis.py: num_objects = the largest id of the first frame): in sequence a
     object 2 appears from frame 2 on and is not scored, so the exact object 1 alone gives J = F = 1 (counting object 2,
