@@ -265,7 +265,8 @@ def test_recall_and_decay_of_j_and_f_each_from_their_own_values(tmp_path):
 
 def test_hidden_files_among_the_annotations_are_left_out(tmp_path):
     """macOS's ._ copy of each PNG (copied to a non-Mac disk) is no annotation: the official evaluator lists with
-    glob.glob, which leaves hidden files out; the scores are row 1's exact 1, not an unreadable file."""
+    glob.glob, which leaves hidden files out. Predictions equal to the truth score exactly 1 (not an error on an
+    unreadable file), and a sequence that holds ._ copies alone has no ground truth."""
     davis, pred = tmp_path / "DAVIS", tmp_path / "pred"
     for t in range(2):
         write_ids(davis / f"Annotations_unsupervised/480p/a/{t:05d}.png", square().astype(np.uint8))
