@@ -17,7 +17,6 @@ quarter minus last quarter); global numbers are means over all objects of all se
 import argparse
 import csv
 import itertools
-import json
 import math
 import os
 import sys
