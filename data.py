@@ -298,8 +298,11 @@ class ClipDataset(torch.utils.data.Dataset):
         self.epoch = epoch
 
     def texts(self, n):
-        """Up to n of the dataset's captions or expressions (to fit a tokenizer), without loading any frame."""
-        return [self.text_of(entry) for entry in self.items[:n]]
+        """Up to n of the dataset's captions or expressions (to fit a tokenizer), one every len/n clips over the
+        whole list, so that a list in order of class, or RefCOCO's three datasets one after another, is covered to
+        its end; without loading any frame."""
+        step = max(len(self.items) / n, 1)
+        return [self.text_of(self.items[int(i * step)]) for i in range(min(n, len(self.items)))]
 
     def __len__(self):
         return len(self.items)
@@ -523,7 +526,7 @@ class SyntheticClips(ClipDataset):
             if text:
                 return scene, text
 
-    def texts(self, n):
+    def texts(self, n):  # the first n: every scene is an independent draw, as good a sample as any other n
         return [self.scene(i)[1] for i in range(min(n, len(self)))]
 
     def load(self, index, rng):

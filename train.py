@@ -279,9 +279,10 @@ def build_training_data(args, cfg):
 
 
 def fit_tokenizer(sets, out):
-    """A small sentencepiece model (T5 conventions: <pad>=0, </s>=1, <unk>=2, no BOS) fit to the training texts. BPE,
-    not T5's unigram: on the synthetic captions the unigram trainer stopped at 49 pieces, nearly letters, and most
-    captions were cut at the tiny config's length; BPE keeps each word whole (README, "The default run")."""
+    """A small sentencepiece model (T5 conventions: <pad>=0, </s>=1, <unk>=2, no BOS) fit to up to 5000 texts of each
+    training set, spread over its whole list (ClipDataset.texts). BPE, not T5's unigram: on the synthetic captions the
+    unigram trainer stopped at 49 pieces, nearly letters, and most captions were cut at the tiny config's length; BPE
+    keeps each word whole (README, "The default run")."""
     import sentencepiece as spm
     out = Path(out)
     texts = [t for s in sets for t in s.texts(5000)]

@@ -1180,6 +1180,29 @@ def test_refcoco_object_of_several_polygons_is_all_of_them(tmp_path):
     assert it["frames"].mean(1)[it["masks"]].mean() > 0.6
 
 
+def test_tokenizer_texts_cover_the_whole_list(tmp_path):
+    """RefCOCO's training set is refcoco's expressions, then refcoco+'s, then refcocog's; train.py fits its tokenizer
+    to 5000 texts a set. The texts are taken one every len/n clips (ClipDataset.texts): 6000 refcoco expressions
+    and 3000 refcocog ones give 3334 and 1666 of the 5000 (worked by hand: clip int(i * 1.8) for i < 5000), and
+    refcocog's own word is one piece of the tokenizer. The first 5000 clips (until the change) held no refcocog
+    expression, and the word came out in letters."""
+    root = tmp_path / "coco"
+    (root / "train2014").mkdir(parents=True)
+    for v, (n, text) in {"refcoco": (6000, "man on the left"), "refcocog": (3000, "a zebra under an umbrella")}.items():
+        d = {"images": [{"id": i, "file_name": "a.jpg", "height": 100, "width": 120, "caption": text}
+                        for i in range(n)], "annotations": []}
+        (root / v).mkdir()
+        (root / v / f"instances_{v}_train.json").write_text(json.dumps(d))
+    import train
+    ds = data.build_dataset("refcoco", root, "train", CFG, train=True)
+    texts = ds.texts(5000)
+    assert len(ds) == 9000 and texts.count("man on the left") == 3334 and texts.count("a zebra under an umbrella") == 1666
+    assert ds.texts(4) == ["man on the left"] * 3 + ["a zebra under an umbrella"]         # clips 0, 2250, 4500, 6750
+    assert ds.texts(10 ** 6) == [ds.text_of(e) for e in ds.items]                         # fewer clips than asked: all
+    tokenizer = train.fit_tokenizer([ds], tmp_path)
+    assert tokenizer.sp.encode("a zebra under an umbrella", out_type=str)[1] == "\u2581zebra"
+
+
 def test_affine_turns_about_the_centre_then_shifts():
     """_affine docstring: rotate and scale about the centre, then shift. A 4 x 4 blob on the centre of a 40 x 40
     image (pixels 18..21) stays on it under a quarter turn, and the shift (5, -3) moves it to x 23..26, y 15..18."""
