@@ -1142,7 +1142,7 @@ def default_workers(cuda):
     """DataLoader workers per process. 0 on the CPU, where a worker takes a core from the model's threads (README,
     "What a CPU step costs"). With a GPU, this process's share of the cores less one for itself, between 1 and 16: a
     clip at 360x648 takes 60-80 ms of a core to make (synthetic, or 720p Ref-YouTube-VOS read and augmented), and a
-    GPU step of the paper config takes 84-157 clips a second (README, "Performance"; the costs in "Training")."""
+    GPU step of the paper config takes 77-157 clips a second (README, "Performance"; the costs in "Training")."""
     if not cuda:
         return 0
     return max(1, min(16, cpu_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
