@@ -5,6 +5,10 @@ import sys
 
 # Triton reads TRITON_INTERPRET when it is imported: with it, the kernels run on CPU tensors (SPEC §2).
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# The README runs the suite in two pytest-xdist workers (`-n 2`) on a 2-core machine: each runs torch on one thread,
+# as the tests' training subprocesses do (test_train.ENV). Two threads each ran the whole suite slower than one process.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pytest  # noqa: E402
@@ -46,3 +50,9 @@ def spm_model(tmp_path_factory):
                                    hard_vocab_limit=False, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
                                    model_type="unigram", character_coverage=1.0, minloglevel=2)
     return d / "sp.model"
+
+
+def pytest_collection_modifyitems(items):
+    """The learning test (a third of the suite's time) first, so that under `-n 2` one worker runs it while the other
+    takes the rest of the suite."""
+    items.sort(key=lambda item: item.name != "test_short_pretraining_learns_motion")
