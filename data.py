@@ -649,6 +649,16 @@ def _pyav(path):
     return av
 
 
+def upright(frame):
+    """A decoded PyAV frame as an RGB image, turned as its display matrix says, as players show it (a phone's portrait
+    video stores landscape pixels and -90 degrees: PyAV's frame.rotation, counterclockwise; PyAV before 14 reads no
+    rotation and leaves the frame as stored)."""
+    im = frame.to_image().convert("RGB")
+    turn = round(getattr(frame, "rotation", 0) / 90) * 90 % 360
+    return im.transpose({90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180,
+                         270: Image.Transpose.ROTATE_270}[turn]) if turn else im
+
+
 def read_video_frames(path, indices, size):
     av = _pyav(path)
     want, got = set(indices), {}
@@ -656,7 +666,7 @@ def read_video_frames(path, indices, size):
         with av.open(str(path)) as c:
             for i, fr in enumerate(c.decode(video=0)):
                 if i in want:
-                    im = fr.to_image().convert("RGB").resize((size[1], size[0]), Image.BILINEAR)
+                    im = upright(fr).resize((size[1], size[0]), Image.BILINEAR)
                     got[i] = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 255
                 if i >= max(want):
                     break

@@ -640,7 +640,6 @@ def demo_frames(video):
     if not video.is_file():
         raise FileNotFoundError(f"{video}: no such video file or folder")
     av = data._pyav(video)
-    turns = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_270}
 
     expected = "expected a video file or a folder of frames"
     try:
@@ -654,9 +653,7 @@ def demo_frames(video):
         with c:
             try:
                 for n, f in enumerate(c.decode(stream), 1):
-                    im = f.to_image().convert("RGB")
-                    turn = round(getattr(f, "rotation", 0) / 90) * 90 % 360   # PyAV before 14: no rotation read
-                    yield f"{video} frame {n - 1}", im.transpose(turns[turn]) if turn else im
+                    yield f"{video} frame {n - 1}", data.upright(f)
             except av.FFmpegError as e:
                 raise ValueError(f"{video}: unreadable video ({e}); {expected}") from e
         if n == 0:

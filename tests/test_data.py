@@ -736,6 +736,41 @@ def test_smit_clips_stride_6(tmp_path, as_mp4, spm_model):
     assert sorted(batch) == ["frames", "id", "ids", "mask", "text"] and batch["frames"].shape == (2, 4, 3, H, W)
 
 
+@pytest.mark.parametrize("rotation", [-90, 90, 180])
+def test_smit_mp4_is_read_upright_as_its_rotation_tag_says(tmp_path, rotation):
+    """A phone's portrait video stores landscape pixels and a display matrix that turns them (PyAV's frame.rotation,
+    degrees counterclockwise; players and ffmpeg's frame extraction show it turned). Stored pixels S = the upright frame
+    P turned by -rotation (np.rot90: counterclockwise): each S-MiT clip shows P, resized to the frame size (red
+    top-left, green top-right, blue bottom-left, white bottom-right), not S. Up to commit 1c19f43 the clips were S:
+    with -90, red came out bottom-left."""
+    av = pytest.importorskip("av")
+    P = np.zeros((96, 64, 3), np.uint8)                                 # upright portrait quadrants
+    P[:48, :32], P[:48, 32:], P[48:, :32], P[48:, 32:] = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
+    S = np.ascontiguousarray(np.rot90(P, -rotation // 90))
+    root = tmp_path / "smit"
+    (root / "videos").mkdir(parents=True)
+    with av.open(str(root / "videos/phone.mp4"), "w") as c:
+        s = c.add_stream("mpeg4", rate=10)
+        s.width, s.height, s.pix_fmt = S.shape[1], S.shape[0], "yuv420p"
+        s.options = {"qscale": "1"}
+        s.set_display_rotation(rotation)
+        for _ in range(20):
+            for p in s.encode(av.VideoFrame.from_ndarray(S, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    (root / "transcriptions").mkdir()
+    (root / "transcriptions/phone.txt").write_text("a phone films four colours\n")
+    (root / "train.txt").write_text("phone\n")
+    frames = data.build_dataset("smit", root, "train", CFG, train=False)[0]["frames"]        # [T, 3, H, W]
+    expected = torch.tensor(np.asarray(Image.fromarray(P).resize((W, H), Image.BILINEAR)), dtype=torch.float32)
+    for t in range(CFG.num_frames):
+        got = frames[t].permute(1, 2, 0) * 255
+        for ys, xs in ((slice(0, H // 2 - 4), slice(0, W // 2 - 4)), (slice(0, H // 2 - 4), slice(W // 2 + 4, W)),
+                       (slice(H // 2 + 4, H), slice(0, W // 2 - 4)), (slice(H // 2 + 4, H), slice(W // 2 + 4, W))):
+            assert (got[ys, xs].mean((0, 1)) - expected[ys, xs].mean((0, 1))).abs().max() < 12, (t, ys, xs)
+
+
 # ---------------------------------------------------------------------------------------------- transforms
 
 def test_flip_moves_pixels_boxes_and_words_together():
