@@ -53,6 +53,6 @@ def spm_model(tmp_path_factory):
 
 
 def pytest_collection_modifyitems(items):
-    """The learning test (a third of the suite's time) first, so that under `-n 2` one worker runs it while the other
-    takes the rest of the suite."""
+    """The learning test (a third of the suite's time) first, so that under `-n 2 --dist worksteal` one worker runs it
+    while the other takes the rest of the suite, the tests queued behind it included."""
     items.sort(key=lambda item: item.name != "test_short_pretraining_learns_motion")

@@ -138,10 +138,10 @@ CASES = [
     ("train", "--spm {d}/text.model", ["text.model: not a sentencepiece model"]),
     ("train", "--spm {d}/none.model", ["none.model: no such sentencepiece model"]),
     # frames and videos
-    ("eval", "--ckpt {good} --video {d}/frames --text the", ["frames/001.jpg: unreadable image"]),
-    ("eval", "--ckpt {good} --video {d}/text.mp4 --text the", ["text.mp4: unreadable video"]),
-    ("eval", "--ckpt {good} --video {d}/no-frames --text the", ["no-frames: no .jpg/.png frames"]),
-    ("eval", "--ckpt {good} --video {d}/none.mp4 --text the", ["none.mp4: no such video"]),
+    ("eval", "--ckpt {good} --video {d}/frames --text the --out {d}/demo", ["frames/001.jpg: unreadable image"]),
+    ("eval", "--ckpt {good} --video {d}/text.mp4 --text the --out {d}/demo", ["text.mp4: unreadable video"]),
+    ("eval", "--ckpt {good} --video {d}/no-frames --text the --out {d}/demo", ["no-frames: no .jpg/.png frames"]),
+    ("eval", "--ckpt {good} --video {d}/none.mp4 --text the --out {d}/demo", ["none.mp4: no such video"]),
     ("train", "--mode finetune --data ytvos --data-root {d}/ytvos-truncated-frame --spm {spm} --workers 1 "
               "--steps 4 --batch-size 2", ["vid_b/00003.jpg: unreadable image"]),              # mid-run, in a worker
     ("eval", "--bench ytvos --ckpt {good} --data-root {d}/ytvos-truncated-frame --workers 1 --out {d}/failed-w1",
