@@ -607,7 +607,14 @@ def main(argv=None):
     args = parse_args(argv)
     ddp = int(os.environ.get("RANK", -1)) != -1                           # launched by torchrun
     if not ddp:
-        return run(args, False, 0, 1, "cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            return run(args, False, 0, 1, "cuda" if torch.cuda.is_available() else "cpu")
+        except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; a checkpoint being written is dropped whole
+            resume = args.out / "resume.pt"
+            print("stopped by Ctrl-C; " + (f"the last checkpoint is {resume}: the same command with --resume goes on "
+                                           f"from it" if resume.is_file() else "no checkpoint was written yet"),
+                  file=sys.stderr)
+            raise SystemExit(130)  # the shell's code for a SIGINT
     dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     device = f"cuda:{int(os.environ['LOCAL_RANK'])}" if torch.cuda.is_available() else "cpu"
     if torch.cuda.is_available():

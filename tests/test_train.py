@@ -139,6 +139,27 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path):
     assert steps((out / "log.jsonl").read_text()) == steps(full_log)
 
 
+def test_ctrl_c_stops_with_one_line_naming_the_checkpoint(tmp_path, spm_model):
+    """SIGINT (Ctrl-C) after a checkpoint: exit code 130 as the shell gives, one line on stderr that names resume.pt and
+    --resume, no traceback; the checkpoint is whole (it loads). Before the first checkpoint the line says none exists."""
+    args = ["--mode", "pretrain", "--steps", "100000", *FAST, "--spm", str(spm_model)]
+    for out, every, wait in ((tmp_path / "after", "3", "resume.pt"), (tmp_path / "before", "100000", "log.jsonl")):
+        proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args, "--ckpt-every", every, "--out", str(out)],
+                                env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while not (out / wait).exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        err = proc.communicate()[1]
+        assert proc.returncode == 130, err
+        assert "Traceback" not in err and err.splitlines()[-1].startswith("stopped by Ctrl-C; "), err
+        if wait == "resume.pt":
+            assert f"the last checkpoint is {out / 'resume.pt'}: the same command with --resume" in err
+            assert torch.load(out / "resume.pt", weights_only=True)["step"] >= 3
+        else:
+            assert err.splitlines()[-1] == "stopped by Ctrl-C; no checkpoint was written yet", err
+
+
 def test_resume_across_epochs_equals_uninterrupted(tmp_path, spm_model, monkeypatch):
     """A fine-tuning on 8 clips, 2 batches an epoch, 7 steps: resumed from its checkpoint of step 4 (the last batch of
     epoch 1) or of step 5, with 0 or 2 workers, it ends with the uninterrupted run's weights, and resume.pt holds
