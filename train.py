@@ -17,6 +17,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -611,10 +612,14 @@ def main(argv=None):
             return run(args, False, 0, 1, "cuda" if torch.cuda.is_available() else "cpu")
         except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; a checkpoint being written is dropped whole
             resume = args.out / "resume.pt"
-            print("stopped by Ctrl-C; " + (f"the last checkpoint is {resume}: the same command with --resume goes on "
-                                           f"from it" if resume.is_file() else "no checkpoint was written yet"),
-                  file=sys.stderr)
-            raise SystemExit(130)  # the shell's code for a SIGINT
+            how = "--resume in place of --overwrite" if args.overwrite else "--resume"
+            print("stopped by Ctrl-C; " + (f"the last checkpoint is {resume}: the same command with {how} goes on "
+                                           f"from it" if resume.is_file() else "no resume.pt was written yet"),
+                  file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            signal.signal(signal.SIGINT, signal.SIG_DFL)  # then die of the SIGINT, as Python does on Ctrl-C: a shell
+            os.kill(os.getpid(), signal.SIGINT)           # loop running the command stops too (an exit code would not)
+            raise SystemExit(130)                         # (where the signal does not end it: the shell's 130)
     dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     device = f"cuda:{int(os.environ['LOCAL_RANK'])}" if torch.cuda.is_available() else "cpu"
     if torch.cuda.is_available():
