@@ -53,6 +53,25 @@ def write_video(jpeg_dir, anno_dir, vid, n, base=20):
             write_palette_png(anno_dir / vid / f"{t:05d}.png", {1: obj_box(1, t), 2: obj_box(2, t)})
 
 
+def write_video_file(path, frames, codec="mpeg4", rate=10, rotation=0):
+    """frames ([H, W, 3] uint8) as a video file through PyAV: mpeg4 (yuv420p at the finest quantizer) or png (rgb24,
+    lossless, in .mov); rotation (degrees counterclockwise) written as the display matrix that players turn by."""
+    av = pytest.importorskip("av")
+    with av.open(str(path), "w") as c:
+        s = c.add_stream(codec, rate=rate)
+        s.width, s.height = frames[0].shape[1], frames[0].shape[0]
+        s.pix_fmt = "rgb24" if codec == "png" else "yuv420p"
+        if codec == "mpeg4":
+            s.options = {"qscale": "1"}
+        if rotation:
+            s.set_display_rotation(rotation)
+        for f in frames:
+            for p in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+
+
 def check_clip(item, vid, exp_id, text, obj, idx, base=20):
     assert item["text"] == text and item["id"] == (vid, exp_id, idx[0])
     assert item["frames"].shape == (CFG.num_frames, 3, H, W)
@@ -699,18 +718,8 @@ def test_smit_clips_stride_6(tmp_path, as_mp4, spm_model):
     root = tmp_path / "smit"
     n = 40
     if as_mp4:
-        av = pytest.importorskip("av")
         (root / "videos").mkdir(parents=True)
-        with av.open(str(root / "videos/clip_a.mp4"), "w") as c:
-            s = c.add_stream("mpeg4", rate=10)
-            s.width, s.height, s.pix_fmt = W, H, "yuv420p"
-            s.options = {"qscale": "1"}
-            for t in range(n):
-                fr = av.VideoFrame.from_ndarray(np.full((H, W, 3), 5 + 6 * t, np.uint8), format="rgb24")
-                for p in s.encode(fr):
-                    c.mux(p)
-            for p in s.encode():
-                c.mux(p)
+        write_video_file(root / "videos/clip_a.mp4", [np.full((H, W, 3), 5 + 6 * t, np.uint8) for t in range(n)])
     else:  # named as ffmpeg's %d names them, without zero padding: 1.jpg, 2.jpg, ..., 10.jpg (a text sort misorders)
         for t in range(n):
             write_jpeg(root / f"frames/clip_a/{t + 1}.jpg", 5 + 6 * t)
@@ -743,22 +752,12 @@ def test_smit_mp4_is_read_upright_as_its_rotation_tag_says(tmp_path, rotation):
     P turned by -rotation (np.rot90: counterclockwise): each S-MiT clip shows P, resized to the frame size (red
     top-left, green top-right, blue bottom-left, white bottom-right), not S. Up to commit 1c19f43 the clips were S:
     with -90, red came out bottom-left."""
-    av = pytest.importorskip("av")
     P = np.zeros((96, 64, 3), np.uint8)                                 # upright portrait quadrants
     P[:48, :32], P[:48, 32:], P[48:, :32], P[48:, 32:] = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
     S = np.ascontiguousarray(np.rot90(P, -rotation // 90))
     root = tmp_path / "smit"
     (root / "videos").mkdir(parents=True)
-    with av.open(str(root / "videos/phone.mp4"), "w") as c:
-        s = c.add_stream("mpeg4", rate=10)
-        s.width, s.height, s.pix_fmt = S.shape[1], S.shape[0], "yuv420p"
-        s.options = {"qscale": "1"}
-        s.set_display_rotation(rotation)
-        for _ in range(20):
-            for p in s.encode(av.VideoFrame.from_ndarray(S, format="rgb24")):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
+    write_video_file(root / "videos/phone.mp4", [S] * 20, rotation=rotation)
     (root / "transcriptions").mkdir()
     (root / "transcriptions/phone.txt").write_text("a phone films four colours\n")
     (root / "train.txt").write_text("phone\n")

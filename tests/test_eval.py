@@ -21,6 +21,7 @@ from PIL import Image
 import data
 import eval as ev
 import slvp
+from test_data import write_video_file
 
 
 def square(shape=(100, 100), y=20, x=20, size=20):
@@ -832,19 +833,10 @@ def test_demo_shows_a_rotated_video_as_players_do(rotation, tmp_path, spm_model)
     frame.rotation: degrees counterclockwise; an iPhone's -90 is turned 90 degrees clockwise, as ffmpeg's autorotate and
     every player show it). Stored pixels S = the upright frame P turned by -rotation (np.rot90: counterclockwise), PNG
     in .mov (lossless): each overlay is P, upright, not S."""
-    av = pytest.importorskip("av")
     P = quadrants()
     S = np.ascontiguousarray(np.rot90(P, -rotation // 90))
     video = tmp_path / "phone.mov"
-    with av.open(str(video), "w") as c:
-        s = c.add_stream("png", rate=25)
-        s.width, s.height, s.pix_fmt = S.shape[1], S.shape[0], "rgb24"
-        s.set_display_rotation(rotation)
-        for _ in range(5):
-            for p in s.encode(av.VideoFrame.from_ndarray(S, format="rgb24")):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
+    write_video_file(video, [S] * 5, "png", rate=25, rotation=rotation)
     out = no_mask_demo(video, tmp_path, spm_model)
     for t in range(5):
         assert np.array_equal(np.asarray(Image.open(out / f"{t:05d}.png")), P), t
@@ -906,15 +898,7 @@ def test_demo_reads_and_writes_one_clip_at_a_time(tmp_path, spm_model, monkeypat
 
 def test_demo_gif_plays_at_the_videos_rate(tmp_path, spm_model):
     """demo.gif's frames last 1000 / fps ms (25 fps: 40 ms), not 100 ms whatever the video (2.5 times too slow)."""
-    av = pytest.importorskip("av")
     video = tmp_path / "v.mov"
-    with av.open(str(video), "w") as c:
-        s = c.add_stream("png", rate=25)
-        s.width, s.height, s.pix_fmt = 48, 32, "rgb24"
-        for t in range(4):
-            for p in s.encode(av.VideoFrame.from_ndarray(np.full((32, 48, 3), 40 * t, np.uint8), format="rgb24")):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
+    write_video_file(video, [np.full((32, 48, 3), 40 * t, np.uint8) for t in range(4)], "png", rate=25)
     gif = Image.open(no_mask_demo(video, tmp_path, spm_model) / "demo.gif")
     assert gif.n_frames == 4 and gif.info["duration"] == 40
