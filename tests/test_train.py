@@ -342,6 +342,11 @@ def two_gloo_processes(tmp_path, args, prelude=""):
 
 @pytest.mark.parametrize("mode", ["pretrain", "finetune"])  # frozen encoders; the flow head dropped, vision trained
 def test_two_gloo_processes_equal_one_process(tmp_path, mode):
+    """SPEC §7: 2 gloo processes give the weights of one process with the same global batch. Not to the last bit:
+    AdamW turns the rounding of near-zero gradients into updates of up to lr (the attention key biases, whose exact
+    gradient is zero, and dead FFN units), 6.8e-6 apart after these 4 fine-tuning steps at lr 5e-4, 1.3e-5 and
+    1.6e-5 after changes that leave the two runs the same run (another E_pos init, another crop origin). A batch split
+    wrongly (each process taking the first half) set them 3.1e-3 (fine-tuning) and 6.1e-3 (pre-training) apart."""
     args = ["--mode", mode, "--steps", "4", "--ckpt-every", "4", *FAST]
     one = run([*args, "--out", str(tmp_path / "one")])
     assert one.returncode == 0, one.stderr
@@ -349,7 +354,7 @@ def test_two_gloo_processes_equal_one_process(tmp_path, mode):
     assert "on 2 process(es)" in stdout and "stopped" not in stdout
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
     diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
-    assert diff < 1e-5, diff
+    assert diff < 1e-4, diff
     logs = [[json.loads(line) for line in open(tmp_path / out / "log.jsonl") if '"train"' in line] for out in ("one", "two")]
     assert [r["step"] for r in logs[1]] == [2, 4]                  # the whole batch's loss (and parts), as one process logs it
     for r1, r2 in zip(*logs):
