@@ -435,14 +435,9 @@ def test_positions_follow_the_tokens_order(fusion):
         assert torch.equal(got["query"][:, :ids.shape[1]], f_r)
 
 
-def test_decoder_matches_torch_transformer_decoder():
-    """T of Eqs. (2) and (8), pre-norm self-attention, cross-attention and GELU MLP with a final LayerNorm, against
-    torch.nn.TransformerDecoder(norm_first=True) with the same weights, padded keys masked in both attentions."""
-    cfg = slvp.SLVPConfig.tiny()
+def torch_decoder(ours, cfg):
+    """torch.nn.TransformerDecoder (pre-norm, GELU, a final LayerNorm) holding the weights of our Decoder `ours`."""
     d = cfg.dec_dim
-    torch.manual_seed(0)
-    ours = slvp.Decoder(cfg).eval()
-    rescale_(ours, torch.Generator().manual_seed(1))
     layer = torch.nn.TransformerDecoderLayer(d, cfg.dec_heads, cfg.dec_mlp, dropout=0.0, activation="gelu",
                                              batch_first=True, norm_first=True)
     ref = torch.nn.TransformerDecoder(layer, cfg.dec_layers, norm=torch.nn.LayerNorm(d)).eval()
@@ -456,6 +451,19 @@ def test_decoder_matches_torch_transformer_decoder():
                                  (a.fc2, b.linear2)):
                 theirs.load_state_dict(mine.state_dict())
         ref.norm.load_state_dict(ours.norm.state_dict())
+    return ref
+
+
+def test_decoder_matches_torch_transformer_decoder():
+    """T of Eqs. (2) and (8), pre-norm self-attention, cross-attention and GELU MLP with a final LayerNorm, against
+    torch.nn.TransformerDecoder(norm_first=True) with the same weights, padded keys masked in both attentions."""
+    cfg = slvp.SLVPConfig.tiny()
+    d = cfg.dec_dim
+    torch.manual_seed(0)
+    ours = slvp.Decoder(cfg).eval()
+    rescale_(ours, torch.Generator().manual_seed(1))
+    ref = torch_decoder(ours, cfg)
+    with torch.no_grad():
         g = torch.Generator().manual_seed(2)
         x, memory = torch.randn(2, 10, d, generator=g), torch.randn(2, 7, d, generator=g)
         x_keep, m_keep = torch.ones(2, 10, dtype=torch.bool), torch.ones(2, 7, dtype=torch.bool)
@@ -885,3 +893,145 @@ def test_a_partly_frozen_encoder_is_named_when_saved(tmp_path, part):
         slvp.save_checkpoint(tmp_path / "m.safetensors", m)
     r = slvp.load_checkpoint(tmp_path / "m.safetensors")
     assert all(p.requires_grad for p in getattr(r, part).parameters())
+
+
+# ---------------------------------------------------------------------------------------------- from a mutation run (2)
+
+def test_flow_channel_0_is_x_and_points_into_frame_1(monkeypatch):
+    """Eq. (3) and SPEC §3: flow() is [B, T, 2, H, W] in pixels, channel 0 = x, and frame i's pixel p takes its colour
+    from frame 1 at p + o_(i,1)(p). Frames 2..T are frame 1 moved 1 px right and 2 px down (a texture away from the
+    border), so o_(i,1) = (-1, -2) everywhere: a flow head that outputs exactly that (weights zero, its bias laid out
+    (p, p, 2) as unpatchify reads a token) gives Eq. (1) = 0 through pretrain_loss; its x and y swapped, or its sign,
+    give the squared differences of a misplaced texture."""
+    monkeypatch.delenv("TRITON_INTERPRET")       # the torch path of the warp: the interpreter is slow (SPEC §2)
+    cfg = slvp.SLVPConfig.tiny()
+    T, (H, W), p = cfg.num_frames, cfg.frame_size, cfg.patch_size
+    V1 = torch.zeros(3, H, W)
+    V1[:, 4:H - 4, 4:W - 4] = torch.rand(3, H - 8, W - 8, generator=torch.Generator().manual_seed(0))
+    moved = V1.roll((2, 1), dims=(1, 2))                                      # moved[y, x] = V1[y - 2, x - 1]
+    frames = torch.stack([V1] + [moved] * (T - 1))[None]                      # [1, T, 3, H, W]
+    ids, mask = torch.tensor([[5, 6, 1]]), torch.ones(1, 3, dtype=torch.bool)
+    model = slvp.SLVP(cfg).eval()
+
+    def loss_with(u, v):
+        with torch.no_grad():
+            model.flow_head.weight.zero_()
+            model.flow_head.bias.view(p, p, 2)[..., 0] = u
+            model.flow_head.bias.view(p, p, 2)[..., 1] = v
+            return model.pretrain_loss(frames, ids, mask)
+
+    loss, flow = loss_with(-1.0, -2.0)
+    assert torch.equal(flow[:, :, 0], torch.full((1, T, H, W), -1.0))          # x
+    assert torch.equal(flow[:, :, 1], torch.full((1, T, H, W), -2.0))          # y
+    assert loss.item() < 1e-10
+    for u, v in ((-2.0, -1.0), (1.0, 2.0)):                                   # x and y swapped; the sign flipped
+        assert loss_with(u, v)[0].item() > 0.01, (u, v)
+
+
+@pytest.mark.parametrize("fusion", ["vision", "language"])
+def test_pretraining_starts_from_the_zero_flow(fusion, monkeypatch):
+    """The flow head starts at zero, weights and bias (the identity warp): a fresh pre-training model's flow is 0 at
+    every pixel, and its Eq. (1) is the zero flow's, worked by hand: the mean over frames 2..T, channels and pixels of
+    (V_i - V_1)^2."""
+    monkeypatch.delenv("TRITON_INTERPRET")
+    cfg, frames, ids, mask = tiny_batch()
+    torch.manual_seed(0)
+    model = slvp.SLVP(cfg, fusion).eval()
+    with torch.no_grad():
+        loss, flow = model.pretrain_loss(frames, ids, mask)
+    assert torch.equal(flow, torch.zeros(2, cfg.num_frames, 2, *cfg.frame_size))
+    assert loss.item() == pytest.approx(((frames[:, 1:] - frames[:, :1]) ** 2).mean().item(), rel=1e-5)
+
+
+def test_vision_query_positions_start_as_the_grids_sin_cos_codes():
+    """Vision as query: E_pos starts as the sin-cos code of each patch's row (first half of the channels) and column
+    (second half), patches row-major (token n = row * gw + col), and E_tem as the code of the frame index; the codes
+    written out here from sincos_1d's docstring: d/2 frequencies from 0.9 pi per step down to pi / n, geometrically,
+    sin then cos."""
+    cfg = slvp.SLVPConfig.tiny()
+    (gh, gw), d, T = cfg.grid, cfg.dec_dim, cfg.num_frames
+
+    def code(pos, n, dim):                                    # [dim]: sin(pos w_k), then cos(pos w_k), k < dim / 2
+        k = dim // 2
+        w = [0.9 * math.pi * (1 / (0.9 * n)) ** (j / (k - 1)) for j in range(k)]
+        return torch.tensor([math.sin(pos * x) for x in w] + [math.cos(pos * x) for x in w])
+
+    model = slvp.SLVP(cfg, "vision")
+    for row, col in ((0, 0), (0, 1), (1, 0), (2, 5), (3, 4)):
+        want = torch.cat([code(row, gh, d // 2), code(col, gw, d // 2)])
+        assert torch.allclose(model.E_pos[row * gw + col].detach(), want, atol=1e-5), (row, col)
+    for t in range(T):
+        assert torch.allclose(model.E_tem[t].detach(), code(t, T, d), atol=1e-5), t
+
+
+def test_language_query_init_as_its_comment_says():
+    """Language as query (SLVP.__init__): E_pos and E_tem start as standard Gaussian codes, not sin-cos ones (whose
+    values lie in [-1, 1], std 0.71), and the first cross-attention's key projection equals its query projection, both
+    scaled 4x: nn.Linear(d, d) draws weight and bias from U(-1/sqrt(d), 1/sqrt(d)) (PyTorch's documented init), so
+    scaled they reach past 1/sqrt(d), up to 4/sqrt(d); the other layers keep the plain init."""
+    cfg = slvp.SLVPConfig.tiny()
+    torch.manual_seed(0)
+    model = slvp.SLVP(cfg, "language")
+    for name in ("E_pos", "E_tem"):
+        e = getattr(model, name).detach()
+        assert abs(e.mean().item()) < 0.15 and 0.85 < e.std().item() < 1.15 and e.abs().max() > 1.5, name
+    read, bound = model.decoder.layers[0].cross_attn, 1 / cfg.dec_dim ** 0.5
+    assert torch.equal(read.k.weight, read.q.weight) and torch.equal(read.k.bias, read.q.bias)
+    for t in (read.q.weight, read.q.bias):
+        assert bound < t.abs().max() <= 4 * bound + 1e-6
+    other = model.decoder.layers[1].cross_attn
+    for t in (other.q.weight, other.q.bias, other.k.weight, other.k.bias):
+        assert t.abs().max() <= bound + 1e-6
+
+
+@pytest.mark.parametrize("fusion", ["vision", "language"])
+def test_fusion_is_eq_2_or_8_through_torch_transformer_decoder(fusion):
+    """f_fused written out with torch.nn.TransformerDecoder (our decoder's weights) as the decoder: Eq. (2), query
+    f_v + E_pos + E_tem, memory f_r, padded text masked as keys of the cross-attention; Eq. (8), query cat(f_r, q^ +
+    E_pos + E_tem), memory f_v + E_pos + E_tem, the self-attention's keys all but the padded text (every q^ token
+    visible to every query), its last T*N outputs. E_pos[n] + E_tem[t] on token t*N + n, built token by token."""
+    cfg, frames, ids, mask = tiny_batch()
+    torch.manual_seed(0)
+    model = slvp.SLVP(cfg, fusion).eval()
+    ref = torch_decoder(model.decoder, cfg)
+    T, N = cfg.num_frames, cfg.num_patches
+    with torch.no_grad():
+        f_v, f_r = model.encode(frames, ids, mask)
+        pos = torch.stack([model.E_pos[n] + model.E_tem[t] for t in range(T) for n in range(N)])[None]
+        if fusion == "vision":
+            want = ref(f_v + pos, f_r, memory_key_padding_mask=~mask)
+        else:
+            query = torch.cat([f_r, model.q + pos.expand(len(ids), -1, -1)], 1)
+            keep = torch.cat([mask, torch.ones(len(ids), T * N, dtype=torch.bool)], 1)
+            want = ref(query, f_v + pos, tgt_key_padding_mask=~keep)[:, -T * N:]
+        got = model.fuse(frames, ids, mask)
+    assert want.std() > 0.1 and (got - want).abs().max() < TOL
+
+
+def test_checkpoint_restores_every_config_field(tmp_path):
+    """save_checkpoint / load_checkpoint keep every SLVPConfig field, here each one away from its default, among them
+    those that no weight's shape fixes (LayerNorm and RMSNorm epsilons, T5's max distance, the head counts): a field
+    left out of the metadata would come back as its default without an error, e.g. a timm ViT's eps 1e-6 as 1e-5."""
+    cfg = dataclasses.replace(slvp.SLVPConfig.tiny(), num_frames=3, t5_gated=True, t5_num_buckets=16,
+                              t5_max_distance=20, t5_eps=1e-3, vit_eps=1e-6, vit_norm_pre=False, vit_norm_final=True)
+    for f in dataclasses.fields(slvp.SLVPConfig):
+        assert getattr(cfg, f.name) != f.default, f.name
+    slvp.save_checkpoint(tmp_path / "c.safetensors", slvp.SLVP(cfg))
+    assert slvp.load_checkpoint(tmp_path / "c.safetensors").cfg == cfg
+
+
+def test_t5_norm_in_bfloat16_matches_transformers():
+    """T5's RMSNorm takes its statistics in float32 whatever the input's dtype, as transformers' T5LayerNorm does: in
+    a bfloat16 model the two give the same bits (statistics in bfloat16 differ by up to 0.03 on inputs of std 30)."""
+    from transformers.models.t5.modeling_t5 import T5LayerNorm
+    g = torch.Generator().manual_seed(0)
+    d = 48
+    weight = 1 + 0.2 * torch.randn(d, generator=g)
+    ours, ref = slvp.T5RMSNorm(d, 1e-6), T5LayerNorm(d, eps=1e-6)
+    with torch.no_grad():
+        ours.weight.copy_(weight)
+        ref.weight.copy_(weight)
+    x = (30 * torch.randn(4, 7, d, generator=g)).bfloat16()
+    with torch.no_grad():
+        got, want = ours.bfloat16()(x), ref.bfloat16()(x)
+    assert got.dtype == want.dtype == torch.bfloat16 and torch.equal(got, want)
