@@ -1538,3 +1538,210 @@ def test_frames_are_listed_as_glob_glob_lists_them(tmp_path, monkeypatch):
     frames, annos = data._video_frames(jpeg, anno, "v")
     assert [f.name for f in frames] == ["00000.jpg", "00001.jpg", "00002.jpg"]
     assert [a.name for a in annos] == ["00000.png", "00001.png", "00002.png"]
+
+
+# ------------------------------------------------------------------------- from a mutation run on the data formats
+
+def test_video_read_past_its_last_frame_repeats_the_last_decoded_one(tmp_path):
+    """read_video_frames: an index past the frames a file decodes (its header counted more, as a truncated .mp4's
+    does) gives the last decoded frame, as the loaders repeat a short video's last frame. Six lossless frames of grey
+    10 + 40 t: indices 2, 5, 8, 11 give grey 90, 210, 210, 210 (known by construction; the first decoded frame, 90,
+    for 8 and 11 put an earlier frame after a later one)."""
+    path = tmp_path / "v.mov"
+    write_video_file(path, [np.full((H, W, 3), 10 + 40 * t, np.uint8) for t in range(6)], codec="png")
+    frames = data.read_video_frames(path, [2, 5, 8, 11], (H, W))
+    assert frames.shape == (4, 3, H, W)
+    assert np.allclose((frames.mean((1, 2, 3)) * 255).tolist(), [90, 210, 210, 210], atol=1)
+
+
+def test_ytvos_reads_the_frames_its_expression_file_lists(tmp_path):
+    """Ref-YouTube-VOS: a video's frames are the ones its meta_expressions.json lists under "frames", not every JPEG
+    of its folder (a folder may hold more: YouTube-VOS's all-frames downloads). The folder holds frames 0..5, the file
+    lists 0, 2, 4: one evaluation clip of frames 0, 2, 4, 4 (grey 20 + 20 t, object 1 at its place in each frame, as
+    written), named 00000, 00002, 00004, 00004, three of them real. Listing the folder gave two clips, 0-3 and 4-5."""
+    root = tmp_path / "ytvos"
+    write_video(root / "train/JPEGImages", root / "train/Annotations", "v", 6)
+    meta = {"videos": {"v": {"expressions": {"0": {"exp": "the box", "obj_id": "1"}},
+                             "frames": ["00000", "00002", "00004"]}}}
+    (root / "meta_expressions/train").mkdir(parents=True)
+    (root / "meta_expressions/train/meta_expressions.json").write_text(json.dumps(meta))
+    ds = data.build_dataset("ytvos", root, "train", CFG, train=False)
+    assert len(ds) == 1
+    it = ds[0]
+    check_clip(it, "v", "0", "the box", 1, [0, 2, 4, 4])
+    assert it["frame_names"] == ["00000", "00002", "00004", "00004"] and it["num_real"] == 3
+
+
+def test_davis17_annotator_2_full_video_file_is_latin_1(tmp_path):
+    """SPEC §4: annotator 2's files are latin-1, Davis17_annot2_full_video.txt as well as Davis17_annot2.txt (the
+    conversion reads both so). A byte 0xe9 in the full-video file reads as é: expression 3 of classic-car (object 1,
+    annotator 2, full video) is "the café car", the other expressions as in DAVIS_VALID. Read as UTF-8, the byte is
+    not text and the dataset fails."""
+    root = write_davis_downloads(tmp_path / "ref-davis")
+    path = root / "davis_text_annotations/Davis17_annot2_full_video.txt"
+    text = path.read_bytes().decode("latin-1")
+    assert 'classic-car 1 "car"' in text
+    path.write_bytes(text.replace('classic-car 1 "car"', 'classic-car 1 "the caf\xe9 car"').encode("latin-1"))
+    with pytest.warns(UserWarning):
+        ds = data.build_dataset("davis17", root, "valid", CFG, train=False)
+    want = [(v, str(e), "the café car" if (v, e) == ("classic-car", 3) else t, o) for v, e, t, o in DAVIS_VALID]
+    assert ds.exprs == want
+
+
+def test_davis_text_keeps_the_files_order_among_lines_of_one_object(tmp_path):
+    """read_davis_text: each video's lines sorted by object id as text, and among lines of the same id in the
+    file's order (the conversion's sorted(..., key=obj_id) is stable). Lines 2 "b", 1 "zebra", 1 "antelope", 10 "c"
+    give 1 zebra, 1 antelope, 10 c, 2 b (worked by hand; sorting ties by their text put antelope first)."""
+    p = tmp_path / "Davis17_annot1.txt"
+    p.write_text('v 2 "b"\nv 1 "zebra"\nv 1 "antelope"\nv 10 "c"\n')
+    assert data.read_davis_text(p, "utf-8") == {"v": [("1", "zebra"), ("1", "antelope"), ("10", "c"), ("2", "b")]}
+
+
+def write_refcoco_converted(root, sentences, annotation_ids):
+    """root/refcoco/instances_refcoco_train.json over write_coco_images' images: an image entry n for each (n, image,
+    caption) of sentences, and for each one the annotation of its image's bright box with the id annotation_ids[n]."""
+    write_coco_images(root)
+    boxes = {a["image_id"]: a for a in instances()["annotations"]}
+    d = {"images": [{"id": n, "file_name": f"COCO_train2014_{i:012d}.jpg", "height": 100, "width": 120,
+                     "caption": text} for n, i, text in sentences],
+         "annotations": [dict(boxes[i], id=annotation_ids[n], image_id=n) for n, i, _ in sentences]}
+    (root / "refcoco").mkdir()
+    (root / "refcoco/instances_refcoco_train.json").write_text(json.dumps(d))
+
+
+def test_refcoco_converted_annotations_are_found_by_image_id(tmp_path):
+    """Converted RefCOCO: an image entry's object is the annotation whose image_id is the entry's id; the annotation's
+    own id is another numbering. Entry 1 (image 1) has annotation 2 and entry 2 (image 2) annotation 1: each mask
+    sits on its own image's bright box (check_refcoco_item). Looked up by the annotation's id, entry 1 took image 2's
+    box."""
+    root = tmp_path / "coco"
+    write_refcoco_converted(root, [(1, 1, "the bright box"), (2, 2, "the top left box")], {1: 2, 2: 1})
+    ds = data.build_dataset("refcoco", root, "refcoco", CFG, train=False)
+    check_refcoco_item(ds[0], "refcoco", 1, 1, "the bright box")
+    check_refcoco_item(ds[1], "refcoco", 2, 2, "the top left box")
+
+
+def test_refcoco_evaluation_items_give_the_images_size(tmp_path):
+    """Module docstring: evaluation items (train=False) give orig_size (H, W) of the original image, 100 x 120 as
+    written (not W x H), and T frame names with all T frames real."""
+    root = tmp_path / "coco"
+    write_refcoco_converted(root, [(1, 1, "the bright box")], {1: 1})
+    it = data.build_dataset("refcoco", root, "refcoco", CFG, train=False)[0]
+    assert it["orig_size"] == (100, 120)
+    assert it["frame_names"] == ["00000", "00001", "00002", "00003"] and it["num_real"] == 4
+
+
+def test_refcoco_mask_is_resized_by_nearest_neighbour(tmp_path):
+    """RefCOCO's pseudo-frames resize the mask by nearest neighbour (PIL's NEAREST: each output pixel takes the source
+    pixel under its centre, (2i + 1, 2j + 1) at half size), as the video loaders' resize_mask does. A 128 x 96 image
+    (twice the frame size) whose object is the pixels of odd row 31..59 and odd column 41..79 (one 1 x 1 polygon
+    each), no turn, scale or shift: every frame's mask is rows 15..29, columns 20..39, whole (worked by hand). An
+    interpolating resize sees a quarter of each such pixel's neighbourhood covered and keeps none."""
+    root = tmp_path / "coco"
+    (root / "train2014").mkdir(parents=True)
+    Image.fromarray(np.zeros((96, 128, 3), np.uint8)).save(root / "train2014/a.jpg")
+    polys = [[x, y, x + 1, y, x + 1, y + 1, x, y + 1] for y in range(31, 60, 2) for x in range(41, 80, 2)]
+    d = {"images": [{"id": 1, "file_name": "a.jpg", "height": 96, "width": 128, "caption": "the dots"}],
+         "annotations": [{"id": 1, "image_id": 1, "bbox": [41, 31, 39, 29], "segmentation": polys}]}
+    (root / "refcoco").mkdir()
+    (root / "refcoco/instances_refcoco_train.json").write_text(json.dumps(d))
+    ds = data.build_dataset("refcoco", root, "refcoco", CFG, train=False)
+    it = ds.load(ds.items[0], ScriptedRng(table={(-15, 15): 0.0, (0.85, 1.15): 1.0, (-0.1, 0.1): 0.0}))
+    want = torch.zeros(4, H, W, dtype=torch.bool)
+    want[:, 15:30, 20:40] = True
+    assert torch.equal(it["masks"], want)
+
+
+def test_resize_mask_takes_the_label_under_each_pixels_centre():
+    """resize_mask docstring: nearest neighbour, as PIL's NEAREST takes it: output pixel (i, j) of a mask twice the
+    size is source pixel (2i + 1, 2j + 1), the one under its centre (the frames' bilinear resize is centred alike).
+    Odd rows 31..59 and odd columns 41..79 give rows 15..29, columns 20..39 whole; the even ones give nothing (worked
+    by hand). A bilinear resize thresholded at one half keeps neither (a quarter covered); one taking (2i, 2j), as
+    F.interpolate's "nearest" does, swaps them."""
+    odd, even = np.zeros((96, 128), bool), np.zeros((96, 128), bool)
+    odd[31:60:2, 41:80:2] = True
+    even[30:60:2, 40:80:2] = True
+    want = torch.zeros(H, W, dtype=torch.bool)
+    want[15:30, 20:40] = True
+    assert torch.equal(data.resize_mask(odd, (H, W)), want)
+    assert not data.resize_mask(even, (H, W)).any()
+
+
+def test_visor_name_with_several_colons_reads_each_as_a_space(tmp_path):
+    """SPEC §4 VISOR: the object's name with ':' read as a space, every ':' of it: "bag:plastic:shopping" is the
+    expression "bag plastic shopping" (a first ':' alone left "bag plastic:shopping")."""
+    root = tmp_path / "VISOR_2022"
+    write_video(root / "JPEGImages/480p", root / "Annotations/480p", "P01_107_seq_00001", 4)
+    (root / "ImageSets/2022").mkdir(parents=True)
+    (root / "ImageSets/2022/train.txt").write_text("P01_107_seq_00001\n")
+    (root / "train_data_mapping.json").write_text(json.dumps({"P01_107_seq_00001": {"1": "bag:plastic:shopping"}}))
+    ds = data.build_dataset("visor", root, "train", CFG, train=False)
+    assert ds.exprs == [("P01_107_seq_00001", "1", "bag plastic shopping", 1)]
+    check_clip(ds[0], "P01_107_seq_00001", "1", "bag plastic shopping", 1, [0, 1, 2, 3])
+
+
+def test_crop_keeps_the_target_of_every_frame_not_only_the_first():
+    """augment's random crop keeps the target's box over the whole clip when it fits (_crop_origin of the union of
+    the masks). A 6 x 6 square moving 12 px a frame, x 20..25 in frame 0 to 56..61 in frame 3 (42 px in all), cropped
+    at scale 0.75 (48 of 64 columns, 36 of 48 rows) and resized back: in every frame of 20 clips it stays whole,
+    6 / 0.75 = 8 px wide and high, within a pixel for the resampling (worked by hand). A crop placed for frame 0's
+    square alone starts at a column 0..16 and cuts frame 3's unless it starts at 14 or later."""
+    masks = torch.zeros(4, H, W, dtype=torch.bool)
+    for t in range(4):
+        masks[t, 20:26, 20 + 12 * t:26 + 12 * t] = True
+    frames = masks[:, None].expand(4, 3, H, W).float()
+    boxes, valid = data.boxes_from_masks(masks)
+    for seed in range(20):
+        out = data.augment({"frames": frames, "masks": masks, "boxes": boxes, "valid": valid, "text": "x"},
+                           np.random.default_rng(seed), crop_scale=(0.75, 0.75), jitter=0.0)
+        assert out["valid"].all(), seed
+        size = (out["boxes"][:, 2:] - out["boxes"][:, :2]) * torch.tensor([W, H])
+        assert ((size - 8).abs() <= 1).all(), (seed, size)
+
+
+def test_refcoco_flip_is_independent_of_the_pseudo_clips_turns(tmp_path):
+    """ClipDataset: a clip's sampling and its augmentation draw from one stream, one after the other, so the flip is
+    independent of what the loader drew. RefCOCO's first draw is frame 0's turn (uniform on -15..15 degrees): a wide
+    bar (80 x 10 of a 120 x 100 image) comes out tilted one way or the other with probability 1/2, and the flip
+    mirrors the tilt, so over 64 epochs frame 0 is tilted each way in about half of them (the bound: 4 standard
+    errors of binomial(64, 1/2)). A flip drawn from the stream's start again is flip <=> turn < 0: every frame 0 then
+    tilts the same way. The tilt: the sign of the mask's x-y covariance."""
+    root = tmp_path / "coco"
+    (root / "train2014").mkdir(parents=True)
+    img = np.zeros((100, 120, 3), np.uint8)
+    img[45:55, 20:100] = 200
+    Image.fromarray(img).save(root / "train2014/a.jpg", quality=95)
+    d = {"images": [{"id": 1, "file_name": "a.jpg", "height": 100, "width": 120, "caption": "the bar"}],
+         "annotations": [{"id": 1, "image_id": 1, "bbox": [20, 45, 80, 10],
+                          "segmentation": [[20, 45, 100, 45, 100, 55, 20, 55]]}]}
+    (root / "refcoco").mkdir()
+    (root / "refcoco/instances_refcoco_train.json").write_text(json.dumps(d))
+    ds = data.build_dataset("refcoco", root, "refcoco", CFG, train=True)
+    ys, xs = torch.meshgrid(torch.arange(H, dtype=torch.float64), torch.arange(W, dtype=torch.float64), indexing="ij")
+    one_way = 0
+    for epoch in range(64):
+        ds.set_epoch(epoch)
+        m = ds[0]["masks"][0].double()
+        cx, cy = (m * xs).sum() / m.sum(), (m * ys).sum() / m.sum()
+        one_way += float((m * (xs - cx) * (ys - cy)).sum()) > 0
+    assert 16 <= one_way <= 48, one_way
+
+
+def test_grey_annotation_pngs_read_as_indexed_ones(tmp_path):
+    """read_index_png docstring: an indexed (P) or grey (L) PNG, pixel value = object id. The Ref-YouTube-VOS video
+    of the other tests with its annotations saved as grey PNGs gives the same clips: each object where written
+    (check_clip), object 2 absent from frame 3."""
+    root = tmp_path / "ytvos"
+    write_video(root / "train/JPEGImages", root / "train/Annotations", "v", 4)
+    for p in (root / "train/Annotations/v").iterdir():
+        a = np.asarray(Image.open(p))
+        Image.fromarray(a, mode="L").save(p)
+        assert Image.open(p).mode == "L"
+    meta = {"videos": {"v": {"expressions": {"0": {"exp": "the red one", "obj_id": "1"},
+                                             "1": {"exp": "the green one", "obj_id": "2"}},
+                             "frames": [f"{t:05d}" for t in range(4)]}}}
+    (root / "meta_expressions/train").mkdir(parents=True)
+    (root / "meta_expressions/train/meta_expressions.json").write_text(json.dumps(meta))
+    ds = data.build_dataset("ytvos", root, "train", CFG, train=False)
+    check_clip(ds[0], "v", "0", "the red one", 1, [0, 1, 2, 3])
+    check_clip(ds[1], "v", "1", "the green one", 2, [0, 1, 2, 3])
