@@ -1735,7 +1735,7 @@ def test_grey_annotation_pngs_read_as_indexed_ones(tmp_path):
     write_video(root / "train/JPEGImages", root / "train/Annotations", "v", 4)
     for p in (root / "train/Annotations/v").iterdir():
         a = np.asarray(Image.open(p))
-        Image.fromarray(a, mode="L").save(p)
+        Image.fromarray(a).save(p)                                  # a 2-D uint8 array: mode L
         assert Image.open(p).mode == "L"
     meta = {"videos": {"v": {"expressions": {"0": {"exp": "the red one", "obj_id": "1"},
                                              "1": {"exp": "the green one", "obj_id": "2"}},
