@@ -352,7 +352,7 @@ def two_gloo_processes(tmp_path, args, prelude=""):
 def test_two_gloo_processes_equal_one_process(tmp_path, mode):
     """SPEC §7: 2 gloo processes give the weights of one process with the same global batch. Not to the last bit:
     AdamW turns the rounding of near-zero gradients into updates of up to lr (the attention key biases, whose exact
-    gradient is zero, and dead FFN units), 6.8e-6 apart after these 4 fine-tuning steps at lr 5e-4, 1.3e-5 and
+    gradient is zero, hold the largest differences), 6.8e-6 apart after these 4 fine-tuning steps at lr 5e-4, 1.3e-5 and
     1.6e-5 after changes that leave the two runs the same run (another E_pos init, another crop origin). A batch split
     wrongly (each process taking the first half) set them 3.1e-3 (fine-tuning) and 6.1e-3 (pre-training) apart."""
     args = ["--mode", mode, "--steps", "4", "--ckpt-every", "4", *FAST]
