@@ -2,7 +2,8 @@
 whole run, a NaN stops the run and keeps the last checkpoint, two gloo processes equal one process with the same global
 batch and leave no gloo thread (also when an error stops them), clear errors; and what a mutation run found untested: the
 schedule against torch's schedulers, gradient clipping against clip_grad_norm_, the flags that reach the step, the RNG
-restored, the flow diagnostics' thresholds and frames on hand-made flows, the log's rate, --init's and --t5's effects."""
+restored, the flow diagnostics' thresholds and frames on hand-made flows, the log's rate, --init's and --t5's effects;
+and a second mutation run's: each step at its own rate of the schedule, --seed drawing the synthetic training clips."""
 import dataclasses
 import itertools
 import json
@@ -1170,3 +1171,34 @@ def test_a_checkpoint_without_resume_pt_is_not_sent_to_resume(tmp_path):
     assert "--resume" not in str(e.value).replace("to --resume from", "") and "--overwrite" in str(e.value)
     with pytest.raises(SystemExit, match="resume.pt does not exist"):   # what --resume would have said
         train.check_out(types.SimpleNamespace(**{**vars(args), "resume": True}))
+
+
+# ------------------------------------- a second mutation run on train.py: bugs that passed the suite before these
+
+def test_each_step_takes_the_schedules_rate_for_that_step():
+    """optimizer_step applies the rate of the step it takes, then advances the schedule: with --warmup 4 the first two
+    steps run at lr / 4 and lr / 2 (hand-worked: (s + 1) / 4). AdamW's first steps on a constant gradient move a
+    weight without decay (a bias) by the rate times sign(g) (m^ / sqrt(v^) = g / |g|), so the bias moves by
+    2.5e-4 and then 5e-4."""
+    model = torch.nn.Linear(3, 2).double()            # float64: the moves stand clear of the bias's rounding
+    args = types.SimpleNamespace(lr=1e-3, weight_decay=0.05, warmup=4, steps=10)
+    params, opt, sched = train.build_optimizer(model, args)
+    g = torch.tensor([2.0, -3.0], dtype=torch.float64)
+    start = model.bias.detach().clone()
+    moved = []
+    for _ in range(2):
+        assert train.optimizer_step((model.bias * g).sum(), params, opt, sched, 1e9)
+        moved.append((model.bias.detach() - start).clone())
+    assert torch.allclose(moved[0], -2.5e-4 * g.sign(), rtol=1e-6, atol=0)
+    assert torch.allclose(moved[1], -7.5e-4 * g.sign(), rtol=1e-6, atol=0)
+
+
+def test_the_seed_reaches_the_synthetic_training_clips():
+    """--seed draws the synthetic training clips themselves (--help): the pre-training set of --seed 1 is the synthetic
+    set built with seed 1, not seed 0's."""
+    cfg = slvp.SLVPConfig.tiny()
+    built = train.build_training_data(train.parse_args(["--seed", "1"]), cfg)[0]
+    own = data.build_dataset("synthetic", None, "pretrain", cfg, train=True, seed=1)
+    other = data.build_dataset("synthetic", None, "pretrain", cfg, train=True, seed=0)
+    assert torch.equal(built[0]["frames"], own[0]["frames"])
+    assert not torch.equal(built[0]["frames"], other[0]["frames"])
