@@ -1194,20 +1194,26 @@ def test_refcoco_plus_original_release_reads_refs_unc(tmp_path):
         check_refcoco_item(ds[i], "refcoco+", ident, image, text)
 
 
+def write_one_image_refcoco(root, img, caption, bbox, polygons):
+    """root/train2014/a.jpg (the uint8 array img) and root/refcoco/instances_refcoco_train.json with that one image,
+    its caption, and one object: bbox (x, y, w, h) and its polygons."""
+    (root / "train2014").mkdir(parents=True)
+    Image.fromarray(img).save(root / "train2014/a.jpg", quality=95)
+    d = {"images": [{"id": 1, "file_name": "a.jpg", "height": img.shape[0], "width": img.shape[1], "caption": caption}],
+         "annotations": [{"id": 1, "image_id": 1, "bbox": bbox, "segmentation": polygons}]}
+    (root / "refcoco").mkdir()
+    (root / "refcoco/instances_refcoco_train.json").write_text(json.dumps(d))
+
+
 def test_refcoco_object_of_several_polygons_is_all_of_them(tmp_path):
     """A COCO segmentation is a list of polygons (an occluded object comes in parts): the mask is their union.
     Two 30 x 30 parts in 120 x 100: 0.15 of the image, about 0.075 each."""
     root = tmp_path / "coco"
-    (root / "train2014").mkdir(parents=True)
     img = np.zeros((100, 120, 3), np.uint8)
     img[10:40, 10:40] = 200
     img[50:80, 70:100] = 200
-    Image.fromarray(img).save(root / "train2014/a.jpg", quality=95)
-    d = {"images": [{"id": 1, "file_name": "a.jpg", "height": 100, "width": 120, "caption": "the two part thing"}],
-         "annotations": [{"id": 1, "image_id": 1, "bbox": [10, 10, 90, 70],
-                          "segmentation": [[10, 10, 40, 10, 40, 40, 10, 40], [70, 50, 100, 50, 100, 80, 70, 80]]}]}
-    (root / "refcoco").mkdir()
-    (root / "refcoco/instances_refcoco_train.json").write_text(json.dumps(d))
+    write_one_image_refcoco(root, img, "the two part thing", [10, 10, 90, 70],
+                            [[10, 10, 40, 10, 40, 40, 10, 40], [70, 50, 100, 50, 100, 80, 70, 80]])
     it = data.build_dataset("refcoco", root, "refcoco", CFG, train=False)[0]
     area = it["masks"].float().mean((1, 2))
     assert ((area > 0.7 * 0.15) & (area < 1.4 * 0.15)).all(), area
@@ -1369,15 +1375,9 @@ def test_refcoco_affine_shift_is_a_fraction_of_each_side(tmp_path):
     object of a 200 x 100 image at x 40..100, y 30..60 moves by (20, 10) px to x 60..120, y 40..70: the box
     (0.3, 0.4, 0.6, 0.7) of the frame (10% of the height in x would give x 50..110: 0.25..0.55)."""
     root = tmp_path / "coco"
-    (root / "train2014").mkdir(parents=True)
     img = np.zeros((100, 200, 3), np.uint8)
     img[30:60, 40:100] = 200
-    Image.fromarray(img).save(root / "train2014/a.jpg", quality=95)
-    d = {"images": [{"id": 1, "file_name": "a.jpg", "height": 100, "width": 200, "caption": "the wide box"}],
-         "annotations": [{"id": 1, "image_id": 1, "bbox": [40, 30, 60, 30],
-                          "segmentation": [[40, 30, 100, 30, 100, 60, 40, 60]]}]}
-    (root / "refcoco").mkdir()
-    (root / "refcoco/instances_refcoco_train.json").write_text(json.dumps(d))
+    write_one_image_refcoco(root, img, "the wide box", [40, 30, 60, 30], [[40, 30, 100, 30, 100, 60, 40, 60]])
     ds = data.build_dataset("refcoco", root, "refcoco", CFG, train=False)
     rng = ScriptedRng(table={(-15, 15): 0.0, (0.85, 1.15): 1.0, (-0.1, 0.1): 0.1})
     it = ds.load(ds.items[0], rng)
@@ -1638,13 +1638,8 @@ def test_refcoco_mask_is_resized_by_nearest_neighbour(tmp_path):
     each), no turn, scale or shift: every frame's mask is rows 15..29, columns 20..39, whole (worked by hand). An
     interpolating resize sees a quarter of each such pixel's neighbourhood covered and keeps none."""
     root = tmp_path / "coco"
-    (root / "train2014").mkdir(parents=True)
-    Image.fromarray(np.zeros((96, 128, 3), np.uint8)).save(root / "train2014/a.jpg")
     polys = [[x, y, x + 1, y, x + 1, y + 1, x, y + 1] for y in range(31, 60, 2) for x in range(41, 80, 2)]
-    d = {"images": [{"id": 1, "file_name": "a.jpg", "height": 96, "width": 128, "caption": "the dots"}],
-         "annotations": [{"id": 1, "image_id": 1, "bbox": [41, 31, 39, 29], "segmentation": polys}]}
-    (root / "refcoco").mkdir()
-    (root / "refcoco/instances_refcoco_train.json").write_text(json.dumps(d))
+    write_one_image_refcoco(root, np.zeros((96, 128, 3), np.uint8), "the dots", [41, 31, 39, 29], polys)
     ds = data.build_dataset("refcoco", root, "refcoco", CFG, train=False)
     it = ds.load(ds.items[0], ScriptedRng(table={(-15, 15): 0.0, (0.85, 1.15): 1.0, (-0.1, 0.1): 0.0}))
     want = torch.zeros(4, H, W, dtype=torch.bool)
@@ -1707,15 +1702,9 @@ def test_refcoco_flip_is_independent_of_the_pseudo_clips_turns(tmp_path):
     errors of binomial(64, 1/2)). A flip drawn from the stream's start again is flip <=> turn < 0: every frame 0 then
     tilts the same way. The tilt: the sign of the mask's x-y covariance."""
     root = tmp_path / "coco"
-    (root / "train2014").mkdir(parents=True)
     img = np.zeros((100, 120, 3), np.uint8)
     img[45:55, 20:100] = 200
-    Image.fromarray(img).save(root / "train2014/a.jpg", quality=95)
-    d = {"images": [{"id": 1, "file_name": "a.jpg", "height": 100, "width": 120, "caption": "the bar"}],
-         "annotations": [{"id": 1, "image_id": 1, "bbox": [20, 45, 80, 10],
-                          "segmentation": [[20, 45, 100, 45, 100, 55, 20, 55]]}]}
-    (root / "refcoco").mkdir()
-    (root / "refcoco/instances_refcoco_train.json").write_text(json.dumps(d))
+    write_one_image_refcoco(root, img, "the bar", [20, 45, 80, 10], [[20, 45, 100, 45, 100, 55, 20, 55]])
     ds = data.build_dataset("refcoco", root, "refcoco", CFG, train=True)
     ys, xs = torch.meshgrid(torch.arange(H, dtype=torch.float64), torch.arange(W, dtype=torch.float64), indexing="ij")
     one_way = 0
