@@ -56,6 +56,16 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message}\n")
 
 
+def run_main(main):
+    """A script's entry: its output piped into a reader that stops early (`python data.py | head -3`) ends it quietly,
+    as it ends `cat`, not with Python's BrokenPipeError traceback."""
+    try:
+        main()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python's recipe: no second error at exit,
+        raise SystemExit(1)                                              # when the interpreter flushes stdout)
+
+
 def number(kind, low, strict=False, high=None):
     """An argparse type: a finite int or float (kind) >= low, or > low when strict, and <= high where given."""
     what = f"{'an integer' if kind is int else 'a finite number'} {'>' if strict else '>='} {low}"
@@ -323,10 +333,10 @@ class ClipDataset(torch.utils.data.Dataset):
                 if not self.skip_bad:
                     raise
                 self.bad += 1
-                note(f"skipped a bad clip ({self.bad} so far in this worker): {e}")
+                note(f"skipped a bad clip ({self.bad} so far in this process): {e}")
                 last = e
         else:
-            raise BadFile(f"every clip of the dataset is bad, the last: {last}")
+            raise BadFile(f"each of the {len(self)} clips of the dataset is bad as drawn this epoch, the last: {last}")
         if self.train and self.rvos:
             item = augment(item, rng)
         return item
@@ -1293,4 +1303,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -551,14 +551,20 @@ def bench_davis17(args, model, tokenizer, device):
             write_object_pngs(vid, exps, out, lambda exp_id: int(exp_id) // 4 + 1)
             predicted.add(vid)
         scored = [s for s in seqs if s in predicted]              # this run's, not a folder left from another
+        if not scored:  # a partial tree (a conversion of one annotator's files): the mean is of the runs it has
+            print(f"run {a}: not scored, no expression in any sequence")
+            continue
         if len(scored) < len(seqs):
             print(f"run {a}: not scored, no expression: {', '.join(s for s in seqs if s not in scored)}")
-        g, rows = evaluate_davis(gt_dir, scored or seqs, out)
+        g, rows = evaluate_davis(gt_dir, scored, out)
         write_tables(out, g, rows)
         print_table(g, f"run {a} ({run})")
         results.append(g)
+    if not results:
+        raise ValueError(f"{args.data_root}: no expression of a sequence of {gt_dir} in any run; nothing to score")
     mean = {k: float(np.mean([g[k] for g in results])) for k in results[0]}
-    print_table(mean, "Ref-DAVIS17, mean of the four runs")
+    print_table(mean, "Ref-DAVIS17, mean of the four runs" if len(results) == 4 else
+                f"Ref-DAVIS17, mean of the {len(results)} runs scored, not the benchmark's four")
     return mean
 
 
@@ -824,4 +830,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    data.run_main(main)

@@ -510,21 +510,24 @@ def stage_loss(model, raw, batch, device):
 def choose_tokenizer(args, sets, main_proc, ddp):
     """--spm, else the spm.model beside --init/--encoders, else (a new run) one fitted to the training texts; a resumed
     run keeps its own. Copied to --out/spm.model, beside the checkpoint."""
-    spm = Path(args.spm) if args.spm else next((Path(c).parent / "spm.model" for c in (args.init, args.encoders)
-                                                if c and (Path(c).parent / "spm.model").is_file()), None)
+    start = args.init or args.encoders          # (not both): its text encoder was trained on that tokenizer's ids
+    if start:  # a missing file or a folder is named as such, not by the spm.model missing beside it
+        slvp.read_checkpoint_metadata(start)
+    beside = Path(start).parent / "spm.model" if start else None
+    spm = Path(args.spm) if args.spm else beside if beside and beside.is_file() else None
     own = args.out / "spm.model"
     if args.resume and own.is_file():   # a resumed run keeps its own tokenizer (checked before it is replaced)
         if spm is not None and spm.is_file() and spm.read_bytes() != own.read_bytes():
+            fix = ("leave out --spm" if args.spm else f"it is the one beside {start}, another run's checkpoint: "
+                   f"give the run's own {'--init' if args.init else '--encoders'}")
             raise ValueError(f"--resume: {spm} is not the tokenizer of the run in {args.out} ({own}); a resumed "
-                             f"run keeps its own: leave out --spm (and give the run's own --init or --encoders)")
+                             f"run keeps its own: {fix}")
         if spm is None or spm.is_file():   # (a missing --spm is named by the Tokenizer)
             spm = own
-    if spm is None and (args.init or args.encoders):   # a new tokenizer would give its text encoder other ids
-        raise ValueError(f"no spm.model beside {args.init or args.encoders}: pass the sentencepiece model it was "
-                         f"trained with as --spm")
+    if spm is None and start:   # a new tokenizer would give its text encoder other ids
+        raise ValueError(f"no spm.model beside {start}: pass the sentencepiece model it was trained with as --spm")
     if spm is not None:
         tokenizer = slvp.Tokenizer(spm)
-        start = args.init or args.encoders          # (not both): its text encoder was trained on that tokenizer's ids
         if start and not args.resume:
             slvp.check_tokenizer(start, tokenizer)
         if spm.resolve() != own.resolve() and main_proc:
@@ -545,12 +548,13 @@ def check_resume(state, args, model):
     ours = dataclasses.asdict(model.cfg)
     fields = [f"{k} {ours[k]} (was {state['config'].get(k)})" for k in ours if state["config"].get(k) != ours[k]]
     differ = [k for k, theirs, mine in (("model config", state["config"], ours),
-                                        ("task", state["task"], model.task),
-                                        ("fusion", state["fusion"], model.fusion)) if theirs != mine]
+                                        ("--mode", state["task"], model.task),
+                                        ("--fusion", state["fusion"], model.fusion)) if theirs != mine]
     if differ:
-        raise SystemExit(f"error: {path} holds a {state['task']}/{state['fusion']} run of another "
-                         f"{' and '.join(differ)} than this one ({model.task}/{model.fusion}"
-                         + "; ".join(["", *fields]) + ")")
+        flags = lambda task, fusion: f"--mode {'finetune' if task == 'rvos' else task} --fusion {fusion}"
+        raise SystemExit(f"error: {path} holds a {flags(state['task'], state['fusion'])} run of another "
+                         f"{' and '.join(differ)} than this one ({flags(model.task, model.fusion)}"
+                         + "; ".join(["", *fields]) + "): resume with the run's own flags")
     recorded = state.get("run", {})
 
     def typed(k, v, name=True):  # a setting as the command line gives it
@@ -679,6 +683,9 @@ def run(args, ddp, rank, world, device):
     if args.warmup is None:  # 5% of the steps; a resumed run keeps its own when --steps changes
         recorded = (state or {}).get("run", {}).get("--warmup")  # None in a resume.pt written before it was recorded
         args.warmup = max(1, args.steps // 20) if recorded is None else recorded
+        if args.warmup > args.steps:  # a resumed run's --steps cut below its warm-up: the rate would never peak
+            raise SystemExit(f"error: --steps {args.steps} ends within the warm-up of the run in {args.out}, "
+                             f"{args.warmup} steps: expected at least --steps {args.warmup}")
     if ddp:
         check_same_run(args, tokenizer, state, world)
     trainable, opt, sched = build_optimizer(model, args)
@@ -789,4 +796,4 @@ def run(args, ddp, rank, world, device):
 
 
 if __name__ == "__main__":
-    main()
+    data.run_main(main)

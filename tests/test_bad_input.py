@@ -55,6 +55,7 @@ def d(tmp_path_factory, spm_model):
     shutil.copy(spm_model, d / "spm.model")                       # the tokenizer next to every checkpoint but one
     (d / "no-spm").mkdir()
     shutil.copy(d / "pre.safetensors", d / "no-spm/pre.safetensors")
+    (d / "no-spm/run").mkdir()                                      # a run's folder given for its checkpoint
     good = (d / "good.safetensors").read_bytes()
     (d / "truncated.safetensors").write_bytes(good[:len(good) // 2])
     (d / "empty.safetensors").touch()
@@ -125,6 +126,9 @@ CASES = [
     ("train", "--mode finetune --init {d}/empty.safetensors", ["empty.safetensors: not a safetensors"]),
     ("train", "--mode finetune --encoders {d}/spm-as-ckpt.safetensors", ["spm-as-ckpt.safetensors: not a"]),
     ("train", "--mode finetune --init {d}/nowhere.safetensors --spm {spm}", ["nowhere.safetensors: no such"]),
+    # ... named as such where no spm.model is beside it either (it was named by that: "no spm.model beside")
+    ("train", "--mode finetune --init {d}/no-spm/nowhere.safetensors", ["no-spm/nowhere.safetensors: no such checkp"]),
+    ("train", "--mode finetune --encoders {d}/no-spm/run", ["no-spm/run: a folder, not a file", "expected a ckpt.s"]),
     ("train", "--mode finetune --init {d}/pre.safetensors --fusion language", ["--fusion language but", "pre.safe"]),
     ("train", "--vit {d}/vit.bin --spm {spm}", ["vit.bin: not a pickle of tensors", "expected a .safetensors"]),
     ("train", "--t5 {d}/t5 --spm {spm}", ["t5/config.json: not JSON", "expected a T5 config"]),
@@ -302,7 +306,7 @@ def test_skip_bad_trains_past_an_unreadable_frame(d, tmp_path):
     that frame, so each is skipped for the next good one and counted in a warning."""
     argv = [*FAST, "--mode", "finetune", "--data", "ytvos", "--data-root", str(d / "ytvos-truncated-frame"),
             "--spm", str(d / "spm.model"), "--steps", "4", "--batch-size", "2", "--out", str(tmp_path / "out")]
-    with pytest.warns(UserWarning, match=r"skipped a bad clip \(\d+ so far in this worker\): .*vid_b/00003.jpg: unreadable"):
+    with pytest.warns(UserWarning, match=r"skipped a bad clip \(\d+ so far in this process\): .*vid_b/00003.jpg: unreadable"):
         train.main([*argv, "--skip-bad"])
     assert (tmp_path / "out/ckpt.safetensors").is_file()
     root = shutil.copytree(d / "ytvos-truncated-frame", tmp_path / "all-bad")
@@ -310,7 +314,8 @@ def test_skip_bad_trains_past_an_unreadable_frame(d, tmp_path):
     argv[argv.index("--data-root") + 1], argv[-1] = str(root), str(tmp_path / "out2")
     with pytest.warns(UserWarning), pytest.raises(SystemExit) as e:
         train.main([*argv, "--skip-bad"])
-    assert re.fullmatch(r"error: every clip of the dataset is bad, the last: .*/00003.jpg: unreadable image .*", str(e.value))
+    assert re.fullmatch(r"error: each of the 2 clips of the dataset is bad as drawn this epoch, the last: .*/00003.jpg: "
+                        r"unreadable image .*", str(e.value))
 
 
 def test_a_run_into_a_used_folder_leaves_its_checkpoint_byte_for_byte(tmp_path, spm_model, monkeypatch):
@@ -386,7 +391,7 @@ def test_the_shell_sees_what_was_skipped_as_notes(d, tmp_path):
     lines = r.stderr.splitlines()
     assert lines[0] == "note: Ref-YouTube-VOS train: skipped 2 empty expressions (vid_a expression 1, vid_b expression 1)"
     assert lines[1] == "note: frozen with random weights: the text encoder (no --t5)"          # train.py's own
-    assert re.fullmatch(r"note: skipped a bad clip \(1 so far in this worker\): .*/vid_b/00003.jpg: unreadable image .*",
+    assert re.fullmatch(r"note: skipped a bad clip \(1 so far in this process\): .*/vid_b/00003.jpg: unreadable image .*",
                         lines[2])
     assert all(line.startswith("note: ") for line in lines), r.stderr
 
@@ -415,27 +420,58 @@ def test_every_flag_has_a_help_that_gives_its_default(monkeypatch):
                 assert "default" in a.help, flag
 
 
+@pytest.mark.parametrize("script, args", [
+    ("data.py", "--out {tmp}/sheet.png"),
+    ("train.py", "--steps 1 --batch-size 2 --eval-clips 2 --spm {d}/spm.model --out {tmp}/run"),
+    ("eval.py", "--bench synthetic --ckpt {d}/good.safetensors --num-clips 2 --out {tmp}/o")])
+def test_output_into_a_closed_pipe_ends_quietly(script, args, d, tmp_path):
+    """`python data.py | head -3`: with the reader gone, the next line printed met EPIPE and Python's BrokenPipeError
+    traceback; now the script ends with status 1 and says nothing more, as `cat` does. Here the pipe's reading end is
+    closed before the script starts, so that its first line meets it."""
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        p = subprocess.run([sys.executable, script, *shlex.split(args.format(d=d, tmp=tmp_path))], stdout=w,
+                           stderr=subprocess.PIPE, text=True, cwd=ROOT, env=ENV, timeout=300)
+    finally:
+        os.close(w)
+    assert p.returncode == 1 and not any(w in p.stderr for w in ("Traceback", "Broken pipe", "error:")), p.stderr
+
+
 def test_a_refused_resume_keeps_the_runs_tokenizer(tmp_path, spm_model, monkeypatch, capsys):
     """--resume with another --spm: the run's spm.model was replaced before the resume was checked, so the refused
     resume left a checkpoint beside a tokenizer it was not trained with (no resume possible after it, and a fine-tuning
     from it reading other ids without a word). It stops with one line and leaves the run's files byte for byte."""
-    import sentencepiece as spm
     monkeypatch.delenv("TRITON_INTERPRET")
     out = tmp_path / "run"
     train.main(["--steps", "2", *FAST, "--spm", str(spm_model), "--out", str(out)])
-    (tmp_path / "other.txt").write_text("\n".join(f"a quick brown fox number {i} jumps over the lazy dog"
-                                                  for i in range(200)))
-    spm.SentencePieceTrainer.train(input=str(tmp_path / "other.txt"), model_prefix=str(tmp_path / "other"),
-                                   vocab_size=60, hard_vocab_limit=False, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-                                   minloglevel=2)
+    other = other_spm_model(tmp_path)
     before = {f: (out / f).read_bytes() for f in ("spm.model", "ckpt.safetensors", "resume.pt")}
     assert before["spm.model"] == spm_model.read_bytes()
-    status, text = error_line(train.main, ["--resume", "--steps", "4", *FAST, "--spm", str(tmp_path / "other.model"),
-                                           "--out", str(out)], capsys)
+    status, text = error_line(train.main, ["--resume", "--steps", "4", *FAST, "--spm", str(other), "--out", str(out)],
+                              capsys)
     assert {f: (out / f).read_bytes() for f in before} == before, text
     assert status != 0 and text.startswith("error: --resume: ") and "other.model" in text, text
+    assert text.rstrip().endswith("a resumed run keeps its own: leave out --spm"), text
     train.main(["--resume", "--steps", "3", *FAST, "--out", str(out)])        # and the run goes on as it was
     assert (out / "spm.model").read_bytes() == spm_model.read_bytes()
+
+
+def test_a_refused_resume_names_the_checkpoint_beside_the_other_tokenizer(tmp_path, spm_model, monkeypatch, capsys):
+    """A fine-tuning resumed with the --init of another run, whose spm.model is not the run's: the line named --spm,
+    which was not given, and said to leave it out; it names the checkpoint and says to give the run's own --init."""
+    monkeypatch.delenv("TRITON_INTERPRET")
+    train.main(["--steps", "1", *FAST, "--spm", str(spm_model), "--out", str(tmp_path / "pre")])
+    train.main(["--steps", "1", *FAST, "--spm", str(other_spm_model(tmp_path)), "--out", str(tmp_path / "pre-other")])
+    ft = ["--mode", "finetune", "--train-size", "4", *FAST, "--out", str(tmp_path / "ft")]
+    train.main([*ft, "--steps", "1", "--init", str(tmp_path / "pre/ckpt.safetensors")])
+    other = tmp_path / "pre-other/ckpt.safetensors"
+    status, text = error_line(train.main, [*ft, "--steps", "2", "--resume", "--init", str(other)], capsys)
+    assert status != 0 and text.startswith(f"error: --resume: {tmp_path / 'pre-other/spm.model'} is not the tokenizer "
+                                           f"of the run in {tmp_path / 'ft'}"), text
+    assert text.rstrip().endswith(f"a resumed run keeps its own: it is the one beside {other}, another run's "
+                                  f"checkpoint: give the run's own --init"), text
+    train.main([*ft, "--steps", "2", "--resume", "--init", str(tmp_path / "pre/ckpt.safetensors")])   # goes on
 
 
 def test_overwrite_takes_the_new_runs_tokenizer(tmp_path, spm_model, monkeypatch):

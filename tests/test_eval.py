@@ -618,6 +618,35 @@ def test_davis17_from_either_layout_needs_no_davis_root(tmp_path, tiny_ckpt, cap
     assert not (tmp_path / "o-empty").exists()
 
 
+def test_davis17_scores_the_runs_a_partial_tree_has(tmp_path, tiny_ckpt, capsys, monkeypatch):
+    """A converted tree with annotator 1's expressions alone (ids 4k and 4k + 1): runs 2 and 3 have none. They were
+    said to be "not scored", then scored on every sequence, and stopped on their missing PNGs; now they are left out
+    and the mean is of runs 0 and 1 (scores set by hand: 2 and 5 give 3.5), said so. No expression at all: one line."""
+    from test_data import write_davis_conversion
+    conv = write_davis_conversion(tmp_path / "converted")
+    meta_file = conv / "meta_expressions/valid/meta_expressions.json"
+    meta = json.loads(meta_file.read_text())
+    for v in meta["videos"].values():
+        v["expressions"] = {e: x for e, x in v["expressions"].items() if int(e) % 4 < 2}
+    meta_file.write_text(json.dumps(meta))
+    argv = ["--bench", "davis17", "--ckpt", str(tiny_ckpt), "--data-root", str(conv)]
+    with pytest.warns(UserWarning):                           # the empty expression of write_davis_conversion
+        g = ev.main([*argv, "--out", str(tmp_path / "o")])
+    out = capsys.readouterr().out
+    assert "run 2: not scored, no expression in any sequence" in out and "run 3: not scored, no expression in" in out
+    assert "Ref-DAVIS17, mean of the 2 runs scored, not the benchmark's four" in out
+    assert [p.name for p in sorted((tmp_path / "o").iterdir())] == ["run0", "run1"]      # nothing of runs 2, 3
+    scores = iter([2, 5])
+    with monkeypatch.context() as m, pytest.warns(UserWarning):
+        m.setattr(ev, "evaluate_davis", lambda *a, **k: (dict.fromkeys(g, float(next(scores))), []))
+        assert ev.main([*argv, "--out", str(tmp_path / "o-mean")]) == dict.fromkeys(g, 3.5)
+    for v in meta["videos"].values():
+        v["expressions"] = {}
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(SystemExit, match="no expression of a sequence of .* in any run; nothing to score"):
+        ev.main([*argv, "--out", str(tmp_path / "o-none")])
+
+
 def test_visor_objects_not_in_the_first_frame_are_not_scored(tmp_path, tiny_ckpt, capsys, monkeypatch):
     """VISOR val through the model: object 2 of the mapping is missing from the sequence's first annotated frame (as
     an object too small at 480p is), so the evaluator counts object 1 alone. Its prediction is left out of the PNGs

@@ -211,6 +211,21 @@ def test_a_resumed_run_keeps_its_warmup(tmp_path, spm_model, monkeypatch):
     train.main([*first, "--steps", "41", "--resume"])
 
 
+def test_a_resume_cannot_end_within_the_warmup(tmp_path, spm_model, monkeypatch):
+    """A 10-step run with a warm-up of 5, stopped at step 2, resumed with --steps 4: the rate would never leave the
+    warm-up (it ran to step 4 at 4/5 of its peak; a new run refuses a --warmup longer than its --steps)."""
+    monkeypatch.delenv("TRITON_INTERPRET")
+    first = ["--mode", "pretrain", *FAST, "--spm", str(spm_model), "--out", str(tmp_path / "run")]
+    train.main([*first, "--steps", "2", "--warmup", "2"])
+    state = torch.load(tmp_path / "run/resume.pt", weights_only=True)
+    state["steps"], state["run"]["--warmup"] = 10, 5        # as a 10-step run killed after its checkpoint of step 2
+    torch.save(state, tmp_path / "run/resume.pt")
+    with pytest.raises(SystemExit, match=re.escape(f"error: --steps 4 ends within the warm-up of the run in "
+                                                   f"{tmp_path / 'run'}, 5 steps: expected at least --steps 5")):
+        train.main([*first, "--steps", "4", "--resume"])
+    train.main([*first, "--steps", "5", "--resume"])       # the warm-up's end is allowed, as --warmup = --steps is
+
+
 def test_resume_without_steps_finishes_the_run_as_planned(tmp_path, spm_model, monkeypatch, capsys):
     """--resume without --steps continues to the run's own last step (it went on to the default, 4500); a --steps
     the run has reached already stops with a line saying so (it printed "done" having done nothing)."""
@@ -253,9 +268,10 @@ def test_a_resume_names_what_differs_as_typed(tmp_path, spm_model, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
     first = ["--mode", "finetune", *FAST, "--spm", str(spm_model), "--out", str(tmp_path / "run"), "--train-size", "4"]
     train.main([*first, "--steps", "1"])
-    with pytest.raises(SystemExit, match=re.escape("(rvos/vision; frame_size (64, 96) (was (32, 48)))")):
+    with pytest.raises(SystemExit, match=re.escape("(--mode finetune --fusion vision; frame_size (64, 96) (was (32, "
+                                                   "48))): resume with the run's own flags")):
         train.main([*first, "--steps", "2", "--resume", "--config", "small"])
-    with pytest.raises(SystemExit, match="run of another model config and fusion than this one"):
+    with pytest.raises(SystemExit, match="run of another model config and --fusion than this one"):
         train.main([*first, "--steps", "2", "--resume", "--config", "small", "--fusion", "language"])
     with pytest.raises(SystemExit, match=re.escape("--data synthetic synthetic (was synthetic)")):
         train.main([*first, "--steps", "2", "--resume", "--data", "synthetic", "synthetic"])
@@ -424,7 +440,11 @@ def test_clear_errors(tmp_path):
     ok = run(["--mode", "pretrain", "--steps", "1", *FAST, "--out", str(tmp_path / "r")])
     assert ok.returncode == 0, ok.stderr
     r = run(["--mode", "pretrain", "--steps", "2", *FAST, "--out", str(tmp_path / "r"), "--resume", "--fusion", "language"])
-    assert r.returncode != 0 and "holds a pretrain/vision run of another fusion than this one (pretrain/language)" in r.stderr
+    assert r.returncode != 0 and ("holds a --mode pretrain --fusion vision run of another --fusion than this one (--mode "
+                                  "pretrain --fusion language): resume with the run's own flags") in r.stderr
+    r = run(["--mode", "finetune", "--steps", "2", *FAST, "--out", str(tmp_path / "r"), "--resume"])    # in the flags'
+    assert r.returncode != 0 and ("holds a --mode pretrain --fusion vision run of another --mode than this one (--mode "
+                                  "finetune --fusion vision)") in r.stderr                # words, not "pretrain/rvos"
 
 
 def test_the_fitted_tokenizer_keeps_words_whole(tmp_path):
