@@ -85,8 +85,9 @@ def parse_args(argv=None):
                         "finetune; with --resume, the resumed run's)")
     p.add_argument("--batch-size", type=positive, default=8,
                    help="global batch size (clips), split over processes (default: %(default)s)")
-    # at most float32's largest / 10: AdamW's first step moves by lr / (1 - beta1) = 10 lr, passed to torch's foreach
-    # kernels as a float32 scalar (--lr 1e300 stopped there with "value cannot be converted to type float")
+    # at most float32's largest / 10: AdamW's first step size is lr / (1 - beta1) = 10 lr (times 0.1 g: a move of lr),
+    # passed to torch's foreach kernels as a float32 scalar (--lr 1e300 stopped there with "value cannot be converted
+    # to type float")
     p.add_argument("--lr", type=data.number(float, 0, strict=True, high=float(np.finfo(np.float32).max) / 10),
                    default=None,
                    help="peak learning rate of AdamW (default: 1e-3 in pretrain, 5e-4 in finetune)")

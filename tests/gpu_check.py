@@ -207,8 +207,8 @@ def synthetic_batch(cfg, mode, n_clips, batch_size, tmp):
     import train
     ds = data.build_dataset("synthetic", None, "pretrain" if mode == "pretrain" else "train", cfg, train=True)
     tokenizer = train.fit_tokenizer([ds], Path(tmp))
-    # only what the step reads: a pre-training clip's flow and owner map would add 1.4x its frames' bytes to every
-    # batch repeated and pinned in the largest-batch search (6.5 instead of 2.7 GiB at batch 256)
+    # only what the step reads: a pre-training clip's flow, owner map and masks would add 1.4x its frames' bytes to
+    # every batch repeated and pinned in the largest-batch search (6.5 instead of 2.7 GiB at batch 256)
     keys = train.STAGE_KEYS["pretrain" if mode == "pretrain" else "finetune"]
     batch = data.Collate(tokenizer, cfg.max_text_len, keys=keys)([ds[i] for i in range(n_clips)])
     reps = -(-batch_size // n_clips)

@@ -292,8 +292,8 @@ def test_model_compiles_without_graph_breaks(fusion, task):
 
 @pytest.mark.parametrize("mode", ["pretrain", "finetune"])
 def test_synthetic_batches_carry_only_what_the_step_reads(mode, tmp_path, monkeypatch):
-    """The largest-batch search repeats and pins each batch: a pre-training clip's flow and owner map (1.4x its frames'
-    bytes, never read by the step) made 6.5 instead of 2.7 GiB of pinned memory at batch 256."""
+    """The largest-batch search repeats and pins each batch: a pre-training clip's flow, owner map and masks (1.4x its
+    frames' bytes, never read by the step) made 6.5 instead of 2.7 GiB of pinned memory at batch 256."""
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)      # no CUDA here: pinning is a no-op
     batch = gpu_check.synthetic_batch(slvp.SLVPConfig.tiny(), mode, 2, 3, tmp_path)
     assert set(batch) == {*train.STAGE_KEYS[mode], "ids", "mask"}
