@@ -573,6 +573,7 @@ class SMiT(ClipDataset):
         super().__init__(cfg, train, seed, skip_bad)
         root = need(root, "the S-MiT root with videos/ or frames/, transcriptions/ and <split>.txt")
         listing = need(root / f"{split}.txt", "one video name a line").read_text(encoding="utf-8")
+        need(root / "transcriptions", "the captions, transcriptions/<name>.txt")
         names = [n.strip() for n in listing.splitlines() if n.strip()]
         self.stride, empty, bad = stride, [], []
         T = cfg.num_frames
@@ -1280,19 +1281,21 @@ def main(argv=None):
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            ds = build_dataset(args.name, args.data_root, args.split, cfg, train=False)
-            print(f"{args.name} {args.split}" + (f" under {args.data_root}" if args.data_root else ""))
-            print(f"layout: {ds.layout}")
-            print("found: " + ", ".join(f"{n} {what}" for what, n in ds.summary.items()))
-            print(f"items: {len(ds)} clips of {cfg.num_frames} frames at {cfg.frame_size[0]}x{cfg.frame_size[1]}"
-                  + (f" (evaluation clips, every frame covered; a training epoch takes one random window of each of "
-                     f"the {len(ds.exprs)} expressions)" if hasattr(ds, "exprs") else ""))
-            if not len(ds):
-                raise ValueError(f"no items in {args.name} {args.split}: nothing to show")
-            picks = sorted(set(np.linspace(0, len(ds) - 1, min(4, len(ds))).round().astype(int).tolist()))
-            items = [ds[i] for i in picks]
-        for w in caught:
-            print(f"note: {w.message}")
+            try:
+                ds = build_dataset(args.name, args.data_root, args.split, cfg, train=False)
+                print(f"{args.name} {args.split}" + (f" under {args.data_root}" if args.data_root else ""))
+                print(f"layout: {ds.layout}")
+                print("found: " + ", ".join(f"{n} {what}" for what, n in ds.summary.items()))
+                print(f"items: {len(ds)} clips of {cfg.num_frames} frames at {cfg.frame_size[0]}x{cfg.frame_size[1]}"
+                      + (f" (evaluation clips, every frame covered; a training epoch takes one random window of each "
+                         f"of the {len(ds.exprs)} expressions)" if hasattr(ds, "exprs") else ""))
+                if not len(ds):
+                    raise ValueError(f"no items in {args.name} {args.split}: nothing to show")
+                picks = sorted(set(np.linspace(0, len(ds) - 1, min(4, len(ds))).round().astype(int).tolist()))
+                items = [ds[i] for i in picks]
+            finally:   # what was skipped and why, also before an error (every video skipped: "no items")
+                for w in caught:
+                    print(f"note: {w.message}")
         out.parent.mkdir(parents=True, exist_ok=True)
         contact_sheet(items).save(out)
     except (FileNotFoundError, ValueError) as e:

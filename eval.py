@@ -578,7 +578,8 @@ def bench_ytvos(args, model, tokenizer, device):
     zpath = out / "submission.zip"
     out.mkdir(parents=True, exist_ok=True)
     vids, n = set(), 0
-    partial = zpath.with_name(zpath.name + ".part")   # renamed when whole: a failed run leaves no zip to upload
+    partial = zpath.with_name(zpath.name + ".part")   # renamed when whole: a failed run leaves no zip to upload,
+    zpath.unlink(missing_ok=True)                     # not even an earlier run's
     try:
         with zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED) as z:
             for (vid, exp_id), frames in predict(model, ds, tokenizer, args.batch_size, device, workers=args.workers):

@@ -20,6 +20,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +61,8 @@ def parse_args(argv=None):
                    help="real datasets: skip a clip whose file is unreadable or missing, counting them in a note, "
                         "instead of stopping at the first with its name")
     p.add_argument("--train-size", type=positive, default=None,
-                   help="synthetic finetuning: number of labelled clips (default: the split's 256)")
+                   help="the synthetic world's number of training clips: labelled ones in fine-tuning (default: "
+                        "256), captioned ones in pre-training (default: 100000)")
     p.add_argument("--t5", type=data.path, help="a Hugging Face T5 folder for the text encoder (needs --spm)")
     p.add_argument("--vit", type=data.path, help="an open_clip CoCa/CLIP or timm ViT checkpoint for the vision encoder")
     p.add_argument("--spm", type=data.path,
@@ -132,6 +134,10 @@ def parse_args(argv=None):
         usable = ", ".join(d for d in data.DATASETS if d == "synthetic" or data.DATASETS[d].rvos)
         p.error(f"--data {captions[0]} has captions, no masks or boxes: it is for --mode pretrain "
                 f"(fine-tune on {usable})")
+    labelled = [d for d in args.data if d != "synthetic" and data.DATASETS[d].rvos]
+    if args.mode == "pretrain" and labelled:   # (their training clips are augmented; pre-training's are not, Sec. 4.1)
+        p.error(f"--data {labelled[0]} is an R-VOS dataset: it is for --mode finetune (pre-train on smit or synthetic, "
+                f"as the paper pre-trains on S-MiT)")
     if args.mode == "pretrain" and (args.init or args.encoders):
         p.error("--init and --encoders are for --mode finetune")
     if args.t5 and not args.spm:
@@ -147,8 +153,8 @@ def parse_args(argv=None):
         p.error("--resume continues the run in --out and --overwrite replaces it: give one of them")
     if args.skip_bad and set(args.data) == {"synthetic"}:
         p.error("--skip-bad skips the unreadable files of real datasets; --data synthetic is made here and reads none")
-    if args.train_size and not (args.mode == "finetune" and "synthetic" in args.data):
-        p.error("--train-size is the number of labelled synthetic clips: it needs --mode finetune and --data synthetic")
+    if args.train_size and "synthetic" not in args.data:
+        p.error("--train-size is the number of synthetic training clips: it needs --data synthetic")
     if args.warmup is not None and args.warmup > args.steps and not (args.resume and not args.steps_given):
         p.error(f"--warmup {args.warmup} is longer than the run: expected at most --steps {args.steps}")
     return args
@@ -268,7 +274,7 @@ def build_training_data(args, cfg):
     sets = []
     for name in args.data:
         opts = {"seed": args.seed}
-        if name == "synthetic" and args.mode == "finetune" and args.train_size:
+        if name == "synthetic" and args.train_size:
             opts["size"] = args.train_size
         if name != "synthetic":                                         # generated clips have no files
             opts["skip_bad"] = args.skip_bad
@@ -659,7 +665,10 @@ def run(args, ddp, rank, world, device):
     try:
         state = read_resume(args.out / "resume.pt") if args.resume else None
         probe_cfg = getattr(slvp.SLVPConfig, args.config)()
-        sets = build_training_data(args, probe_cfg)
+        with warnings.catch_warnings():
+            if not main_proc:   # every process builds the same data: its notes are said once, by process 0
+                warnings.simplefilter("ignore", data.Note)
+            sets = build_training_data(args, probe_cfg)
         tokenizer = choose_tokenizer(args, sets, main_proc, ddp)
         model = build_model(args, tokenizer)
         if len(tokenizer) > model.cfg.vocab_size:

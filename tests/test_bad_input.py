@@ -190,7 +190,10 @@ CASES = [
     ("eval", "--bench kinetics", ["argument --bench: invalid choice: 'kinetics'"]),
     # flags that contradict each other
     ("train", "--resume --overwrite", ["--resume", "--overwrite", "give one of them"]),
-    ("train", "--train-size 64", ["--train-size", "needs --mode finetune"]),
+    ("train", "--mode finetune --data davis17 --data-root {d} --train-size 64", ["--train-size is the number of "
+                                                                                "synthetic training clips: it needs"]),
+    ("train", "--mode pretrain --data synthetic ytvos --data-root {d}", ["--data ytvos is an R-VOS dataset: it is for "
+                                                                        "--mode finetune (pre-train on smit or"]),
     ("train", "--steps 10 --warmup 50", ["--warmup 50 is longer than the run"]),
     ("train", "--mode pretrain --init {d}/pre.safetensors", ["--init and --encoders are for --mode finetune"]),
     ("train", "--mode finetune --data synthetic smit --data-root {d}", ["--data smit has captions, no masks or boxes"]),
@@ -293,9 +296,12 @@ def test_bad_input_gives_one_error_line(program, args, names, d, tmp_path, capsy
 
 def test_a_failed_submission_leaves_no_zip(d, tmp_path, capsys):
     """Ref-YouTube-VOS valid with a truncated frame of its second video: the run stops with its line and leaves no
-    submission.zip (it left an empty or partial one, a file that looks like a submission)."""
+    submission.zip (it left an empty or partial one, a file that looks like a submission), not even an earlier run's
+    in the same --out (which would be uploaded as this run's)."""
     argv = ["--bench", "ytvos", "--ckpt", str(d / "good.safetensors"), "--data-root", str(d / "ytvos-truncated-frame"),
             "--workers", "0", "--out", str(tmp_path / "o")]
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o/submission.zip").write_bytes(b"an earlier run's submission")
     status, text = error_line(ev.main, argv, capsys)
     assert status != 0 and "vid_b/00003.jpg: unreadable image" in text
     assert (tmp_path / "o").is_dir() and not list((tmp_path / "o").glob("submission.zip*"))

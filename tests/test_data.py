@@ -1045,6 +1045,27 @@ def test_inspector_prints_what_it_found_and_writes_a_sheet(tmp_path, capsys):
         data.main(["ytvos"])
 
 
+def test_inspector_says_why_before_it_stops(tmp_path, capsys):
+    """S-MiT whose every caption is empty: the inspector collected its notes, then dropped them on the error "no
+    items"; the note that says why now comes before it. Without transcriptions/ at all (every video was skipped as
+    uncaptioned): one line naming that folder."""
+    root = tmp_path / "smit"
+    for t in range(3):
+        write_jpeg(root / f"frames/clip_a/{t}.jpg", 50)
+    (root / "transcriptions").mkdir()
+    (root / "transcriptions/clip_a.txt").write_text("\n")
+    (root / "train.txt").write_text("clip_a\n")
+    argv = ["smit", "--data-root", str(root), "--out", str(tmp_path / "sheet.png")]
+    with pytest.raises(SystemExit, match="^error: no items in smit train: nothing to show$"):
+        data.main(argv)
+    assert capsys.readouterr().out.endswith("note: S-MiT train: skipped 1 videos with an empty or missing caption "
+                                            f"({root / 'transcriptions/clip_a.txt'})\n")
+    (root / "transcriptions/clip_a.txt").unlink()
+    (root / "transcriptions").rmdir()
+    with pytest.raises(SystemExit, match="transcriptions not found: expected the captions, transcriptions/<name>.txt"):
+        data.main(argv)
+
+
 # ---------------------------------------------------------------------------------------------- batching
 
 def test_collate_workers_and_distributed_sampler(tmp_path):

@@ -425,6 +425,20 @@ def test_ddp_processes_that_differ_stop_with_one_line(tmp_path, rank1):
     assert not (tmp_path / "o" / "ckpt.safetensors").exists()
 
 
+def test_ddp_says_the_datas_notes_once(tmp_path):
+    """Every process builds the same data: the notes of what a loader skipped came once a process (8 times on 8 GPUs);
+    process 0 says them. A stand-in note, made where the datasets are built."""
+    prelude = ("import data\nsys.stderr = sys.stdout\n"
+               "real = train.build_training_data\n"
+               "def noted(args, cfg):\n"
+               "    data.note('skipped 1 empty expressions (a stand-in)')\n"
+               "    return real(args, cfg)\n"
+               "train.build_training_data = noted\n")
+    stdout = two_gloo_processes(tmp_path, ["--mode", "pretrain", "--steps", "2", *FAST, "--out", str(tmp_path / "o")],
+                                prelude=prelude)
+    assert stdout.count("note: skipped 1 empty expressions (a stand-in)") == 1, stdout
+
+
 def test_a_batch_that_does_not_split_over_the_processes_is_refused(tmp_path):
     args = train.parse_args(["--batch-size", "3", "--out", str(tmp_path / "o")])
     with pytest.raises(SystemExit, match="--batch-size 3 does not split over the 2 processes; expected a multiple of 2"):
@@ -1222,3 +1236,13 @@ def test_the_seed_reaches_the_synthetic_training_clips():
     other = data.build_dataset("synthetic", None, "pretrain", cfg, train=True, seed=0)
     assert torch.equal(built[0]["frames"], own[0]["frames"])
     assert not torch.equal(built[0]["frames"], other[0]["frames"])
+
+
+def test_train_size_sets_the_synthetic_share_in_either_stage():
+    """--train-size is the synthetic world's number of training clips, its share of a union (README, "Training"): in
+    fine-tuning the labelled set's (256 by default), in pre-training the captioned set's (100000; refused there, it
+    left S-MiT beside the synthetic world's 100000 clips a share it could not change)."""
+    cfg = slvp.SLVPConfig.tiny()
+    for mode, default in (("pretrain", 100_000), ("finetune", 256)):
+        assert len(train.build_training_data(train.parse_args(["--mode", mode]), cfg)[0]) == default
+        assert len(train.build_training_data(train.parse_args(["--mode", mode, "--train-size", "16"]), cfg)[0]) == 16
