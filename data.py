@@ -68,7 +68,7 @@ def run_main(main):
 
 def number(kind, low, strict=False, high=None):
     """An argparse type: a finite int or float (kind) >= low, or > low when strict, and <= high where given."""
-    what = f"{'an integer' if kind is int else 'a finite number'} {'>' if strict else '>='} {low}"
+    what = f"{'an integer' if kind is int else 'a finite number'} {'>' if strict else '>='} {low:g}"
     what += f" and <= {high:g}" if isinstance(high, float) else f" and <= {high}" if high is not None else ""
 
     def parse(text):
@@ -645,9 +645,11 @@ def _count_video_frames(path):
     av = _pyav(path)
     try:
         with av.open(str(path)) as c:
+            if not c.streams.video:
+                raise BadFile(f"{path}: no video stream (an audio file?); expected an .mp4 with one")
             n = c.streams.video[0].frames
             return n if n > 0 else sum(1 for _ in c.decode(video=0))
-    except (av.FFmpegError, IndexError) as e:
+    except av.FFmpegError as e:
         raise BadFile(f"{path}: unreadable video ({e}); expected an .mp4 with a video stream") from e
 
 

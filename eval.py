@@ -651,9 +651,12 @@ def demo_frames(video):
     expected = "expected a video file or a folder of frames"
     try:
         c = av.open(str(video))
-        stream = c.streams.video[0]
-    except (av.FFmpegError, IndexError) as e:
+    except av.FFmpegError as e:
         raise ValueError(f"{video}: unreadable video ({e}); {expected}") from e
+    if not c.streams.video:
+        c.close()
+        raise ValueError(f"{video}: no video stream (an audio file?); {expected}")
+    stream = c.streams.video[0]
 
     def decode():
         n = 0
@@ -676,9 +679,17 @@ def demo(args, model, tokenizer, device):
     cfg = model.cfg
     frames, count, ms = demo_frames(args.video)
     ids, mask = tokenizer([args.text], max_len=cfg.max_text_len)
+    pieces = tokenizer.sp.encode(args.text)
+    if len(pieces) >= cfg.max_text_len:    # as training cut its texts, silently
+        data.note(f"--text is {len(pieces)} pieces; the model reads its first {cfg.max_text_len - 1} and </s>")
+    if unknown := pieces.count(tokenizer.sp.unk_id()):
+        data.note(f"--text: {unknown} of its {len(pieces)} pieces are unknown to {tokenizer.path} (<unk>): words or "
+                  f"letters its training texts did not have")
     model.eval()
     out = Path(args.out) / "demo"
     out.mkdir(parents=True, exist_ok=True)
+    for old in [*(p for p in out.glob("*.png") if p.stem.isdigit()), out / "demo.gif"]:   # an earlier demo's: a
+        old.unlink(missing_ok=True)                                                        # longer video's would stay
     gif, size, t0 = [], None, time.time()
     with torch.no_grad():
         for clip in iter(lambda: list(itertools.islice(frames, cfg.num_frames)), []):   # the last may be shorter

@@ -637,12 +637,18 @@ class SLVP(nn.Module):
     # -- encoders: f_v [B, T*N, d] and f_r [B, L, d] ---------------------------------------------------------
     def encode(self, frames, ids, mask):
         B, T = frames.shape[:2]
-        if T != self.cfg.num_frames or tuple(frames.shape[-2:]) != self.cfg.frame_size:
-            raise ValueError(f"frames {tuple(frames.shape)} do not match the config "
-                             f"(T={self.cfg.num_frames}, frame_size={self.cfg.frame_size})")
+        if (frames.dim() != 5 or B == 0 or tuple(frames.shape[1:3]) != (self.cfg.num_frames, 3)
+                or tuple(frames.shape[-2:]) != self.cfg.frame_size):
+            raise ValueError(f"frames {tuple(frames.shape)} do not match the config (T={self.cfg.num_frames}, "
+                             f"frame_size={self.cfg.frame_size}): expected [B >= 1, T, 3 (RGB), H, W]")
         if not frames.is_floating_point():
             raise TypeError(f"frames are {frames.dtype}; expected floating-point RGB in [0, 1] (e.g. "
                             f"frames.float() / 255)")
+        if ids.dim() != 2 or ids.shape[0] != B or mask.shape != ids.shape:
+            raise ValueError(f"ids {tuple(ids.shape)} and mask {tuple(mask.shape)}: expected [B, L] each, with the "
+                             f"frames' B = {B}")
+        if mask.dtype != torch.bool:   # (a Hugging Face attention_mask is int64 0/1: mask.bool())
+            raise TypeError(f"mask is {mask.dtype}; expected bool, True at the text's tokens (as Tokenizer gives it)")
         x = (frames.flatten(0, 1).to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std   # [B*T, 3, H, W]
         # a frozen encoder's parameters do not require grad: autograd records nothing of it (the frames and ids do not)
         f_v = self.vision(x)                                                # [B*T, N, vit_dim], each frame alone
@@ -713,6 +719,10 @@ class SLVP(nn.Module):
         if masks.shape != out["masks"].shape:
             raise ValueError(f"masks {tuple(masks.shape)} do not match the predicted {tuple(out['masks'].shape)} "
                              f"[B, T, H, W]")
+        B, T = out["boxes"].shape[:2]
+        if boxes.shape != (B, T, 4) or valid.shape != (B, T):
+            raise ValueError(f"boxes {tuple(boxes.shape)} and valid {tuple(valid.shape)}: expected [B, T, 4] and "
+                             f"[B, T], B, T = {B}, {T} as predicted")
         v = valid.float().flatten()                                         # [B*T]
         n = v.sum().clamp(min=1) if num_valid is None else num_valid
         pb, gb = out["boxes"].float().flatten(0, 1), boxes.float().flatten(0, 1)   # [B*T, 4]
@@ -797,8 +807,10 @@ class Tokenizer:
     def __call__(self, texts, max_len=64):
         if isinstance(texts, str):
             raise TypeError(f"texts is a str ({texts[:40]!r}); expected a list of texts, e.g. [text]")
-        if max_len < 1:  # [:max_len - 1] would keep all but the last pieces (-1) or more
-            raise ValueError(f"max_len {max_len}: expected at least 1 (room for </s>)")
+        if not len(texts):
+            raise ValueError("no texts; expected a list of one or more")
+        if not isinstance(max_len, int) or max_len < 1:  # [:max_len - 1] would keep all but the last pieces (-1)
+            raise ValueError(f"max_len {max_len!r}: expected an int of at least 1 (room for </s>)")
         rows = []
         for text in texts:
             if not text or not text.strip():
@@ -815,6 +827,7 @@ def save_checkpoint(path, model, **extra):
     """safetensors with the config, fusion and task in the metadata, plus any `extra` JSON-able fields. Written
     to a temporary file and renamed, so a kill during the save never loses the previous checkpoint."""
     from safetensors.torch import save_file
+    model = getattr(model, "_orig_mod", model)   # torch.compile's wrapper: its state_dict's keys carry `_orig_mod.`
     for part in ("text", "vision"):   # the flags say whole encoders: a partly trained one reloads wholly trained
         grads = {p.requires_grad for p in getattr(model, part).parameters()}
         if len(grads) > 1:

@@ -90,7 +90,9 @@ def parse_args(argv=None):
     # at most float32's largest / 10: AdamW's first step size is lr / (1 - beta1) = 10 lr (times 0.1 g: a move of lr),
     # passed to torch's foreach kernels as a float32 scalar (--lr 1e300 stopped there with "value cannot be converted
     # to type float")
-    p.add_argument("--lr", type=data.number(float, 0, strict=True, high=float(np.finfo(np.float32).max) / 10),
+    # and at least float32's smallest normal number: one below it is 0 or subnormal there, and the weights stay put
+    p.add_argument("--lr", type=data.number(float, float(np.finfo(np.float32).tiny),
+                                            high=float(np.finfo(np.float32).max) / 10),
                    default=None,
                    help="peak learning rate of AdamW (default: 1e-3 in pretrain, 5e-4 in finetune)")
     p.add_argument("--weight-decay", type=data.number(float, 0), default=0.05,
@@ -291,16 +293,17 @@ def fit_tokenizer(sets, out):
     training set, spread over its whole list (ClipDataset.texts). BPE, not T5's unigram: on the synthetic captions the
     unigram trainer stopped at 49 pieces, nearly letters, and most captions were cut at the tiny config's length; BPE
     keeps each word whole (README, "The default run")."""
+    import io
     import sentencepiece as spm
-    out = Path(out)
     texts = [t for s in sets for t in s.texts(5000)]
-    corpus = out / "spm_corpus.txt"
-    corpus.write_text("\n".join(texts), encoding="utf-8")  # sentencepiece reads UTF-8, whatever the locale
-    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(out / "spm"), vocab_size=256,
+    # fit to the texts, not to a corpus file, whose path the model would record: two runs that fit the same pieces
+    # write the same bytes (the sha256 a checkpoint records of its tokenizer)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=model, vocab_size=256,
                                    model_type="bpe", hard_vocab_limit=False, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
                                    character_coverage=1.0, minloglevel=2)
-    corpus.unlink()
-    return slvp.Tokenizer(out / "spm.model")
+    (Path(out) / "spm.model").write_bytes(model.getvalue())
+    return slvp.Tokenizer(Path(out) / "spm.model")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -175,7 +175,7 @@ CASES = [
     ("train", "--steps -5", ["argument --steps: got '-5', expected an integer >= 1"]),
     ("train", "--batch-size 0", ["argument --batch-size: got '0'"]),
     ("train", "--steps ten", ["argument --steps: got 'ten'"]),
-    ("train", "--lr nan", ["argument --lr: got 'nan', expected a finite number > 0"]),
+    ("train", "--lr nan", ["argument --lr: got 'nan', expected a finite number >= 1.17549e-38"]),
     ("train", "--lr inf", ["argument --lr: got 'inf'"]),
     ("train", "--lr 0", ["argument --lr: got '0'"]),
     ("train", "--weight-decay -1", ["argument --weight-decay: got '-1', expected a finite number >= 0"]),
@@ -247,7 +247,9 @@ CASES = [
     # The range is the one of numpy's RandomState and Lightning's seed_everything, [0, 2**32 - 1]
     ("train", "--seed 99999999999999999999", ["argument --seed: got '99999999999999999999'", "<= 4294967295"]),
     ("train", "--seed 200000000000000", ["argument --seed: got '200000000000000'"]),
-    ("train", "--lr 1e300 --steps 1", ["argument --lr: got '1e300', expected a finite number > 0 and <= 3.40282e+37"]),
+    ("train", "--lr 1e300 --steps 1", ["argument --lr: got '1e300', expected a finite number >= 1.17549e-38 and <= "
+                                      "3.40282e+37"]),
+    ("train", "--lr 1e-300 --steps 1", ["argument --lr: got '1e-300'"]),   # 0 in float32: the weights stayed put
     ("train", "--data foo", ["argument --data: invalid choice: 'foo'"]),          # it said "--data foo needs --data-root"
     # files whose bytes make torch's weights-only unpickler raise a KeyError
     ("train", "--resume --out {d}/text-resume", ["text-resume/resume.pt: unreadable", "expected the resume.pt"]),
@@ -571,6 +573,10 @@ def test_the_largest_value_a_flag_allows_is_allowed():
         train.parse_args(["--seed", str(2**32)])
     top = float(np.finfo(np.float32).max) / 10
     assert train.parse_args(["--lr", repr(top)]).lr == top
+    bottom = 2.0 ** -126                                     # float32's smallest normal number, --lr's lower bound
+    assert train.parse_args(["--lr", repr(bottom)]).lr == bottom and np.float32(bottom) == bottom
+    with pytest.raises(SystemExit):
+        train.parse_args(["--lr", repr(bottom / 2)])
     assert data.number(int, 1, high=3)("3") == 3
 
 

@@ -749,6 +749,35 @@ def test_synthetic_bench_and_demo(tmp_path, tiny_ckpt):
     assert len(pngs) == 6 and Image.open(pngs[0]).size == (40, 30)
     gif = Image.open(out / "demo.gif")
     assert gif.n_frames == 6
+    # a shorter video into the same --out: its 2 overlays, not those and the first video's last 4 (they stayed); a
+    # text longer than the model reads, and words the tokenizer never saw, are said
+    for t in range(2, 6):
+        (video / f"{t:03d}.jpg").unlink()
+    (out / "notes.txt").write_text("a file of the user's")
+    with pytest.warns(data.Note) as notes:
+        ev.main(["--ckpt", str(tiny_ckpt), "--video", str(video), "--text", "the red circle moves left " * 8 + "红色",
+                 "--out", str(tmp_path / "d")])
+    assert sorted(p.name for p in out.iterdir()) == ["00000.png", "00001.png", "demo.gif", "notes.txt"]
+    said = [str(n.message) for n in notes]
+    assert said[0].startswith("--text is ") and said[0].endswith("pieces; the model reads its first 31 and </s>")
+    assert said[1].startswith("--text: 1 of its") and "pieces are unknown to" in said[1]
+
+
+def test_a_file_without_a_video_stream_is_named_as_such(tmp_path, tiny_ckpt):
+    """An audio file given as the demo's --video (or as an S-MiT video) failed with "unreadable video (tuple index
+    out of range)"."""
+    av = pytest.importorskip("av")
+    audio = tmp_path / "speech.wav"
+    with av.open(str(audio), "w") as c:
+        s = c.add_stream("pcm_s16le", rate=8000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), format="s16", layout="mono")
+        frame.sample_rate = 8000
+        for packet in [*s.encode(frame), *s.encode(None)]:
+            c.mux(packet)
+    with pytest.raises(SystemExit, match=r"speech.wav: no video stream \(an audio file\?\); expected a video file"):
+        ev.main(["--ckpt", str(tiny_ckpt), "--video", str(audio), "--text", "the red circle", "--out", str(tmp_path)])
+    with pytest.raises(data.BadFile, match=r"speech.wav: no video stream \(an audio file\?\); expected an .mp4"):
+        data._count_video_frames(audio)
 
 
 def test_demo_overlays_the_predicted_mask(tmp_path, spm_model):

@@ -474,6 +474,27 @@ def test_the_fitted_tokenizer_keeps_words_whole(tmp_path):
         assert len(pieces) + 1 <= cfg.max_text_len                                          # with </s>: not cut
 
 
+def test_the_fitted_tokenizer_is_one_file_whatever_the_folder(tmp_path):
+    """Fitted to a corpus file, the model recorded that file's path and its own (sentencepiece's trainer_spec): two
+    runs that fit the same pieces into two --out folders wrote other bytes, and each refused the other's checkpoint
+    (the sha256 a checkpoint records of its tokenizer). Fitted to the texts themselves, they write one file, which
+    holds neither path; its pieces and scores are those sentencepiece fits to the same texts as a corpus file."""
+    import sentencepiece as spm
+    clips = data.SyntheticClips(slvp.SLVPConfig.tiny(), "pretrain", train=True)
+    for out in ("a", "b/deeper"):
+        (tmp_path / out).mkdir(parents=True)
+        tokenizer = train.fit_tokenizer([clips], tmp_path / out)
+    model = (tmp_path / "a/spm.model").read_bytes()
+    assert model == (tmp_path / "b/deeper/spm.model").read_bytes() and str(tmp_path).encode() not in model
+    (tmp_path / "corpus.txt").write_text("\n".join(clips.texts(5000)), encoding="utf-8")
+    spm.SentencePieceTrainer.train(input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "ref"),
+                                   vocab_size=256, model_type="bpe", hard_vocab_limit=False, pad_id=0, eos_id=1,
+                                   unk_id=2, bos_id=-1, character_coverage=1.0, minloglevel=2)
+    ref = spm.SentencePieceProcessor(model_file=str(tmp_path / "ref.model"))
+    assert [(ref.id_to_piece(i), ref.get_score(i)) for i in range(ref.get_piece_size())] == \
+        [(tokenizer.sp.id_to_piece(i), tokenizer.sp.get_score(i)) for i in range(len(tokenizer))]
+
+
 class FixedFlow(torch.nn.Module):
     """A "model" whose flow is given by hand, clip by clip in dataset order."""
 
