@@ -1,7 +1,6 @@
 """Edge-case inputs to the public API (SPEC §3, §5) that a researcher forking the code plausibly passes: each either
 gives the right result, checked against an independent value (hand-worked, grid_sample, the DAVIS evaluator's or
 Middlebury's conventions), or fails with an error that names the problem."""
-import os
 
 import numpy as np
 import pytest
