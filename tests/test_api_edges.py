@@ -320,6 +320,7 @@ def test_rvos_loss_refuses_boxes_and_valid_of_other_shapes():
             model.rvos_loss(out, b, masks, v)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")   # torch._dynamo's import, 14 times
 def test_a_compiled_model_saves_as_the_model_itself(tmp_path):
     """save_checkpoint(path, torch.compile(model)) wrote every key with torch.compile's `_orig_mod.` prefix, which
     load_checkpoint then refused (a list of hundreds of missing and unexpected keys); its checkpoint is the model's
