@@ -61,6 +61,7 @@ def run_main(main):
     as it ends `cat`, not with Python's BrokenPipeError traceback."""
     try:
         main()
+        sys.stdout.flush()   # here, not at the interpreter's exit, where the error could only be reported
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python's recipe: no second error at exit,
         raise SystemExit(1)                                              # when the interpreter flushes stdout)
@@ -68,7 +69,7 @@ def run_main(main):
 
 def number(kind, low, strict=False, high=None):
     """An argparse type: a finite int or float (kind) >= low, or > low when strict, and <= high where given."""
-    what = f"{'an integer' if kind is int else 'a finite number'} {'>' if strict else '>='} {low:g}"
+    what = f"{'an integer' if kind is int else 'a finite number'} {'>' if strict else '>='} {low}"
     what += f" and <= {high:g}" if isinstance(high, float) else f" and <= {high}" if high is not None else ""
 
     def parse(text):

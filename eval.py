@@ -677,6 +677,10 @@ def demo(args, model, tokenizer, device):
     frames are read, run in clips of T (data.eval_clips: the last padded by repeating its last frame) and written
     a clip at a time: a long video is never held whole; demo.gif's frames are at most GIF_SIDE pixels wide or high."""
     cfg = model.cfg
+    out = Path(args.out) / "demo"
+    if out.resolve() in (Path(args.video).resolve(), Path(args.video).resolve().parent):
+        raise ValueError(f"--video {args.video} is in the demo's folder, {out}, whose earlier overlays it deletes: "
+                         f"choose another --out")
     frames, count, ms = demo_frames(args.video)
     ids, mask = tokenizer([args.text], max_len=cfg.max_text_len)
     pieces = tokenizer.sp.encode(args.text)
@@ -686,7 +690,6 @@ def demo(args, model, tokenizer, device):
         data.note(f"--text: {unknown} of its {len(pieces)} pieces are unknown to {tokenizer.path} (<unk>): words or "
                   f"letters its training texts did not have")
     model.eval()
-    out = Path(args.out) / "demo"
     out.mkdir(parents=True, exist_ok=True)
     for old in [*(p for p in out.glob("*.png") if p.stem.isdigit()), out / "demo.gif"]:   # an earlier demo's: a
         old.unlink(missing_ok=True)                                                        # longer video's would stay

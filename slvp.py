@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import numbers
 import os
 import pickle
 import warnings
@@ -636,14 +637,14 @@ class SLVP(nn.Module):
 
     # -- encoders: f_v [B, T*N, d] and f_r [B, L, d] ---------------------------------------------------------
     def encode(self, frames, ids, mask):
-        B, T = frames.shape[:2]
-        if (frames.dim() != 5 or B == 0 or tuple(frames.shape[1:3]) != (self.cfg.num_frames, 3)
+        if (frames.dim() != 5 or len(frames) == 0 or tuple(frames.shape[1:3]) != (self.cfg.num_frames, 3)
                 or tuple(frames.shape[-2:]) != self.cfg.frame_size):
             raise ValueError(f"frames {tuple(frames.shape)} do not match the config (T={self.cfg.num_frames}, "
                              f"frame_size={self.cfg.frame_size}): expected [B >= 1, T, 3 (RGB), H, W]")
         if not frames.is_floating_point():
             raise TypeError(f"frames are {frames.dtype}; expected floating-point RGB in [0, 1] (e.g. "
                             f"frames.float() / 255)")
+        B, T = frames.shape[:2]
         if ids.dim() != 2 or ids.shape[0] != B or mask.shape != ids.shape:
             raise ValueError(f"ids {tuple(ids.shape)} and mask {tuple(mask.shape)}: expected [B, L] each, with the "
                              f"frames' B = {B}")
@@ -807,10 +808,11 @@ class Tokenizer:
     def __call__(self, texts, max_len=64):
         if isinstance(texts, str):
             raise TypeError(f"texts is a str ({texts[:40]!r}); expected a list of texts, e.g. [text]")
-        if not len(texts):
+        texts = list(texts)
+        if not texts:
             raise ValueError("no texts; expected a list of one or more")
-        if not isinstance(max_len, int) or max_len < 1:  # [:max_len - 1] would keep all but the last pieces (-1)
-            raise ValueError(f"max_len {max_len!r}: expected an int of at least 1 (room for </s>)")
+        if not isinstance(max_len, numbers.Integral) or max_len < 1:  # [:max_len - 1] kept all but the last (-1)
+            raise ValueError(f"max_len {max_len!r}: expected an integer of at least 1 (room for </s>)")
         rows = []
         for text in texts:
             if not text or not text.strip():

@@ -90,9 +90,8 @@ def parse_args(argv=None):
     # at most float32's largest / 10: AdamW's first step size is lr / (1 - beta1) = 10 lr (times 0.1 g: a move of lr),
     # passed to torch's foreach kernels as a float32 scalar (--lr 1e300 stopped there with "value cannot be converted
     # to type float")
-    # and at least float32's smallest normal number: one below it is 0 or subnormal there, and the weights stay put
-    p.add_argument("--lr", type=data.number(float, float(np.finfo(np.float32).tiny),
-                                            high=float(np.finfo(np.float32).max) / 10),
+    # and at least 1e-37, within float32's normal numbers (from 1.2e-38): 1e-300 is 0 there, and the weights stayed put
+    p.add_argument("--lr", type=data.number(float, 1e-37, high=float(np.finfo(np.float32).max) / 10),
                    default=None,
                    help="peak learning rate of AdamW (default: 1e-3 in pretrain, 5e-4 in finetune)")
     p.add_argument("--weight-decay", type=data.number(float, 0), default=0.05,
@@ -679,7 +678,9 @@ def run(args, ddp, rank, world, device):
                              f"{model.cfg.vocab_size}: use the sentencepiece model the checkpoint was trained with")
         geometry = lambda c: (c.frame_size, c.num_frames)                # all the datasets read of the config
         if geometry(model.cfg) != geometry(probe_cfg):  # a checkpoint changed the geometry: rebuild the data
-            sets = build_training_data(args, model.cfg)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", data.Note)   # (its notes were said above)
+                sets = build_training_data(args, model.cfg)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     cfg = model.cfg

@@ -919,6 +919,19 @@ def test_demo_turns_photos_as_their_exif_orientation_says(orientation, turn, tmp
         assert pic.shape == P.shape and np.abs(pic - P).mean() < 4, t
 
 
+def test_demo_refuses_to_read_the_folder_it_clears(tmp_path, spm_model):
+    """Frames extracted as %05d.png into the demo's own folder (--out X --video X/demo), or one of them as --video: the
+    earlier overlays were deleted first, the frames with them; it stops before deleting anything now."""
+    video = tmp_path / "d/demo"
+    video.mkdir(parents=True)
+    for t in range(3):
+        Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(video / f"{t:05d}.png")
+    for given in (video, video / "00001.png"):
+        with pytest.raises(ValueError, match=f"--video {given} is in the demo's folder, {video}, whose earlier overlays"):
+            no_mask_demo(given, tmp_path, spm_model)
+    assert sorted(p.name for p in video.iterdir()) == ["00000.png", "00001.png", "00002.png"]
+
+
 def test_demo_frames_of_another_size_fail_naming_the_file(tmp_path, spm_model):
     video = tmp_path / "frames"
     video.mkdir()

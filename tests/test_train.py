@@ -425,16 +425,19 @@ def test_ddp_processes_that_differ_stop_with_one_line(tmp_path, rank1):
     assert not (tmp_path / "o" / "ckpt.safetensors").exists()
 
 
-def test_ddp_says_the_datas_notes_once(tmp_path):
+def test_ddp_says_the_datas_notes_once(tmp_path, spm_model):
     """Every process builds the same data: the notes of what a loader skipped came once a process (8 times on 8 GPUs);
-    process 0 says them. A stand-in note, made where the datasets are built."""
+    process 0 says them, once also where an --init of another frame size has the data built again. A stand-in note,
+    made where the datasets are built."""
+    train.main(["--config", "small", "--steps", "1", *FAST, "--spm", str(spm_model), "--out", str(tmp_path / "pre")])
     prelude = ("import data\nsys.stderr = sys.stdout\n"
                "real = train.build_training_data\n"
                "def noted(args, cfg):\n"
                "    data.note('skipped 1 empty expressions (a stand-in)')\n"
                "    return real(args, cfg)\n"
                "train.build_training_data = noted\n")
-    stdout = two_gloo_processes(tmp_path, ["--mode", "pretrain", "--steps", "2", *FAST, "--out", str(tmp_path / "o")],
+    stdout = two_gloo_processes(tmp_path, ["--mode", "finetune", "--init", str(tmp_path / "pre/ckpt.safetensors"),
+                                           "--train-size", "4", "--steps", "1", *FAST, "--out", str(tmp_path / "o")],
                                 prelude=prelude)
     assert stdout.count("note: skipped 1 empty expressions (a stand-in)") == 1, stdout
 
@@ -454,8 +457,8 @@ def test_clear_errors(tmp_path):
     ok = run(["--mode", "pretrain", "--steps", "1", *FAST, "--out", str(tmp_path / "r")])
     assert ok.returncode == 0, ok.stderr
     r = run(["--mode", "pretrain", "--steps", "2", *FAST, "--out", str(tmp_path / "r"), "--resume", "--fusion", "language"])
-    assert r.returncode != 0 and ("holds a --mode pretrain --fusion vision run of another --fusion than this one (--mode "
-                                  "pretrain --fusion language): resume with the run's own flags") in r.stderr
+    assert r.returncode != 0 and ("holds a --mode pretrain --fusion vision run of another --fusion than this one "
+                                  "(--mode pretrain --fusion language): resume with the run's own flags") in r.stderr
     r = run(["--mode", "finetune", "--steps", "2", *FAST, "--out", str(tmp_path / "r"), "--resume"])    # in the flags'
     assert r.returncode != 0 and ("holds a --mode pretrain --fusion vision run of another --mode than this one (--mode "
                                   "finetune --fusion vision)") in r.stderr                # words, not "pretrain/rvos"
