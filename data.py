@@ -642,16 +642,29 @@ def listed(folder, pattern):
         return []
 
 
-def _count_video_frames(path):
+def open_video(path, expected):
+    """PyAV and the opened container of a video file that has a video stream; otherwise a BadFile naming the file
+    (unreadable, or without a video stream: an audio file) and what was `expected`."""
     av = _pyav(path)
     try:
-        with av.open(str(path)) as c:
-            if not c.streams.video:
-                raise BadFile(f"{path}: no video stream (an audio file?); expected an .mp4 with one")
+        c = av.open(str(path))
+    except av.FFmpegError as e:
+        raise BadFile(f"{path}: unreadable video ({e}); {expected}") from e
+    if not c.streams.video:
+        c.close()
+        raise BadFile(f"{path}: no video stream (an audio file?); {expected}")
+    return av, c
+
+
+def _count_video_frames(path):
+    expected = "expected an .mp4 with a video stream"
+    av, c = open_video(path, expected)
+    try:
+        with c:
             n = c.streams.video[0].frames
             return n if n > 0 else sum(1 for _ in c.decode(video=0))
     except av.FFmpegError as e:
-        raise BadFile(f"{path}: unreadable video ({e}); expected an .mp4 with a video stream") from e
+        raise BadFile(f"{path}: unreadable video ({e}); {expected}") from e
 
 
 def _pyav(path):

@@ -646,16 +646,8 @@ def demo_frames(video):
         return ((p, ImageOps.exif_transpose(data.read_image(p))) for p in paths), len(paths), 100
     if not video.is_file():
         raise FileNotFoundError(f"{video}: no such video file or folder")
-    av = data._pyav(video)
-
     expected = "expected a video file or a folder of frames"
-    try:
-        c = av.open(str(video))
-    except av.FFmpegError as e:
-        raise ValueError(f"{video}: unreadable video ({e}); {expected}") from e
-    if not c.streams.video:
-        c.close()
-        raise ValueError(f"{video}: no video stream (an audio file?); {expected}")
+    av, c = data.open_video(video, expected)
     stream = c.streams.video[0]
 
     def decode():
@@ -677,8 +669,8 @@ def demo(args, model, tokenizer, device):
     frames are read, run in clips of T (data.eval_clips: the last padded by repeating its last frame) and written
     a clip at a time: a long video is never held whole; demo.gif's frames are at most GIF_SIDE pixels wide or high."""
     cfg = model.cfg
-    out = Path(args.out) / "demo"
-    if out.resolve() in (Path(args.video).resolve(), Path(args.video).resolve().parent):
+    out, video = Path(args.out) / "demo", Path(args.video).resolve()
+    if out.resolve() in (video, video.parent):
         raise ValueError(f"--video {args.video} is in the demo's folder, {out}, whose earlier overlays it deletes: "
                          f"choose another --out")
     frames, count, ms = demo_frames(args.video)

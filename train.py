@@ -667,10 +667,13 @@ def run(args, ddp, rank, world, device):
     try:
         state = read_resume(args.out / "resume.pt") if args.resume else None
         probe_cfg = getattr(slvp.SLVPConfig, args.config)()
-        with warnings.catch_warnings():
-            if not main_proc:   # every process builds the same data: its notes are said once, by process 0
-                warnings.simplefilter("ignore", data.Note)
-            sets = build_training_data(args, probe_cfg)
+
+        def build(cfg, say_notes):  # every process builds the same data: its notes are said once, by process 0
+            with warnings.catch_warnings():
+                if not say_notes:
+                    warnings.simplefilter("ignore", data.Note)
+                return build_training_data(args, cfg)
+        sets = build(probe_cfg, main_proc)
         tokenizer = choose_tokenizer(args, sets, main_proc, ddp)
         model = build_model(args, tokenizer)
         if len(tokenizer) > model.cfg.vocab_size:
@@ -678,9 +681,7 @@ def run(args, ddp, rank, world, device):
                              f"{model.cfg.vocab_size}: use the sentencepiece model the checkpoint was trained with")
         geometry = lambda c: (c.frame_size, c.num_frames)                # all the datasets read of the config
         if geometry(model.cfg) != geometry(probe_cfg):  # a checkpoint changed the geometry: rebuild the data
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", data.Note)   # (its notes were said above)
-                sets = build_training_data(args, model.cfg)
+            sets = build(model.cfg, False)                     # (its notes were said above)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     cfg = model.cfg
