@@ -279,11 +279,13 @@ def test_load_checkpoint_refuses_config_overrides(tmp_path):
 
 
 def test_tokenizer_refuses_an_empty_list_and_a_max_len_not_an_integer(spm_model):
-    """tok([]) failed inside max() ("max() arg is an empty sequence"), max_len=None in a comparison with an int; texts
-    from a generator and a numpy integer max_len are taken, as a list and an int are."""
+    """tok([]) failed inside max() ("max() arg is an empty sequence"), and so did an empty generator (truthy, it passed
+    a check for no texts), max_len=None in a comparison with an int; texts from a generator and a numpy integer
+    max_len are taken, as a list and an int are."""
     tok = slvp.Tokenizer(spm_model)
-    with pytest.raises(ValueError, match="no texts; expected a list of one or more"):
-        tok([])
+    for empty in ([], (t for t in [])):
+        with pytest.raises(ValueError, match="no texts; expected a list of one or more"):
+            tok(empty)
     for max_len in (None, 8.0):
         with pytest.raises(ValueError, match=f"max_len {max_len}: expected an integer of at least 1"):
             tok(["the red circle"], max_len=max_len)
@@ -293,18 +295,23 @@ def test_tokenizer_refuses_an_empty_list_and_a_max_len_not_an_integer(spm_model)
 
 
 @pytest.mark.parametrize("case", ["batch 2 of ids", "ids of batch 2", "no clip", "grey frames", "RGBA frames",
-                                  "int64 mask", "float mask", "ids without their batch axis"])
+                                  "int64 mask", "float mask", "ids without their batch axis",
+                                  "mask of one text for two", "mask of one token", "ids stacked of [1, L] rows"])
 def test_inputs_that_do_not_fit_are_refused_by_name(case):
     """Frames and text of other batch sizes, an empty batch, frames with other than 3 channels and a mask that is not
     bool failed deep in torch (a reshape, a broadcast, masked_fill_'s dtype), or, one grey channel, ran by
-    broadcasting against the RGB mean and std; each is refused now, naming the inputs and what is expected."""
+    broadcasting against the RGB mean and std; a mask [1, L] or [B, 1] beside ids [B, L] ran broadcast over the batch
+    or the tokens, ids and mask [B, 1, L] (the Tokenizer's rows stacked) failed in an unpacking; each is refused now,
+    naming the inputs and what is expected."""
     model = slvp.SLVP(CFG, task="rvos").eval()
     frames, ids, mask = clip(B=2)
     wrong = {"batch 2 of ids": (frames[:1], ids, mask), "ids of batch 2": (frames, ids[:1], mask[:1]),
              "no clip": (frames[:0], ids[:0], mask[:0]), "grey frames": (frames[:, :, :1], ids, mask),
              "RGBA frames": (torch.cat([frames, frames[:, :, :1]], 2), ids, mask),
              "int64 mask": (frames, ids, mask.long()), "float mask": (frames, ids, mask.float()),
-             "ids without their batch axis": (frames[:1], ids[0], mask[0])}[case]
+             "ids without their batch axis": (frames[:1], ids[0], mask[0]),
+             "mask of one text for two": (frames, ids, mask[:1]), "mask of one token": (frames, ids, mask[:, :1]),
+             "ids stacked of [1, L] rows": (frames, ids[:, None], mask[:, None])}[case]
     expected = {"grey frames": r"expected \[B >= 1, T, 3 \(RGB\), H, W\]", "RGBA frames": r"3 \(RGB\)",
                 "no clip": "B >= 1", "int64 mask": "mask is torch.int64; expected bool",
                 "float mask": "mask is torch.float32; expected bool"}.get(case, r"expected \[B, L\] each")

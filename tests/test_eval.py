@@ -10,6 +10,7 @@ import itertools
 import json
 import shutil
 import types
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -919,26 +920,55 @@ def test_demo_turns_photos_as_their_exif_orientation_says(orientation, turn, tmp
         assert pic.shape == P.shape and np.abs(pic - P).mean() < 4, t
 
 
-def test_demo_refuses_to_read_the_folder_it_clears(tmp_path, spm_model):
-    """Frames extracted as %05d.png into the demo's own folder (--out X --video X/demo), or one of them as --video: the
-    earlier overlays were deleted first, the frames with them; it stops before deleting anything now."""
+def test_demo_refuses_to_read_the_folder_it_clears(tmp_path, spm_model, monkeypatch):
+    """Frames extracted as %05d.png into the demo's own folder (--out X --video X/demo), or one of them as --video,
+    also as a path relative to the working folder (--out absolute): the earlier overlays were deleted first, the
+    frames with them; it stops before deleting anything now."""
     video = tmp_path / "d/demo"
     video.mkdir(parents=True)
     for t in range(3):
         Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(video / f"{t:05d}.png")
-    for given in (video, video / "00001.png"):
+    monkeypatch.chdir(tmp_path)
+    for given in (video, video / "00001.png", Path("d/demo"), Path("d/demo/00001.png")):
         with pytest.raises(ValueError, match=f"--video {given} is in the demo's folder, {video}, whose earlier overlays"):
             no_mask_demo(given, tmp_path, spm_model)
     assert sorted(p.name for p in video.iterdir()) == ["00000.png", "00001.png", "00002.png"]
 
 
 def test_demo_frames_of_another_size_fail_naming_the_file(tmp_path, spm_model):
+    """The demo stops in its first clip, before any overlay is written: an earlier demo's overlay and demo.gif are gone
+    (not left as if this video's), the user's own cover.png in the folder stays."""
     video = tmp_path / "frames"
     video.mkdir()
     for t in range(5):
         Image.fromarray(np.zeros((48, 66 if t == 2 else 64, 3), np.uint8)).save(video / f"{t:05d}.png")
+    out = tmp_path / "d/demo"
+    out.mkdir(parents=True)
+    for name in ("00007.png", "cover.png", "demo.gif"):
+        (out / name).write_bytes(b"earlier")
     with pytest.raises(ValueError, match=r"frames/00002.png: 66x48, the first frame 64x48"):
         no_mask_demo(video, tmp_path, spm_model)
+    assert sorted(p.name for p in out.iterdir()) == ["cover.png"]
+
+
+def test_the_demo_notes_a_text_cut_by_one_piece(tmp_path, spm_model):
+    """A --text of exactly L = 32 pieces keeps 31 and </s> (the Tokenizer's first L - 1 pieces and </s>): it is cut,
+    and said; one of 31 pieces is read whole and says nothing. "falls" is one piece of the test tokenizer, so
+    "falls " * n is n pieces by construction."""
+    tok = slvp.Tokenizer(spm_model)
+    assert slvp.SLVPConfig.tiny().max_text_len == 32 and tok.sp.encode("falls", out_type=str) == ["\u2581falls"]
+    video = tmp_path / "frames"
+    video.mkdir()
+    Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(video / "00000.png")
+    model = KnownLogits(slvp.SLVPConfig.tiny(), lambda f: torch.full(f.shape[:2] + f.shape[-2:], -1.0))
+    for n, said in ((32, ["--text is 32 pieces; the model reads its first 31 and </s>"]), (31, [])):
+        ids, _ = tok([" ".join(["falls"] * n)], max_len=32)
+        assert ids.shape == (1, min(n + 1, 32)) and ids[0, -1] == tok.eos_id    # 32 pieces: the last one dropped
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ev.demo(types.SimpleNamespace(video=video, text=" ".join(["falls"] * n), out=tmp_path / f"o{n}"), model,
+                    tok, "cpu")
+        assert [str(w.message) for w in caught if issubclass(w.category, data.Note)] == said, n
 
 
 def test_demo_reads_and_writes_one_clip_at_a_time(tmp_path, spm_model, monkeypatch):
