@@ -213,6 +213,7 @@ CASES = [
     ("eval", "--bench davis17 --davis-root {d}/davis --predictions {d}/pred --workers 0", ["--workers is for a model"]),
     ("eval", "--bench ytvos --ckpt {good} --data-root {d} --num-clips 8", ["--num-clips", "goes with --bench synthetic"]),
     ("eval", "--ckpt {good} --video {d}/frames --text the --batch-size 2", ["--batch-size goes with a --bench"]),
+    ("eval", "--ckpt {good} --video {d}/frames --text the --workers 2", ["--workers goes with a --bench"]),
     # ... after the checks that name the real mistake: a model run given --predictions too, a --bench left out
     ("eval", "--bench davis17 --davis-root {d}/davis --predictions {d}/pred --ckpt {good} --spm {spm}",
      ["--predictions scores a folder of masks and --ckpt runs a model: give one of them"]),

@@ -1506,9 +1506,10 @@ def test_smit_frames_are_counted_not_kept(tmp_path, monkeypatch, capsys):
 
 
 def test_text_files_are_read_and_written_as_utf8_whatever_the_locale(ytvos_root, tmp_path):
-    """Expression files and captions are UTF-8 (README, "Data"), and so is the corpus sentencepiece is fit to: the
-    locale's encoding (cp1252 on Windows, ASCII in the C locale without UTF-8 mode) decodes none of them. Run in a
-    process whose locale encoding is ASCII; the reference is the text written."""
+    """Expression files, VISOR's mappings and captions are UTF-8 (README, "Data"), and so is the corpus sentencepiece
+    is fit to: the locale's encoding (cp1252 on Windows, ASCII in the C locale without UTF-8 mode) decodes none of
+    them. Run in a process whose locale encoding is ASCII; the reference is the text written. VISOR's training split
+    also gives augmented clips whose masks hold the object (the README's own-videos layout)."""
     import os
     import subprocess
     import sys
@@ -1520,13 +1521,21 @@ def test_text_files_are_read_and_written_as_utf8_whatever_the_locale(ytvos_root,
     path.write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
     smit = smit_root(tmp_path, 12)
     (smit / "transcriptions/v.txt").write_text(cap + "\n", encoding="utf-8")
+    visor = tmp_path / "visor"
+    write_video(visor / "JPEGImages/480p", visor / "Annotations/480p", "seq_1", 6)
+    (visor / "ImageSets/2022").mkdir(parents=True)
+    (visor / "ImageSets/2022/train.txt").write_text("seq_1\n")
+    (visor / "train_data_mapping.json").write_text(json.dumps({"seq_1": {"1": "the café’s cup:blue"}},
+                                                              ensure_ascii=False), encoding="utf-8")
     code = ("import json, sys, dataclasses, data, slvp, train\n"
             "cfg = dataclasses.replace(slvp.SLVPConfig.tiny(), frame_size=(48, 64))\n"
             f"yt = data.build_dataset('ytvos', {str(ytvos_root)!r}, 'train', cfg, train=True)\n"
             f"sm = data.build_dataset('smit', {str(smit)!r}, 'train', cfg, train=False)\n"
-            f"tok = train.fit_tokenizer([yt, sm], {str(tmp_path)!r})\n"
+            f"vi = data.build_dataset('visor', {str(visor)!r}, 'train', cfg, train=True)\n"
+            f"tok = train.fit_tokenizer([yt, sm, vi], {str(tmp_path)!r})\n"
             "texts = yt.texts(10) + sm.texts(1)\n"
-            "print(json.dumps({'texts': texts, 'decoded': [tok.sp.decode(tok.sp.encode(t)) for t in texts]}))\n")
+            "print(json.dumps({'texts': texts, 'decoded': [tok.sp.decode(tok.sp.encode(t)) for t in texts],\n"
+            "                  'visor': [vi[0]['text'], int(vi[0]['masks'].sum()), len(vi)]}))\n")
     env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
            "PYTHONPATH": str(Path(data.__file__).resolve().parent)}
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, encoding="utf-8")
@@ -1534,6 +1543,7 @@ def test_text_files_are_read_and_written_as_utf8_whatever_the_locale(ytvos_root,
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert exp in out["texts"] and out["texts"][-1] == cap
     assert out["decoded"] == out["texts"]                    # the tokenizer was fit to the same characters
+    assert out["visor"][0] == "the café’s cup blue" and out["visor"][1] > 0 and out["visor"][2] == 1
 
 
 def test_read_image_scales_a_16_bit_grey_png(tmp_path):

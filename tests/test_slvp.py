@@ -607,6 +607,23 @@ def test_box_beyond_the_frame_is_pulled_back():
     assert torch.allclose(grad[[0, 2]], BT * torch.tensor([-2.0, 0.0]) * slope[[0, 2]], atol=1e-5)
 
 
+def test_flow_is_float32_under_bf16_autocast():
+    """The flow head's output leaves autocast as float32: with its weights zero and its bias 8.03 px every flow value is
+    float32's 8.03, where bf16 (8 bits of mantissa: steps of 1/16 between 8 and 16) would give 8.0. Through flow()
+    and forward(), the one train.py takes."""
+    cfg = slvp.SLVPConfig.tiny()
+    model = slvp.SLVP(cfg, task="pretrain")
+    with torch.no_grad():
+        model.flow_head.weight.zero_()
+        model.flow_head.bias.fill_(8.03)
+    assert torch.tensor(8.03).bfloat16().item() == 8.0
+    _, frames, ids, mask = tiny_batch()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for flow in (model.flow(frames, ids, mask), model(frames, ids, mask)):
+            assert flow.dtype == torch.float32 and flow.shape == (2, cfg.num_frames, 2, *cfg.frame_size)
+            assert (flow == torch.tensor(8.03)).all()
+
+
 def test_photometric_loss_known_shift():
     """Frame 2 is frame 1 moved 3 px right and 2 px down, so o_(2,1)(p) = (-3, -2): zero loss in the interior
     with the true flow, clearly positive with the zero flow."""
@@ -682,15 +699,18 @@ def test_checkpoint_round_trip_and_transfer(tmp_path):
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_a_checkpoint_is_as_readable_as_any_file_written_beside_it(tmp_path, umask):
     """safetensors 0.8 writes 0600 whatever the umask (its issue #782): a checkpoint another user of the machine (or
-    a container's user) could not read. Reference: the mode open() gives a file in the same folder."""
+    a container's user) could not read. Reference: the mode open() gives a file in the same folder; train.py's
+    resume.pt, written the same way (a temporary file renamed), takes it too."""
+    import train
     old = os.umask(umask)
     try:
         slvp.save_checkpoint(tmp_path / "ckpt.safetensors", slvp.SLVP(slvp.SLVPConfig.tiny()))
+        train.atomic_save({"step": 1}, tmp_path / "resume.pt")
         (tmp_path / "plain.txt").write_text("x")
     finally:
         os.umask(old)
     mode = lambda f: stat.S_IMODE((tmp_path / f).stat().st_mode)
-    assert mode("ckpt.safetensors") == mode("plain.txt") == 0o666 & ~umask
+    assert mode("ckpt.safetensors") == mode("resume.pt") == mode("plain.txt") == 0o666 & ~umask
 
 
 def test_a_checkpoint_takes_the_folders_default_acl(tmp_path):

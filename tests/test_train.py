@@ -172,8 +172,9 @@ def test_ctrl_c_stops_with_one_line_naming_the_checkpoint(tmp_path, spm_model):
 
 def test_resume_across_epochs_equals_uninterrupted(tmp_path, spm_model, monkeypatch):
     """A fine-tuning on 8 clips, 2 batches an epoch, 7 steps: resumed from its checkpoint of step 4 (the last batch of
-    epoch 1) or of step 5, with 0 or 2 workers, it ends with the uninterrupted run's weights, and resume.pt holds
-    (epoch, batch) = (3, 1) at the end. (The SIGKILL test above never leaves epoch 0 of the pre-training set.)"""
+    epoch 1) or of step 5, with 0 or 2 workers (forked, or spawned as on macOS and Windows), it ends with the
+    uninterrupted run's weights, and resume.pt holds (epoch, batch) = (3, 1) at the end. (The SIGKILL test above never
+    leaves epoch 0 of the pre-training set.)"""
     monkeypatch.delenv("TRITON_INTERPRET")
     base = ["--mode", "finetune", *FAST, "--train-size", "8", "--steps", "7", "--ckpt-every", "1", "--spm", str(spm_model)]
     save_all, snaps = train.save_all, {}
@@ -188,9 +189,19 @@ def test_resume_across_epochs_equals_uninterrupted(tmp_path, spm_model, monkeypa
     assert (state["epoch"], state["batch"]) == (3, 1)
     assert [(s, torch.load(snaps[s] / "resume.pt", weights_only=True)["epoch"]) for s in (4, 5)] == [(4, 2), (5, 2)]
     full = weights(tmp_path / "full")
+    spawned = shutil.copytree(snaps[5], tmp_path / "from5spawned")
     for step, workers in ((4, "0"), (5, "2")):
         train.main([*base, "--workers", workers, "--out", str(snaps[step]), "--resume"])
         assert all(torch.equal(full[k], v) for k, v in weights(snaps[step]).items()), step
+    # workers started as on macOS and Windows, by spawning: the same weights
+    loader, contexts = torch.utils.data.DataLoader, []
+
+    def spawning(*args, **kw):
+        contexts.append("spawn" if kw.get("num_workers") else None)
+        return loader(*args, **kw, multiprocessing_context=contexts[-1])
+    monkeypatch.setattr(torch.utils.data, "DataLoader", spawning)
+    train.main([*base, "--workers", "2", "--out", str(spawned), "--resume"])
+    assert "spawn" in contexts and all(torch.equal(full[k], v) for k, v in weights(spawned).items())
 
 
 def test_a_resumed_run_keeps_its_warmup(tmp_path, spm_model, monkeypatch):
@@ -277,6 +288,30 @@ def test_a_resume_names_what_differs_as_typed(tmp_path, spm_model, monkeypatch):
         train.main([*first, "--steps", "2", "--resume", "--data", "synthetic", "synthetic"])
 
 
+def test_a_resumed_init_gives_the_config_and_resume_pt_the_weights(tmp_path, spm_model, monkeypatch):
+    """--init of a resumed run gives the model's config, checked against the run's: one of other frames (the small
+    config's 64x96) stops the resume, naming the field; one of the same config and other weights (another seed's
+    pre-training) is taken, and the weights go on from resume.pt: the end equals the uninterrupted run's."""
+    monkeypatch.delenv("TRITON_INTERPRET")
+    pre = {}
+    for name, extra in (("a", []), ("other_seed", ["--seed", "1"]), ("small", ["--config", "small"])):
+        pre[name] = tmp_path / f"pre_{name}"
+        train.main(["--mode", "pretrain", *FAST, "--steps", "1", "--spm", str(spm_model), "--out", str(pre[name]),
+                    *extra])
+    a, other = weights(pre["a"]), weights(pre["other_seed"])
+    assert sum(not torch.equal(v, other[k]) for k, v in a.items()) > len(a) / 2      # other weights, most of them
+    ft = lambda init, out, steps, *extra: train.main(["--mode", "finetune", *FAST, "--steps", str(steps), "--init",
+                                                      str(pre[init] / "ckpt.safetensors"), "--out", str(tmp_path / out),
+                                                      *extra])
+    ft("a", "full", 2)
+    ft("a", "run", 1)
+    with pytest.raises(SystemExit, match=r"run of another model config .*frame_size \(64, 96\) \(was \(32, 48\)\)"):
+        ft("small", "run", 2, "--resume")
+    ft("other_seed", "run", 2, "--resume")
+    full = weights(tmp_path / "full")
+    assert all(torch.equal(full[k], v) for k, v in weights(tmp_path / "run").items())
+
+
 def test_a_resume_on_other_training_clips_fails(tmp_path, spm_model, monkeypatch):
     """The clips' order is a permutation of their number: a --data-root that gained a video since the run began would
     continue on another order. The resume says so and trains nothing."""
@@ -298,6 +333,29 @@ def test_a_resume_on_other_training_clips_fails(tmp_path, spm_model, monkeypatch
     with pytest.raises(SystemExit, match=re.escape("resuming with training clips 3 (was 2); a resumed run keeps")):
         train.main([*run_args, "--steps", "2", "--resume"])
     assert torch.load(tmp_path / "run/resume.pt", weights_only=True)["step"] == 1
+
+
+def test_own_videos_in_the_visor_layout_fine_tune(tmp_path, spm_model, monkeypatch):
+    """README, "Data": videos of one's own with a sentence per object, in the VISOR layout (a DAVIS tree and a mapping
+    of each object to its sentence), fine-tune with --data visor: one clip per object, and 2 steps train."""
+    from test_data import write_video
+    monkeypatch.delenv("TRITON_INTERPRET")
+    root = tmp_path / "mine"
+    for seq in ("cat_walk", "two_cups"):
+        write_video(root / "JPEGImages/480p", root / "Annotations/480p", seq, 5)
+    (root / "ImageSets/2022").mkdir(parents=True)
+    (root / "ImageSets/2022/train.txt").write_text("cat_walk\ntwo_cups\n")
+    (root / "train_data_mapping.json").write_text(json.dumps(
+        {"cat_walk": {"1": "the cat walking", "2": "the mat"}, "two_cups": {"1": "the red cup", "2": "the blue cup"}}))
+    train.main(["--mode", "finetune", *FAST, "--steps", "2", "--log-every", "1", "--data", "visor", "--data-root",
+                str(root), "--spm", str(spm_model), "--out", str(tmp_path / "run")])
+    log = [json.loads(line) for line in (tmp_path / "run/log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if r["kind"] == "train"] == [1, 2] and all(
+        math.isfinite(r["loss"]) for r in log if r["kind"] == "train")
+    assert slvp.load_checkpoint(tmp_path / "run/ckpt.safetensors").task == "rvos"
+    clips = data.build_dataset("visor", root, "train", slvp.SLVPConfig.tiny(), train=True)
+    assert sorted(clips[i]["text"] for i in range(len(clips))) == ["the blue cup", "the cat walking", "the mat",
+                                                                   "the red cup"]
 
 
 @pytest.mark.parametrize("poison", ["loss", "gradient"])
@@ -1139,8 +1197,9 @@ def test_a_checkpoint_refuses_another_tokenizer(tmp_path, spm_model, monkeypatch
     """The staged recipe hands the tokenizer on beside each checkpoint (README, "Training"). Another sentencepiece model
     with no more pieces than the vocabulary (here BPE on the same sentences) gives the text encoder other ids for the
     same text, and --init --spm and eval.py --spm took it without a word. ckpt.safetensors records the sha256 of its
-    tokenizer's file (checked here with hashlib on the file), and --init, --encoders and eval.py refuse another one;
-    the right one, beside the checkpoint or given as --spm, is taken."""
+    tokenizer's file (checked here with hashlib on the file), and --init, --encoders and eval.py refuse another one,
+    given as --spm or found beside a copied checkpoint; the right one, beside the checkpoint or given as --spm, is
+    taken."""
     import hashlib
     import sentencepiece
     import eval as ev
@@ -1161,9 +1220,20 @@ def test_a_checkpoint_refuses_another_tokenizer(tmp_path, spm_model, monkeypatch
             train.main(["--mode", "finetune", *FAST, "--steps", "1", flag, str(pre / "ckpt.safetensors"),
                         "--spm", f"{other}.model", "--out", str(tmp_path / f"bad{flag}")])
         assert str(e.value.code).startswith("error: ") and "is not the sentencepiece model" in str(e.value.code)
+    copied = tmp_path / "copied"          # the checkpoint copied beside another run's spm.model, no --spm
+    copied.mkdir()
+    shutil.copy(pre / "ckpt.safetensors", copied)
+    shutil.copy(f"{other}.model", copied / "spm.model")
+    for flag in ("--init", "--encoders"):
+        with pytest.raises(SystemExit, match="is not the sentencepiece model"):
+            train.main(["--mode", "finetune", *FAST, "--steps", "1", flag, str(copied / "ckpt.safetensors"),
+                        "--out", str(tmp_path / f"copied{flag}")])
     train.main(["--mode", "finetune", *FAST, "--steps", "1", "--init", str(pre / "ckpt.safetensors"), "--out", str(ft)])
     with pytest.raises(ValueError, match="is not the sentencepiece model"):
         ev.load_model_and_tokenizer(ft / "ckpt.safetensors", f"{other}.model", "cpu")
+    shutil.copy(ft / "ckpt.safetensors", copied / "ckpt.safetensors")
+    with pytest.raises(ValueError, match="is not the sentencepiece model"):
+        ev.load_model_and_tokenizer(copied / "ckpt.safetensors", None, "cpu")
     for spm in (None, spm_model):                               # beside the checkpoint, or given as --spm
         assert ev.load_model_and_tokenizer(ft / "ckpt.safetensors", spm, "cpu")[1].digest() == extra["tokenizer_sha256"]
 
