@@ -933,8 +933,10 @@ def test_polygon_fill_is_pycocotools_pixel_for_pixel():
 # ---------------------------------------------------------------------------------------------- bad input
 
 def test_missing_root_and_split_file_fail_clearly(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"nowhere not found: expected the Ref-YouTube-VOS root"):
-        data.build_dataset("ytvos", tmp_path / "nowhere", "train", CFG, train=True)
+    for name, what in (("ytvos", "Ref-YouTube-VOS root"), ("smit", "S-MiT root"), ("davis17", "Ref-DAVIS17 root"),
+                       ("refcoco", "COCO root"), ("visor", "VISOR root")):
+        with pytest.raises(FileNotFoundError, match=rf"nowhere not found: expected the {what}"):
+            data.build_dataset(name, tmp_path / "nowhere", "train", CFG, train=True)
     (tmp_path / "smit").mkdir()
     with pytest.raises(FileNotFoundError, match=r"train.txt not found: expected one video name a line"):
         data.build_dataset("smit", tmp_path / "smit", "train", CFG, train=True)

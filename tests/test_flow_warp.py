@@ -97,9 +97,10 @@ def test_warp_forward_and_backward_match_grid_sample(C, H, W, B, reach):
     out = fw.flow_warp(image, flow)
     ref = fw.flow_warp_reference(image, flow)
     # the forward against grid_sample in float64 on the same inputs: in float32 grid_sample's own coordinate
-    # round trip through [-1, 1] costs about W * 4e-8 px (1.1e-5 in value at W = 300)
+    # round trip through [-1, 1] costs about W * 4e-8 px (1.1e-5 in value at W = 300; 1.4e-5 measured on the 8x300
+    # case), which the kernels, weighting by the flow's fractional part, do not pay (1.2e-7 at most measured)
     exact = fw.flow_warp_reference(image.detach().double(), flow.detach().double())
-    assert (out.double() - exact).abs().max().item() < 1e-5
+    assert (out.double() - exact).abs().max().item() < 1e-6
     assert (ref == 0).any() and (out == 0).any()          # some points left the frame
     g_out = torch.randn_like(out)
     gi, gf = torch.autograd.grad(out, (image, flow), g_out)
@@ -180,11 +181,15 @@ def test_non_contiguous_inputs():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_inputs(dtype):
     """Half inputs, fp32 accumulation: the same numbers as the fp32 reference on the same (rounded) inputs, up to
-    the rounding of the output to the input dtype."""
+    the rounding of the output and of the flow gradient to the input dtype: one unit in the last place of each value
+    at most (eps |v|, and eps tiny among fp16's subnormal gradients; measured 0.99 of it in bf16, 0.49 in fp16)."""
+    fi = torch.finfo(dtype)
+    ulp = lambda v: fi.eps * v.abs() + fi.tiny * fi.eps
     image, flow, target = make(seed=7, dtype=dtype)
     out = fw.flow_warp(image, flow)
     assert out.dtype == dtype
-    assert (out.float() - fw.flow_warp_reference(image.float(), flow.float())).abs().max() < 1e-2
+    ref = fw.flow_warp_reference(image.float(), flow.float())
+    assert ((out.float() - ref).abs() <= ulp(ref)).all()
     f = flow.clone().requires_grad_()
     loss = fw.photometric_loss(image, f, target)
     loss.backward()
@@ -192,7 +197,7 @@ def test_half_precision_inputs(dtype):
     ref = fw.photometric_loss_reference(image.float(), f32, target.float())
     ref.backward()
     assert abs(loss.item() - ref.item()) < 1e-5 * ref.item()   # fp32 accumulation: no half rounding in the loss
-    assert f.grad.dtype == dtype and rel(f.grad, f32.grad) < 1e-2
+    assert f.grad.dtype == dtype and ((f.grad.float() - f32.grad).abs() <= ulp(f32.grad)).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

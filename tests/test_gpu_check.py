@@ -96,6 +96,29 @@ def test_part_5_alone_measures_its_step_alone_row(tmp_path, monkeypatch):
     assert given[-1] == {"stage": "pretrain", "clips/s": 10.0} and "All checks passed" in (tmp_path / "r.md").read_text()
 
 
+def test_a_failed_check_fails_the_run_and_a_hung_kernel_test_its_section(tmp_path, monkeypatch):
+    """A check that fails (here part 5's row: 0.5x the step alone) is in the report as FAILED and ends the run with
+    exit status 1 and a line naming it, the other parts reported; tests/test_flow_warp.py still running after its
+    time limit (subprocess.run's TimeoutExpired) is a FAILED section of its own, not a hang of the whole check."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a stand-in GPU")
+    monkeypatch.setattr(gpu_check, "train_benchmark", lambda *a, **k: {"stage": "pretrain", "clips/s": 10.0})
+    monkeypatch.setattr(gpu_check, "end_to_end", lambda *a: {"loader keeps up": "FAILED: 0.50x the step alone"})
+    out = tmp_path / "r.md"
+    with pytest.raises(SystemExit) as e:
+        gpu_check.main(["--parts", "4,5", "--out", str(out)])
+    assert str(e.value.code).startswith("error: 1 check(s) failed: train.py, paper config"), e.value.code
+    report = out.read_text()
+    assert "FAILED: 0.50x the step alone" in report and report.count("| pretrain |") == 4     # part 4's 4 sections
+    assert "All checks passed" not in report
+
+    def hang(cmd, **kw):
+        raise subprocess.TimeoutExpired(cmd, kw["timeout"])
+    monkeypatch.setattr(gpu_check.subprocess, "run", hang)
+    text, failed = gpu_check.run_sections([("kernels", gpu_check.kernel_tests)], "# head\n", tmp_path / "k.md")
+    assert failed == ["kernels"] and "**FAILED**: `TimeoutExpired: Command" in text and "timed out after 300" in text
+
+
 def test_the_reports_folder_is_made(tmp_path, monkeypatch):
     """--out in a folder not made yet: the check makes it (c97e45e) before the first part, whose report is written
     after it; without it the run ended in a FileNotFoundError after its first part."""

@@ -61,6 +61,39 @@ def test_t5_matches_transformers(tmp_path, ffn, full_model):
     assert err < TOL
 
 
+@pytest.mark.parametrize("layout", ["pytorch_model.bin", "sharded safetensors", "sharded bin"])
+def test_t5_loads_from_each_hugging_face_layout(tmp_path, layout):
+    """load_t5 reads pytorch_model.bin (older and converted releases) and the sharded *.index.json of either format
+    (t5-3b/11b, flan-t5-xl/xxl), not only model.safetensors: the encoder's output equals transformers' own."""
+    from transformers import T5Config, T5EncoderModel
+    hf_cfg = T5Config(vocab_size=120, d_model=48, d_kv=16, d_ff=80, num_layers=2, num_heads=4, dropout_rate=0.0)
+    torch.manual_seed(0)
+    hf = T5EncoderModel(hf_cfg).eval()
+    rescale_(hf, torch.Generator().manual_seed(1))
+    state = {k: v.clone() for k, v in hf.state_dict().items()}   # tied embeddings: one tensor each
+    hf_cfg.save_pretrained(tmp_path)
+    if layout == "pytorch_model.bin":
+        torch.save(state, tmp_path / "pytorch_model.bin")
+    elif layout == "sharded safetensors":
+        hf.save_pretrained(tmp_path, max_shard_size="20KB")
+        assert (tmp_path / "model.safetensors.index.json").is_file() and not (tmp_path / "model.safetensors").exists()
+        assert len(set(json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"].values())) > 2
+    else:                                                          # the index format, written by hand: two shards
+        keys = sorted(state)
+        shards = {"pytorch_model-00001-of-00002.bin": keys[::2], "pytorch_model-00002-of-00002.bin": keys[1::2]}
+        for name, part in shards.items():
+            torch.save({k: state[k] for k in part}, tmp_path / name)
+        (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps(
+            {"metadata": {}, "weight_map": {k: name for name, part in shards.items() for k in part}}))
+    ours = slvp.load_t5(tmp_path).eval()
+    ids = torch.randint(3, 120, (2, 12), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[1, 7:] = False
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        assert ref.std() > 0.1 and (ours(ids, mask) - ref).abs().max().item() < TOL
+
+
 def test_t5_buckets_match_transformers_beyond_max_distance():
     """Distances up to 299, past max_distance (128), where the buckets stop at the last of each direction's half (31
     for keys after the query, 15 before it): the parity test's L = 40 never gets there."""
@@ -136,6 +169,21 @@ def resampled_with_timm(state, key_patch, key_pos, patch, grid, pos_batch):
     pos = resample_abs_pos_embed(pos, new_size=list(grid), num_prefix_tokens=1)
     state[key_pos] = pos if pos_batch else pos[0]
     return state
+
+
+@pytest.mark.parametrize("patch, old_grid, grid", [(32, 7, (20, 36)), (16, 32, (20, 36)), (14, 16, (12, 12)),
+                                                    (8, 4, (20, 36))])
+def test_resampling_equals_timms_also_shrinking(patch, old_grid, grid):
+    """The patch kernel resized to the paper's 18 (from ViT-B/32's 32 and /16's 16: smaller; from 8: larger; 14 kept)
+    and the position table to a grid smaller or larger than the checkpoint's, against timm's resample_patch_embed and
+    resample_abs_pos_embed on the same tensors (the parity test above resamples one way only: 8 to 18, 4x4 to 20x36)."""
+    from timm.layers import resample_abs_pos_embed, resample_patch_embed
+    g = torch.Generator().manual_seed(0)
+    w, pos = torch.randn(16, 3, patch, patch, generator=g), torch.randn(1 + old_grid ** 2, 16, generator=g)
+    new = (18, 18) if patch != 14 else (14, 14)
+    assert (slvp.resample_patch_embed(w, new) - resample_patch_embed(w, list(new))).abs().max() < 1e-6
+    ref = resample_abs_pos_embed(pos[None], new_size=list(grid), num_prefix_tokens=1)[0]
+    assert (slvp.resample_pos_embed(pos, grid) - ref).abs().max() < 1e-6
 
 
 def frame_cfg(H, W, patch):

@@ -423,18 +423,36 @@ def two_gloo_processes(tmp_path, args, prelude=""):
     return two.stdout
 
 
+GRAD_NORMS = ("import os, torch\n"          # each step's gradient norm before clipping, printed by process 0
+              "clip = torch.nn.utils.clip_grad_norm_\n"
+              "def printing(params, max_norm):\n"
+              "    norm = clip(params, max_norm)\n"
+              "    if os.environ.get('RANK', '0') == '0':\n"
+              "        print(f'grad norm {norm.item()!r}', flush=True)\n"
+              "    return norm\n"
+              "torch.nn.utils.clip_grad_norm_ = printing\n")
+
+
 @pytest.mark.parametrize("mode", ["pretrain", "finetune"])  # frozen encoders; the flow head dropped, vision trained
 def test_two_gloo_processes_equal_one_process(tmp_path, mode):
     """SPEC §7: 2 gloo processes give the weights of one process with the same global batch. Not to the last bit:
     AdamW turns the rounding of near-zero gradients into updates of up to lr (the attention key biases, whose exact
     gradient is zero, hold the largest differences), 6.8e-6 apart after these 4 fine-tuning steps at lr 5e-4, 1.3e-5 and
     1.6e-5 after changes that leave the two runs the same run (another E_pos init, another crop origin). A batch split
-    wrongly (each process taking the first half) set them 3.1e-3 (fine-tuning) and 6.1e-3 (pre-training) apart."""
+    wrongly (each process taking the first half) set them 3.1e-3 (fine-tuning) and 6.1e-3 (pre-training) apart. The
+    gradient norm of each step, before clipping, is one process's too: a loss scaled by the number of processes passed
+    the weights' check in fine-tuning (AdamW hardly sees a gradient's scale; 7e-4 apart in pre-training) and fails
+    this one in both."""
     args = ["--mode", mode, "--steps", "4", "--ckpt-every", "4", *FAST]
-    one = run([*args, "--out", str(tmp_path / "one")])
-    assert one.returncode == 0, one.stderr
-    stdout = two_gloo_processes(tmp_path, [*args, "--out", str(tmp_path / "two")])
+    stdout = two_gloo_processes(tmp_path, [*args, "--out", str(tmp_path / "two")], prelude=GRAD_NORMS)
     assert "on 2 process(es)" in stdout and "stopped" not in stdout
+    one = subprocess.run([sys.executable, str(tmp_path / "launch.py"), *args, "--out", str(tmp_path / "one")], env=ENV,
+                         cwd=ROOT, capture_output=True, text=True)       # the same launcher, one process, no torchrun
+    assert one.returncode == 0 and "stopped" not in one.stdout, one.stderr
+    # the gradient before clipping: the mean over the global batch in both (a sum over the processes would double it,
+    # and AdamW, blind to a gradient's scale, would not show it in the weights)
+    norms = [[float(x) for x in re.findall(r"grad norm (\S+)", out)] for out in (one.stdout, stdout)]
+    assert len(norms[0]) == len(norms[1]) == 4 and norms[1] == pytest.approx(norms[0], rel=1e-4), norms
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
     diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
     assert diff < 1e-4, diff
@@ -745,9 +763,11 @@ def test_short_pretraining_learns_motion(tmp_path):
     with the tokenizer it fits (seeds 8 and 9 have the earliest onset of the default run's 13 seeds, at step 750-1000;
     README "The default run") end below the zero flow's end-point error on moving pixels by more than 10% (measured with
     evaluations every 250 steps: 1.957 against 2.912, 0.67x, on two threads and on one; it runs on one, as the suite's
-    other training subprocesses do) and over all pixels, with the photometric loss below the zero flow's. A model that
-    only blurs, as every run does before the onset, stays at or above the zero flow on moving pixels. The captions name
-    no direction (tests/test_data.py), so the directions come from the frames."""
+    other training subprocesses do) and over all pixels, with the photometric loss closing at least a third of the gap
+    from the zero flow's to the true flow's (SPEC §6; as run here, on one thread: moving pixels 1.980 against 2.912,
+    photometric 0.0108 against 0.0191 and 0.0130, gap closed 1.36). A model that only blurs, as every run does before
+    the onset, stays at or above the zero flow on moving pixels. The captions name no direction (tests/test_data.py),
+    so the directions come from the frames."""
     out = tmp_path / "pre"
     r = run(["--mode", "pretrain", "--seed", "8", "--steps", "2000", "--eval-every", "2000", "--ckpt-every", "2000",
              "--log-every", "500", "--out", str(out)])
@@ -756,7 +776,7 @@ def test_short_pretraining_learns_motion(tmp_path):
     assert final["kind"] == "eval" and final["step"] == 2000
     assert final["epe_moving"] < 0.9 * final["epe_moving_zero_flow"], final
     assert final["epe"] < final["epe_zero_flow"], final
-    assert final["photo"] < final["photo_zero_flow"], final
+    assert final["photo_zero_flow"] - final["photo"] >= (final["photo_zero_flow"] - final["photo_true_flow"]) / 3, final
 
 
 # ---------------------------------------------------------------------------------- edges found untested by mutations
