@@ -2,6 +2,7 @@
 gives the right result, checked against an independent value (hand-worked, grid_sample, the DAVIS evaluator's or
 Middlebury's conventions), or fails with an error that names the problem."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -356,18 +357,17 @@ def test_a_compiled_model_saves_as_the_model_itself(tmp_path):
 WITHOUT_TRITON = """
 import sys
 sys.modules["triton"] = sys.modules["triton.language"] = None     # as on macOS and Windows: no triton to import
-import torch, torch.nn.functional as F
+import torch
 import flow_warp_triton as fw, slvp, train
+from test_api_edges import reference_loss
 assert fw.triton is None
 g = torch.Generator().manual_seed(0)
 image, target = torch.rand(2, 3, 9, 11, generator=g), torch.rand(2, 3, 9, 11, generator=g)
 flow = (3 * torch.randn(2, 2, 9, 11, generator=g)).requires_grad_()
 loss = fw.photometric_loss(image, flow, target)
 loss.backward()
-ys, xs = torch.meshgrid(torch.arange(9.0, dtype=torch.float64), torch.arange(11.0, dtype=torch.float64), indexing="ij")
 f = flow.detach().double().requires_grad_()
-grid = torch.stack([(xs + f[:, 0]) * 2 / 10 - 1, (ys + f[:, 1]) * 2 / 8 - 1], -1)
-ref = ((F.grid_sample(image.double(), grid, align_corners=True) - target.double()) ** 2).mean()
+ref = reference_loss(image, f, target, torch.ones(1, 1, 9, 11))
 ref.backward()
 assert abs(loss.item() - ref.item()) <= 1e-5 * ref.item(), (loss.item(), ref.item())
 assert torch.allclose(flow.grad.double(), f.grad, rtol=1e-4, atol=1e-9)
@@ -378,8 +378,10 @@ print("ok")
 
 def test_without_triton_the_torch_reference_runs(tmp_path):
     """On macOS and Windows (no triton wheel) flow_warp_triton imports with triton None, the loss and its gradient are
-    grid_sample's (float64 reference, written here), and train.py's main job runs (README, "Set-up")."""
+    grid_sample's (reference_loss above, float64), and train.py's main job runs (README, "Set-up")."""
+    here = Path(__file__).resolve().parent                     # reference_loss from this file, the scripts from above
     r = subprocess.run([sys.executable, "-c", WITHOUT_TRITON, str(tmp_path / "run")], capture_output=True, text=True,
-                       cwd=Path(__file__).resolve().parents[1], timeout=600)
+                       cwd=here.parent, env={**os.environ, "PYTHONPATH": f"{here.parent}{os.pathsep}{here}"},
+                       timeout=600)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
     assert (tmp_path / "run/ckpt.safetensors").is_file()

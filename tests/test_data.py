@@ -72,6 +72,16 @@ def write_video_file(path, frames, codec="mpeg4", rate=10, rotation=0):
             c.mux(p)
 
 
+def write_visor(root, split, mapping, n=4):
+    """A VISOR tree in the DAVIS layout: each sequence of `mapping` ({seq: {object index: name}}) a write_video of n
+    frames, listed in ImageSets/2022/<split>.txt, the mapping as <split>_data_mapping.json (UTF-8)."""
+    for seq in mapping:
+        write_video(root / "JPEGImages/480p", root / "Annotations/480p", seq, n)
+    (root / "ImageSets/2022").mkdir(parents=True, exist_ok=True)
+    (root / f"ImageSets/2022/{split}.txt").write_text("".join(seq + "\n" for seq in mapping))
+    (root / f"{split}_data_mapping.json").write_text(json.dumps(mapping, ensure_ascii=False), encoding="utf-8")
+
+
 def check_clip(item, vid, exp_id, text, obj, idx, base=20):
     assert item["text"] == text and item["id"] == (vid, exp_id, idx[0])
     assert item["frames"].shape == (CFG.num_frames, 3, H, W)
@@ -485,10 +495,7 @@ def test_davis17_original_errors_name_the_file(tmp_path):
 
 def test_visor_names_become_expressions(tmp_path):
     root = tmp_path / "VISOR_2022"
-    write_video(root / "JPEGImages/480p", root / "Annotations/480p", "P01_107_seq_00001", 4)
-    (root / "ImageSets/2022").mkdir(parents=True)
-    (root / "ImageSets/2022/val.txt").write_text("P01_107_seq_00001\n")
-    (root / "val_data_mapping.json").write_text(json.dumps({"P01_107_seq_00001": {"1": "hand:left", "2": "board:chopping"}}))
+    write_visor(root, "val", {"P01_107_seq_00001": {"1": "hand:left", "2": "board:chopping"}})
     ds = data.build_dataset("visor", root, "val", CFG, train=False)
     assert len(ds) == 2
     check_clip(ds[0], "P01_107_seq_00001", "1", "hand left", 1, [0, 1, 2, 3])
@@ -1524,11 +1531,7 @@ def test_text_files_are_read_and_written_as_utf8_whatever_the_locale(ytvos_root,
     smit = smit_root(tmp_path, 12)
     (smit / "transcriptions/v.txt").write_text(cap + "\n", encoding="utf-8")
     visor = tmp_path / "visor"
-    write_video(visor / "JPEGImages/480p", visor / "Annotations/480p", "seq_1", 6)
-    (visor / "ImageSets/2022").mkdir(parents=True)
-    (visor / "ImageSets/2022/train.txt").write_text("seq_1\n")
-    (visor / "train_data_mapping.json").write_text(json.dumps({"seq_1": {"1": "the café’s cup:blue"}},
-                                                              ensure_ascii=False), encoding="utf-8")
+    write_visor(visor, "train", {"seq_1": {"1": "the café’s cup:blue"}}, n=6)
     code = ("import json, sys, dataclasses, data, slvp, train\n"
             "cfg = dataclasses.replace(slvp.SLVPConfig.tiny(), frame_size=(48, 64))\n"
             f"yt = data.build_dataset('ytvos', {str(ytvos_root)!r}, 'train', cfg, train=True)\n"
@@ -1721,10 +1724,7 @@ def test_visor_name_with_several_colons_reads_each_as_a_space(tmp_path):
     """SPEC §4 VISOR: the object's name with ':' read as a space, every ':' of it: "bag:plastic:shopping" is the
     expression "bag plastic shopping" (a first ':' alone left "bag plastic:shopping")."""
     root = tmp_path / "VISOR_2022"
-    write_video(root / "JPEGImages/480p", root / "Annotations/480p", "P01_107_seq_00001", 4)
-    (root / "ImageSets/2022").mkdir(parents=True)
-    (root / "ImageSets/2022/train.txt").write_text("P01_107_seq_00001\n")
-    (root / "train_data_mapping.json").write_text(json.dumps({"P01_107_seq_00001": {"1": "bag:plastic:shopping"}}))
+    write_visor(root, "train", {"P01_107_seq_00001": {"1": "bag:plastic:shopping"}})
     ds = data.build_dataset("visor", root, "train", CFG, train=False)
     assert ds.exprs == [("P01_107_seq_00001", "1", "bag plastic shopping", 1)]
     check_clip(ds[0], "P01_107_seq_00001", "1", "bag plastic shopping", 1, [0, 1, 2, 3])

@@ -879,10 +879,10 @@ def quadrants(H=80, W=48):
     return P
 
 
-def no_mask_demo(video, tmp_path, spm_model, name="d"):
+def no_mask_demo(video, tmp_path, spm_model, name="d", text="the red circle"):
     """The demo with a stand-in model that predicts no mask: each overlay is its frame as the demo read it."""
     model = KnownLogits(slvp.SLVPConfig.tiny(), lambda frames: torch.full(frames.shape[:2] + frames.shape[-2:], -1.0))
-    args = types.SimpleNamespace(video=video, text="the red circle", out=tmp_path / name)
+    args = types.SimpleNamespace(video=video, text=text, out=tmp_path / name)
     return ev.demo(args, model, slvp.Tokenizer(spm_model), "cpu")
 
 
@@ -960,14 +960,12 @@ def test_the_demo_notes_a_text_cut_by_one_piece(tmp_path, spm_model):
     video = tmp_path / "frames"
     video.mkdir()
     Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(video / "00000.png")
-    model = KnownLogits(slvp.SLVPConfig.tiny(), lambda f: torch.full(f.shape[:2] + f.shape[-2:], -1.0))
     for n, said in ((32, ["--text is 32 pieces; the model reads its first 31 and </s>"]), (31, [])):
         ids, _ = tok([" ".join(["falls"] * n)], max_len=32)
         assert ids.shape == (1, min(n + 1, 32)) and ids[0, -1] == tok.eos_id    # 32 pieces: the last one dropped
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            ev.demo(types.SimpleNamespace(video=video, text=" ".join(["falls"] * n), out=tmp_path / f"o{n}"), model,
-                    tok, "cpu")
+            no_mask_demo(video, tmp_path, spm_model, name=f"o{n}", text=" ".join(["falls"] * n))
         assert [str(w.message) for w in caught if issubclass(w.category, data.Note)] == said, n
 
 

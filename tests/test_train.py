@@ -338,15 +338,11 @@ def test_a_resume_on_other_training_clips_fails(tmp_path, spm_model, monkeypatch
 def test_own_videos_in_the_visor_layout_fine_tune(tmp_path, spm_model, monkeypatch):
     """README, "Data": videos of one's own with a sentence per object, in the VISOR layout (a DAVIS tree and a mapping
     of each object to its sentence), fine-tune with --data visor: one clip per object, and 2 steps train."""
-    from test_data import write_video
+    from test_data import write_visor
     monkeypatch.delenv("TRITON_INTERPRET")
     root = tmp_path / "mine"
-    for seq in ("cat_walk", "two_cups"):
-        write_video(root / "JPEGImages/480p", root / "Annotations/480p", seq, 5)
-    (root / "ImageSets/2022").mkdir(parents=True)
-    (root / "ImageSets/2022/train.txt").write_text("cat_walk\ntwo_cups\n")
-    (root / "train_data_mapping.json").write_text(json.dumps(
-        {"cat_walk": {"1": "the cat walking", "2": "the mat"}, "two_cups": {"1": "the red cup", "2": "the blue cup"}}))
+    write_visor(root, "train", {"cat_walk": {"1": "the cat walking", "2": "the mat"},
+                                "two_cups": {"1": "the red cup", "2": "the blue cup"}}, n=5)
     train.main(["--mode", "finetune", *FAST, "--steps", "2", "--log-every", "1", "--data", "visor", "--data-root",
                 str(root), "--spm", str(spm_model), "--out", str(tmp_path / "run")])
     log = [json.loads(line) for line in (tmp_path / "run/log.jsonl").read_text().splitlines()]
