@@ -656,15 +656,21 @@ def open_video(path, expected):
     return av, c
 
 
+def decode_video(av, c, path, expected):
+    """The frames of open_video's container, its first video stream; a decoding error midway (a cut file) is a
+    BadFile naming the file and what was `expected`."""
+    try:
+        yield from c.decode(video=0)
+    except av.FFmpegError as e:
+        raise BadFile(f"{path}: unreadable video ({e}); {expected}") from e
+
+
 def _count_video_frames(path):
     expected = "expected an .mp4 with a video stream"
     av, c = open_video(path, expected)
-    try:
-        with c:
-            n = c.streams.video[0].frames
-            return n if n > 0 else sum(1 for _ in c.decode(video=0))
-    except av.FFmpegError as e:
-        raise BadFile(f"{path}: unreadable video ({e}); {expected}") from e
+    with c:
+        n = c.streams.video[0].frames
+        return n if n > 0 else sum(1 for _ in decode_video(av, c, path, expected))
 
 
 def _pyav(path):

@@ -653,11 +653,8 @@ def demo_frames(video):
     def decode():
         n = 0
         with c:
-            try:
-                for n, f in enumerate(c.decode(stream), 1):
-                    yield f"{video} frame {n - 1}", data.upright(f)
-            except av.FFmpegError as e:
-                raise ValueError(f"{video}: unreadable video ({e}); {expected}") from e
+            for n, f in enumerate(data.decode_video(av, c, video, expected), 1):
+                yield f"{video} frame {n - 1}", data.upright(f)
         if n == 0:
             raise ValueError(f"{video}: no frames decoded; {expected}")
     rate = stream.average_rate

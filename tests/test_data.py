@@ -976,12 +976,10 @@ def test_smit_skips_an_unreadable_video(tmp_path):
         ds[1]
 
 
-def test_a_video_that_fails_in_decoding_is_a_bad_file_naming_it(tmp_path):
-    """A Matroska video (its header gives no frame count, so its frames are decoded and counted) whose fourth packet is
-    300 zero bytes, not a JPEG: the decoder's InvalidDataError must come out as a BadFile naming the file (which
-    S-MiT's skip_bad skips), not bare."""
-    av = pytest.importorskip("av")
-    path = tmp_path / "v.mp4"
+def write_cut_video(path):
+    """A Matroska video of 6 MJPEG frames of 64x48 whose fourth packet is 300 zero bytes, not a JPEG: decoding it fails
+    midway. Returns the path."""
+    import av
     with av.open(str(path), "w", format="matroska") as c:
         s = c.add_stream("mjpeg", rate=10)
         s.width, s.height, s.pix_fmt = 64, 48, "yuvj420p"
@@ -992,6 +990,15 @@ def test_a_video_that_fails_in_decoding_is_a_bad_file_naming_it(tmp_path):
                     bad.pts, bad.dts, bad.time_base, bad.stream = pk.pts, pk.dts, pk.time_base, pk.stream
                     pk = bad
                 c.mux(pk)
+    return path
+
+
+def test_a_video_that_fails_in_decoding_is_a_bad_file_naming_it(tmp_path):
+    """A Matroska video (its header gives no frame count, so its frames are decoded and counted) whose fourth packet is
+    300 zero bytes, not a JPEG: the decoder's InvalidDataError must come out as a BadFile naming the file (which
+    S-MiT's skip_bad skips), not bare."""
+    av = pytest.importorskip("av")
+    path = write_cut_video(tmp_path / "v.mp4")
     with av.open(str(path)) as c:
         assert c.streams.video[0].frames == 0     # the case that decodes
     with pytest.raises(data.BadFile, match=r"v.mp4: unreadable video \(.*\); expected an .mp4 with a video stream"):

@@ -886,6 +886,16 @@ def no_mask_demo(video, tmp_path, spm_model, name="d", text="the red circle"):
     return ev.demo(args, model, slvp.Tokenizer(spm_model), "cpu")
 
 
+def test_demo_names_a_video_that_fails_in_decoding(tmp_path, spm_model):
+    """A video whose fourth frame cannot be decoded stops the demo with an error naming the file (as data's loaders
+    name it), not the decoder's bare InvalidDataError, after the overlays of the frames before it."""
+    pytest.importorskip("av")
+    from test_data import write_cut_video
+    video = write_cut_video(tmp_path / "v.mkv")
+    with pytest.raises(ValueError, match=r"v.mkv: unreadable video \(.*\); expected a video file or a folder of frames"):
+        no_mask_demo(video, tmp_path, spm_model)
+
+
 @pytest.mark.parametrize("rotation", [-90, 90, 180])
 def test_demo_shows_a_rotated_video_as_players_do(rotation, tmp_path, spm_model):
     """A phone's portrait video stores landscape pixels and a display matrix that turns them (FFmpeg's, and PyAV's
