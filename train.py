@@ -13,6 +13,7 @@ pre-training, flow_0.png ... flow_2.png (frames, predicted and true flow of held
 import argparse
 import dataclasses
 import gc
+import io
 import json
 import math
 import os
@@ -292,7 +293,6 @@ def fit_tokenizer(sets, out):
     training set, spread over its whole list (ClipDataset.texts). BPE, not T5's unigram: on the synthetic captions the
     unigram trainer stopped at 49 pieces, nearly letters, and most captions were cut at the tiny config's length; BPE
     keeps each word whole (README, "The default run")."""
-    import io
     import sentencepiece as spm
     texts = [t for s in sets for t in s.texts(5000)]
     # fit to the texts, not to a corpus file, whose path the model would record: two runs that fit the same pieces
